@@ -1,0 +1,118 @@
+"""Few-slice annotations: which slices are painted, what they say, and Dice off those slices.
+
+Convention: the annotated slices are the slices, along one voxel axis of the image, that contain
+the target label value. On those slices, every voxel that is not the target is background;
+voxels on other slices are unknown and never enter the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+
+from .errors import ArenaError
+
+AXIS_NAMES = {"i": 0, "j": 1, "k": 2}
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Painted slices of one structure on the image grid.
+
+    Attributes:
+        axis: voxel axis (0 = i, 1 = j, 2 = k) across which the slices were painted.
+        slices: indices of the painted slices along ``axis``.
+        target: boolean ``(I, J, K)`` array, True where the structure was painted.
+    """
+
+    axis: int
+    slices: tuple[int, ...]
+    target: np.ndarray
+
+    @property
+    def known(self) -> np.ndarray:
+        """Boolean ``(I, J, K)``: True on the painted slices (target or background)."""
+        mask = np.zeros(self.target.shape, bool)
+        index = [slice(None)] * 3
+        index[self.axis] = list(self.slices)
+        mask[tuple(index)] = True
+        return mask
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, 3)`` voxel indices of every voxel on the painted slices and their ``(N,)``
+        float targets (1 = structure, 0 = background)."""
+        known = self.known
+        return np.argwhere(known), self.target[known].astype(np.float32)
+
+
+def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
+                    source: str = "annotations") -> Annotation:
+    """Locate the slices painted with ``value`` in an ``(I, J, K)`` labelmap on the image grid.
+
+    Args:
+        labels: labelmap already resampled onto the image grid.
+        value: label value of the target structure.
+        axis: voxel axis of the painted slices; None detects it as the axis along which the
+            structure touches the fewest slices.
+        source: file name used in error messages.
+
+    Raises:
+        ArenaError: nothing painted at all, or ``value`` absent (the message lists the values
+            present).
+    """
+    present = np.unique(labels)
+    present = present[present != 0]
+    if present.size == 0:
+        raise ArenaError(f"no annotated slice: '{source}' has no painted voxel on the image "
+                         "grid; paint the structure on a few slices first")
+    target = labels == value
+    if not target.any():
+        raise ArenaError(f"label value {value} is absent from '{source}' (values present: "
+                         f"{', '.join(map(str, present[:20].tolist()))}): pass one of them "
+                         "with --label")
+    counts = [int(np.any(target, axis=tuple(a for a in range(3) if a != ax)).sum())
+              for ax in range(3)]
+    if axis is None:
+        axis = int(np.argmin(counts))
+    if axis not in (0, 1, 2):
+        raise ArenaError(f"slice axis {axis} is not 0, 1 or 2 (i, j, k)")
+    slices = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
+    return Annotation(axis=axis, slices=tuple(int(s) for s in slices), target=target)
+
+
+def paint_slices(labels: np.ndarray, value: int, k: int = 3, axis: int = 2) -> np.ndarray:
+    """Simulate a user who paints ``k`` slices of a structure from a full reference labelmap.
+
+    The slices are spread evenly inside the structure's extent along ``axis`` (at fractions
+    1/(k+1), …, k/(k+1)), each moved to the nearest slice that contains the structure.
+
+    Returns:
+        uint8 ``(I, J, K)`` labelmap: ``value`` on the painted voxels, 0 elsewhere.
+
+    Raises:
+        ArenaError: ``value`` absent from ``labels``.
+    """
+    target = labels == value
+    occupied = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
+    if occupied.size == 0:
+        raise ArenaError(f"label value {value} is absent from the reference labels")
+    lo, hi = occupied[0], occupied[-1]
+    wanted = [lo + (hi - lo) * (i + 1) / (k + 1) for i in range(k)]
+    chosen = sorted({int(occupied[np.argmin(np.abs(occupied - w))]) for w in wanted})
+    painted = np.zeros(labels.shape, np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = chosen
+    painted[tuple(index)] = target[tuple(index)] * value
+    return painted
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Dice of two boolean volumes (MONAI ``compute_dice``), optionally only where ``mask``."""
+    if mask is not None:
+        pred, ref = pred[mask], ref[mask]
+    p = torch.from_numpy(np.asarray(pred, bool)).float().reshape(1, 1, -1)
+    r = torch.from_numpy(np.asarray(ref, bool)).float().reshape(1, 1, -1)
+    return float(compute_dice(p, r, include_background=True, ignore_empty=False)[0, 0])

@@ -1,0 +1,210 @@
+"""The ``arenaseg`` command line: adapt, segment, pretrain, demo.
+
+Every user error prints one line ``arenaseg: error: ...`` (file, value, fix) and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ArenaError
+
+TOTALSEG_BASE_ORGANS = ("spleen=1,kidney_right=2,kidney_left=3,gallbladder=4,liver=5,stomach=6,"
+                        "pancreas=7,duodenum=19,aorta=52")
+
+
+def parse_classes(text: str) -> dict[str, int]:
+    """``name=value,name=value`` → ordered dict of class name → label value."""
+    try:
+        return {name.strip(): int(value) for name, value in
+                (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise ArenaError(f"--classes '{text}' is not of the form name=value,name=value") from None
+
+
+def cmd_pretrain(args) -> None:
+    from .inference import pick_device
+    from .pretrain import pretrain
+
+    report = pretrain([tuple(s) for s in args.scan], parse_classes(args.classes), Path(args.out),
+                      steps=args.steps, lr=args.lr, seed=args.seed, device=pick_device(args.device))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} "
+          f"({report['seconds']:.0f} s)")
+
+
+def _progress_bar(steps: int):
+    """A tqdm bar showing step, loss and total effective rank, and its update callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc="adapt", unit="step")
+
+    def update(step: int, loss: float, ranks: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", rank=sum(ranks.values()))
+        if step == steps:
+            bar.close()
+    return update
+
+
+def print_ranks(ranks: dict[str, int], initial: dict[str, int] | int) -> None:
+    """Per-layer discovered rank table."""
+    width = max(map(len, ranks), default=5)
+    print(f"{'layer':<{width}}  rank")
+    for name, r in ranks.items():
+        r0 = initial[name] if isinstance(initial, dict) else initial
+        print(f"{name:<{width}}  {r:>2} / {r0}")
+
+
+def _settings(args):
+    from .training import AdaptSettings
+
+    defaults = AdaptSettings()
+    return AdaptSettings(method=args.method, rank=args.rank if args.rank else defaults.rank,
+                         lam=defaults.lam if args.lam is None else args.lam,
+                         steps=args.steps or defaults.steps, seed=args.seed)
+
+
+def cmd_adapt(args) -> None:
+    from .pipeline import adapt
+
+    settings = _settings(args)
+    result = adapt(args.image, args.annotations, args.label, args.out, args.adapter_out,
+                   settings=settings, backbone=args.backbone, slice_axis=args.slice_axis,
+                   structure=args.structure, device=args.device, warm_start=args.warm_start,
+                   progress=_progress_bar(settings.steps))
+    print_ranks(result.ranks, settings.rank)
+    print(f"{settings.method}: effective rank {result.effective_rank} of {result.initial_rank}; "
+          f"adapter parameters {result.active_parameters:,} active of "
+          f"{result.trainable_parameters:,} trained; {result.seconds:.1f} s on {result.device}")
+    print(f"wrote {result.segmentation}" + (f" and {result.adapter}" if result.adapter else ""))
+
+
+def cmd_segment(args) -> None:
+    from .pipeline import segment
+
+    result = segment(args.image, args.adapter, args.out, device=args.device)
+    print(f"wrote {result['segmentation']} ({result['structure'] or 'label ' + str(result['label'])}, "
+          f"effective rank {sum(result['ranks'].values())}, {result['seconds']:.1f} s)")
+
+
+def cmd_demo(args) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .annotations import dice, find_annotation, paint_slices
+    from .demo import sample_data
+    from .imageio import array_ijk, image_like, read_image, read_labels_on, write_image
+    from .pipeline import adapt
+
+    data = Path(args.data) if args.data else sample_data()
+    image, labels = data / "ct.nii.gz", data / "labels.nii.gz"
+    ct = read_image(image)
+    reference = array_ijk(read_labels_on(ct, labels, "labels"))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    painted = paint_slices(reference, args.label, args.slices, axis=2)
+    annotations = write_image(image_like(painted, ct), out_dir / "painted_slices.nii.gz")
+    print(f"painted {args.slices} axial slices of label {args.label} ({args.structure}) "
+          f"from {labels}")
+    settings = _settings(args)
+    result = adapt(str(image), str(annotations), args.label, str(out_dir / "segmentation.nii.gz"),
+                   str(out_dir / "adapter.safetensors"), settings=settings,
+                   structure=args.structure, device=args.device,
+                   progress=_progress_bar(settings.steps))
+    print_ranks(result.ranks, settings.rank)
+    seg = array_ijk(sitk.ReadImage(result.segmentation)) > 0
+    unpainted = ~find_annotation(painted, args.label, axis=2).known
+    score = dice(seg, reference == args.label, unpainted)
+    print(f"effective rank {result.effective_rank} of {result.initial_rank}; "
+          f"{result.seconds:.1f} s on {result.device}")
+    print(f"Dice on the {int(np.any(unpainted, axis=(0, 1)).sum())} unpainted slices: {score:.3f}")
+    print(f"wrote {out_dir}/segmentation.nii.gz, adapter.safetensors, painted_slices.nii.gz")
+
+
+def _add_adapt_options(p) -> None:
+    p.add_argument("--method", choices=("arena", "lora"), default="arena",
+                   help="arena: rank found by the l1 gate (default); lora: fixed rank")
+    p.add_argument("--rank", type=int, default=None, help="initial rank r0 of every adapter")
+    p.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="l1 weight λ on the gates (higher: smaller rank)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def _axis(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if text in ("0", "1", "2"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"'{text}' is not auto, 0, 1 or 2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arenaseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train the small default backbone on labelled CT scans")
+    p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("IMAGE", "LABELS"),
+                   help="a CT (file or DICOM folder) and its labelmap; repeat for more scans")
+    p.add_argument("--classes", default=TOTALSEG_BASE_ORGANS,
+                   help="output classes as name=label_value,... (default: the paper's base "
+                        "organs with TotalSegmentator label values)")
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("adapt", help="adapt to a structure painted on a few slices, segment it in 3D")
+    p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
+    p.add_argument("--annotations", required=True,
+                   help="labelmap with a few painted slices (any grid overlapping the image)")
+    p.add_argument("--label", type=int, required=True, help="label value of the structure")
+    p.add_argument("--out", required=True, help="segmentation to write (.nii.gz, .nrrd, .mha)")
+    p.add_argument("--adapter-out", help="adapter to write (.safetensors)")
+    p.add_argument("--structure", help="structure name stored in the adapter (e.g. liver)")
+    p.add_argument("--slice-axis", type=_axis, default=None,
+                   help="voxel axis of the painted slices: auto (default), 0, 1 or 2")
+    p.add_argument("--warm-start", help="continue from this adapter file")
+    p.add_argument("--backbone", default="arena-small-ct-unet")
+    _add_adapt_options(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("segment", help="segment a scan with a saved adapter")
+    p.add_argument("--image", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("demo", help="paint 3 slices of a sample CT's labels, adapt, report Dice")
+    p.add_argument("--data", help="folder with ct.nii.gz and labels.nii.gz (default: download "
+                                  "the TotalSegmentator example CT once)")
+    p.add_argument("--label", type=int, default=21, help="label value to paint (default 21)")
+    p.add_argument("--structure", default="urinary_bladder")
+    p.add_argument("--slices", type=int, default=3)
+    p.add_argument("--out-dir", default="arenaseg-demo")
+    _add_adapt_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ArenaError as err:
+        print(f"arenaseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("arenaseg: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

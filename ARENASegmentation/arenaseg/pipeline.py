@@ -1,0 +1,172 @@
+"""The two jobs, file in, file out: ``adapt`` (few painted slices → 3D segment + adapter) and
+``segment`` (saved adapter → 3D segment of another scan). The command line, the worker and the
+Slicer module all call these."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .adapter_file import apply_adapter, read_adapter, save_adapter
+from .adapters import count_parameters, inject_adapters
+from .annotations import Annotation, find_annotation
+from .backbones import DEFAULT_BACKBONE, load_backbone, replace_head, state_checksum
+from .errors import ArenaError
+from .imageio import array_ijk, image_like, read_image, read_labels_on, write_image
+from .inference import pick_device, sliding_window_logits
+from .preprocessing import input_index_to_canonical, to_canonical, to_input_grid
+from .training import AdaptSettings, ProgressFn, train_adapters
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass
+class AdaptResult:
+    """What one adaptation produced and measured."""
+
+    segmentation: str
+    adapter: str | None
+    ranks: dict[str, int]
+    initial_rank: int
+    trainable_parameters: int
+    active_parameters: int
+    loss: list[float] = field(default_factory=list)
+    total_rank: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def effective_rank(self) -> int:
+        return sum(self.ranks.values())
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), effective_rank=self.effective_rank)
+
+
+def check_output(path, suffixes, what: str) -> Path:
+    """Refuse an output path before any work: wrong suffix or missing folder."""
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith(tuple(suffixes)):
+        raise ArenaError(f"{what} '{path}' has an unsupported extension: use one of "
+                         f"{', '.join(suffixes)}")
+    if not path.parent.resolve().is_dir():
+        raise ArenaError(f"folder of {what} '{path}' does not exist: create it first")
+    return path
+
+
+def _segment_to_file(model, spec, image, x, affine, device, out, label, annotation=None) -> None:
+    prob = torch.sigmoid(sliding_window_logits(model, x, spec.preprocessing.roi_size, device)[0])
+    nx, ny, nz = x.shape[1:]
+    prob_img = to_input_grid(prob.numpy()[:nx, :ny, :nz], affine, image)
+    seg = array_ijk(prob_img) > 0.5
+    if annotation is not None:  # the painted slices are the user's ground truth
+        known = annotation.known
+        seg[known] = annotation.target[known]
+    write_image(image_like(seg.astype(np.uint8) * np.uint8(label), image), out)
+
+
+def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str | None = None,
+          settings: AdaptSettings | None = None, backbone: str = DEFAULT_BACKBONE,
+          slice_axis: int | None = None, structure: str | None = None, device: str = "auto",
+          warm_start: str | None = None, progress: ProgressFn | None = None,
+          should_stop: Callable[[], bool] | None = None) -> AdaptResult:
+    """Adapt the backbone to the structure painted on a few slices and segment it in 3D.
+
+    Args:
+        image: CT file or DICOM folder (HU).
+        annotations: labelmap with the painted slices, on any grid overlapping the image.
+        label: label value of the structure in ``annotations``.
+        out: segmentation to write (labelmap with value ``label``, exactly on the image grid;
+            the painted slices are copied from the annotations).
+        adapter_out: adapter file to write (``.safetensors``), optional.
+        settings: :class:`AdaptSettings`; defaults when None.
+        slice_axis: voxel axis (0, 1, 2) of the painted slices; None detects it.
+        structure: structure name, stored in the adapter; a name the backbone knows starts the
+            head from its pretrained output row.
+        warm_start: a previous adapter file to continue from (its ranks and weights).
+
+    Raises:
+        ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
+    """
+    settings = settings or AdaptSettings()
+    if settings.method not in ("arena", "lora"):
+        raise ArenaError(f"--method '{settings.method}' is not one of arena, lora")
+    out = check_output(out, IMAGE_SUFFIXES, "output segmentation")
+    if adapter_out:
+        adapter_out = check_output(adapter_out, (".safetensors",), "adapter output")
+    dev = pick_device(device)
+    start = time.perf_counter()
+    ct = read_image(image, "image")
+    labels = read_labels_on(ct, annotations, "annotations")
+    annotation: Annotation = find_annotation(array_ijk(labels), label, slice_axis, str(annotations))
+
+    warm = read_adapter(warm_start) if warm_start else None
+    model, spec = load_backbone(warm[1]["backbone"] if warm else backbone)
+    checksum = state_checksum(model)
+    if warm:
+        layers, head = apply_adapter(model, spec, *warm, source=str(warm_start))
+    else:
+        layers = inject_adapters(model, spec.targets, settings.rank, settings.v0)
+        with torch.random.fork_rng():
+            torch.manual_seed(settings.seed)
+            for layer in layers.values():  # reproducible A initialisation
+                torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5)
+            head = replace_head(model, spec, structure)
+    x, affine = to_canonical(ct, spec.preprocessing)
+    points, targets = annotation.points()
+    coords = input_index_to_canonical(points, ct, affine)
+    coords = np.clip(coords, 0, np.asarray(x.shape[1:]) - 1)
+    log = train_adapters(model, layers, head, x, coords, targets, spec.preprocessing.roi_size,
+                         settings, dev, progress=progress, should_stop=should_stop)
+    for layer in layers.values():
+        layer.merge()
+    _segment_to_file(model, spec, ct, x, affine, dev, out, label, annotation)
+    for layer in layers.values():
+        layer.unmerge()
+    if adapter_out:
+        save_adapter(adapter_out, layers, head, {
+            "backbone": spec.id, "backbone_checksum": checksum,
+            "targets": list(layers), "settings": settings.to_dict(),
+            "preprocessing": spec.preprocessing.to_dict(), "structure": structure,
+            "label": int(label), "annotated_axis": annotation.axis,
+            "annotated_slices": list(annotation.slices), "source_image": str(image)})
+    head_params = sum(p.numel() for p in head.parameters())
+    return AdaptResult(
+        segmentation=str(out), adapter=str(adapter_out) if adapter_out else None,
+        ranks=log.ranks, initial_rank=sum(layer.rank for layer in layers.values()),
+        trainable_parameters=count_parameters(layers, effective=False) + head_params,
+        active_parameters=count_parameters(layers, effective=True) + head_params,
+        loss=log.loss, total_rank=log.total_rank, seconds=time.perf_counter() - start,
+        device=str(dev))
+
+
+def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
+    """Segment ``image`` with a saved adapter (e.g. on a new patient).
+
+    Returns:
+        ``{"segmentation", "structure", "label", "ranks", "seconds"}``.
+
+    Raises:
+        ArenaError: unreadable image, corrupt adapter, adapter made for another backbone.
+    """
+    out = check_output(out, IMAGE_SUFFIXES, "output segmentation")
+    dev = pick_device(device)
+    start = time.perf_counter()
+    tensors, meta = read_adapter(adapter)
+    ct = read_image(image, "image")
+    model, spec = load_backbone(meta["backbone"])
+    layers, _ = apply_adapter(model, spec, tensors, meta, source=str(adapter))
+    for layer in layers.values():
+        layer.merge()
+    x, affine = to_canonical(ct, spec.preprocessing)
+    _segment_to_file(model.to(dev), spec, ct, x, affine, dev, out, meta.get("label", 1))
+    return {"segmentation": str(out), "structure": meta.get("structure"),
+            "label": meta.get("label", 1), "ranks": meta["ranks"],
+            "seconds": time.perf_counter() - start}

@@ -1,0 +1,67 @@
+"""Bring a CT onto a backbone's canonical grid (MONAI) and predictions back onto its own grid.
+
+The forward path uses MONAI ``Orientation``, ``Spacing`` and ``ScaleIntensityRange``; the way
+back resamples with SimpleITK onto the input image itself, so an output always has the input's
+exact size, spacing, origin and direction, whatever its orientation (LPS, RAS, oblique).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, ScaleIntensityRange, Spacing
+
+from .backbones import Preprocessing
+from .imageio import array_ijk, image_from_ras_affine, ras_affine, resample_to
+
+# Axis labels of the RAS world MONAI's affines live in (set explicitly: MONAI 1.5+ warns).
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def _regrid(t: MetaTensor, prep: Preprocessing, mode: str) -> MetaTensor:
+    t = Orientation(axcodes=prep.orientation, labels=RAS_LABELS)(t)
+    return Spacing(pixdim=prep.spacing_mm, mode=mode)(t)
+
+
+def to_canonical(image: sitk.Image, prep: Preprocessing, labels: sitk.Image | None = None):
+    """CT (HU) → canonical tensor.
+
+    Args:
+        image: the CT in HU.
+        prep: the backbone's preprocessing.
+        labels: optional labelmap already on ``image``'s grid, carried along (nearest neighbour).
+
+    Returns:
+        ``(x, affine)`` or ``(x, y, affine)``: ``x`` float32 ``(1, X, Y, Z)`` in [0, 1], ``y``
+        int64 ``(1, X, Y, Z)``, ``affine`` the 4×4 RAS affine of the canonical grid (numpy).
+    """
+    affine = torch.as_tensor(ras_affine(image), dtype=torch.float64)
+    x = MetaTensor(torch.from_numpy(array_ijk(image).astype(np.float32))[None], affine=affine)
+    x = _regrid(x, prep, "bilinear")
+    lo, hi = prep.hu_window
+    x = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(x)
+    canon_affine = np.asarray(x.affine, dtype=float)
+    if labels is None:
+        return x.as_tensor().float(), canon_affine
+    y = MetaTensor(torch.from_numpy(array_ijk(labels).astype(np.int64))[None], affine=affine)
+    y = _regrid(y, prep, "nearest")
+    return x.as_tensor().float(), y.as_tensor().long(), canon_affine
+
+
+def to_input_grid(values: np.ndarray, canon_affine: np.ndarray, image: sitk.Image,
+                  linear: bool = True) -> sitk.Image:
+    """Resample a canonical ``(X, Y, Z)`` map onto ``image``'s grid with SimpleITK: trilinear for
+    a float map (e.g. a probability), nearest neighbour for a labelmap (``linear=False``).
+    The result has exactly ``image``'s size, spacing, origin and direction."""
+    canon = image_from_ras_affine(values.astype(np.float32 if linear else np.uint8), canon_affine)
+    return resample_to(canon, image, linear=linear, default=0.0)
+
+
+def input_index_to_canonical(points_ijk: np.ndarray, image: sitk.Image,
+                             canon_affine: np.ndarray) -> np.ndarray:
+    """Map ``(N, 3)`` voxel indices of ``image`` to continuous canonical voxel indices."""
+    homog = np.c_[points_ijk.astype(float), np.ones(len(points_ijk))]
+    world_ras = homog @ ras_affine(image).T
+    return (world_ras @ np.linalg.inv(canon_affine).T)[:, :3]

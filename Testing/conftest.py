@@ -1,0 +1,52 @@
+"""Shared fixtures: the real CT scans in ../shared/data (never copied into the repository)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+DATA = Path(os.environ.get("ARENASEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ABDOMEN = DATA / "abdomen_ct"
+ABDOMEN_SMALL = DATA / "abdomen_ct_small"
+DICOM = DATA / "abdomen_ct_dicom"
+
+LIVER, SPLEEN, BLADDER = 5, 1, 21
+
+
+def pytest_configure(config):
+    if not (ABDOMEN / "ct.nii.gz").is_file():
+        raise pytest.UsageError(f"test data not found at {DATA}: put the shared data folder "
+                                "beside the repository or set ARENASEG_DATA")
+
+
+def painted(labels_path: Path, value: int, k: int = 3, axis: int = 2, out: Path | None = None):
+    """Write a labelmap with ``k`` painted slices of ``value`` taken from reference labels;
+    return (path, painted array (i, j, k), reference array)."""
+    from arenaseg.annotations import paint_slices
+    from arenaseg.imageio import array_ijk, image_like
+
+    reference = sitk.ReadImage(str(labels_path))
+    ref = array_ijk(reference)
+    paint = paint_slices(ref, value, k, axis)
+    sitk.WriteImage(image_like(paint, reference), str(out))
+    return out, paint, ref
+
+
+@pytest.fixture(scope="session")
+def small_liver(tmp_path_factory):
+    """Three painted axial liver slices on the small abdomen CT (122×101×30 voxels)."""
+    out = tmp_path_factory.mktemp("small") / "painted.nii.gz"
+    return painted(ABDOMEN_SMALL / "labels.nii.gz", LIVER, out=out)
+
+
+def read_ijk(path) -> np.ndarray:
+    from arenaseg.imageio import array_ijk
+
+    return array_ijk(sitk.ReadImage(str(path)))
