@@ -35,12 +35,15 @@ def cmd_pretrain(args) -> None:
 
 
 def _progress_bar(steps: int):
-    """A tqdm bar showing step, loss and total effective rank, and its update callback."""
+    """Update callback drawing a tqdm bar (step, loss, total effective rank); the bar appears at
+    the first step, so input errors print alone."""
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, desc="adapt", unit="step")
+    bar = None
 
     def update(step: int, loss: float, ranks: dict) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=steps, desc="adapt", unit="step")
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", rank=sum(ranks.values()))
         if step == steps:

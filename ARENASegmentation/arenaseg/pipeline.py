@@ -20,7 +20,7 @@ from .backbones import DEFAULT_BACKBONE, load_backbone, replace_head, state_chec
 from .errors import ArenaError
 from .imageio import array_ijk, image_like, read_image, read_labels_on, write_image
 from .inference import pick_device, sliding_window_logits
-from .preprocessing import input_index_to_canonical, to_canonical, to_input_grid
+from .preprocessing import canonical_axis, input_index_to_canonical, to_canonical, to_input_grid
 from .training import AdaptSettings, ProgressFn, train_adapters
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -123,7 +123,10 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     points, targets = annotation.points()
     coords = input_index_to_canonical(points, ct, affine)
     coords = np.clip(coords, 0, np.asarray(x.shape[1:]) - 1)
-    log = train_adapters(model, layers, head, x, coords, targets, spec.preprocessing.roi_size,
+    crop = list(spec.preprocessing.roi_size)
+    across = canonical_axis(ct, annotation.axis, affine)
+    crop[across] = min(crop[across], settings.slab)
+    log = train_adapters(model, layers, head, x, coords, targets, crop,
                          settings, dev, progress=progress, should_stop=should_stop)
     for layer in layers.values():
         layer.merge()

@@ -65,3 +65,10 @@ def input_index_to_canonical(points_ijk: np.ndarray, image: sitk.Image,
     homog = np.c_[points_ijk.astype(float), np.ones(len(points_ijk))]
     world_ras = homog @ ras_affine(image).T
     return (world_ras @ np.linalg.inv(canon_affine).T)[:, :3]
+
+
+def canonical_axis(image: sitk.Image, axis: int, canon_affine: np.ndarray) -> int:
+    """The canonical voxel axis closest to voxel axis ``axis`` of ``image`` (e.g. where the
+    painted slices' normal points after reorientation)."""
+    direction = ras_affine(image)[:3, axis]
+    return int(np.argmax(np.abs(np.linalg.solve(canon_affine[:3, :3], direction))))

@@ -42,8 +42,10 @@ class AdaptSettings:
         rho: ρ, gradient step on ``v`` before soft thresholding (eq. 5).
         steps: optimizer steps.
         v0: initial value of every gate.
-        crops_per_step: random crops (network ROI size) per step, centred on painted voxels,
-            half of them on the structure.
+        crops_per_step: random crops per step around painted voxels, half of them centred on
+            the structure.
+        slab: crop thickness in voxels across the painted slices (the ROI elsewhere): the loss
+            lives on the painted slices only, so thin slabs save most of the compute.
         max_points: painted voxels sampled per crop for the loss (memory bound).
         seed: random seed of crops and initialisation.
     """
@@ -56,6 +58,7 @@ class AdaptSettings:
     steps: int = 60
     v0: float = 1.0
     crops_per_step: int = 2
+    slab: int = 32
     max_points: int = 50_000
     seed: int = 0
 

@@ -1,0 +1,133 @@
+"""The command line: a happy path, and every bad input gives exit status 2, one clear line and
+no output file."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from arenaseg.adapter_file import read_adapter
+from arenaseg.cli import main
+
+from conftest import ABDOMEN_SMALL, LIVER
+
+CT = str(ABDOMEN_SMALL / "ct.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def adapter(small_liver, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    rc = main(["adapt", "--image", CT, "--annotations", str(small_liver[0]), "--label", "5",
+               "--out", str(out / "seg.nii.gz"), "--adapter-out", str(out / "a.safetensors"),
+               "--steps", "3", "--structure", "liver"])
+    assert rc == 0
+    return out / "a.safetensors"
+
+
+def test_adapt_and_segment_print_ranks_and_write_files(adapter, small_liver, tmp_path, capsys):
+    assert adapter.is_file() and (adapter.parent / "seg.nii.gz").is_file()
+    assert main(["segment", "--image", CT, "--adapter", str(adapter),
+                 "--out", str(tmp_path / "seg.mha")]) == 0
+    printed = capsys.readouterr().out
+    assert "effective rank" in printed and (tmp_path / "seg.mha").is_file()
+
+
+def _fails(capsys, argv, *words, out=None):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("arenaseg: error:")
+    for word in words:
+        assert word in err
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith("." + out.name)]
+    return err
+
+
+def _adapt(image, ann, label, out, *extra):
+    return ["adapt", "--image", str(image), "--annotations", str(ann), "--label", str(label),
+            "--out", str(out), *extra]
+
+
+def test_missing_image(capsys, small_liver, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, _adapt(tmp_path / "nope.nii.gz", small_liver[0], 5, out), "nope.nii.gz",
+           "does not exist", out=out)
+
+
+def test_unreadable_image(capsys, small_liver, tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not an image at all" * 100)
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, _adapt(bad, small_liver[0], 5, out), "broken.nii.gz", "cannot be read", out=out)
+
+
+def test_2d_image(capsys, small_liver, tmp_path):
+    flat = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(64, 64, sitk.sitkInt16), str(flat))
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, _adapt(flat, small_liver[0], 5, out), "slice.nii.gz", "2D", out=out)
+
+
+def test_annotations_elsewhere_in_the_world(capsys, small_liver, tmp_path):
+    moved = sitk.ReadImage(str(small_liver[0]))
+    moved.SetOrigin([o + 5000.0 for o in moved.GetOrigin()])
+    sitk.WriteImage(moved, str(tmp_path / "moved.nii.gz"))
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, _adapt(CT, tmp_path / "moved.nii.gz", 5, out), "moved.nii.gz",
+           "do not overlap", out=out)
+
+
+def test_label_value_absent(capsys, small_liver, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    err = _fails(capsys, _adapt(CT, small_liver[0], 99, out), "99", "absent", out=out)
+    assert "values present: 5" in err
+
+
+def test_no_annotated_slice(capsys, small_liver, tmp_path):
+    empty = sitk.ReadImage(str(small_liver[0])) * 0
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, _adapt(CT, tmp_path / "empty.nii.gz", 5, out), "empty.nii.gz",
+           "no annotated slice", out=out)
+
+
+def test_corrupt_adapter(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, ["segment", "--image", CT, "--adapter", str(bad), "--out", str(out)],
+           "bad.safetensors", "corrupt", out=out)
+
+
+@pytest.mark.parametrize("change", [{"backbone": "swinunetr"}, {"backbone_checksum": "0" * 64}])
+def test_adapter_for_another_backbone(capsys, adapter, tmp_path, change):
+    from safetensors.torch import save_file
+
+    tensors, meta = read_adapter(adapter)
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata={"arenaseg": json.dumps(dict(meta, **change))})
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, ["segment", "--image", CT, "--adapter", str(other), "--out", str(out)],
+           "other.safetensors", "was made for", out=out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(capsys, small_liver, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    _fails(capsys, _adapt(CT, small_liver[0], 5, out, "--device", "cuda"), "cuda",
+           "--device cpu", out=out)
+
+
+def test_console_script_exit_status(small_liver, tmp_path):
+    exe = shutil.which("arenaseg") or sys.executable
+    cmd = [exe] if exe.endswith("arenaseg") else [exe, "-m", "arenaseg"]
+    run = subprocess.run(cmd + _adapt(CT, small_liver[0], 42, tmp_path / "s.nii.gz"),
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "label value 42 is absent" in run.stderr

@@ -1,0 +1,61 @@
+"""The background worker: a real process printing JSON lines; SIGTERM stops it within 2 s and
+leaves no output."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ABDOMEN_SMALL, LIVER
+
+
+def start(job: dict, tmp_path):
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    return subprocess.Popen([sys.executable, "-m", "arenaseg.worker", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def adapt_job(ann, tmp_path, steps):
+    return {"command": "adapt", "image": str(ABDOMEN_SMALL / "ct.nii.gz"), "annotations": str(ann),
+            "label": LIVER, "out": str(tmp_path / "seg.nii.gz"),
+            "adapter_out": str(tmp_path / "liver.safetensors"), "structure": "liver",
+            "device": "cpu", "settings": {"steps": steps}}
+
+
+def test_worker_reports_progress_and_done(small_liver, tmp_path):
+    proc = start(adapt_job(small_liver[0], tmp_path, steps=3), tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 0
+    assert [e["event"] for e in events] == ["started"] + ["progress"] * 3 + ["done"]
+    assert [e["step"] for e in events[1:4]] == [1, 2, 3]
+    assert all(e["total_rank"] == sum(e["ranks"].values()) for e in events[1:4])
+    done = events[-1]
+    assert done["segmentation"] == str(tmp_path / "seg.nii.gz") and (tmp_path / "seg.nii.gz").is_file()
+    assert done["adapter"] == str(tmp_path / "liver.safetensors")
+    assert done["effective_rank"] == sum(done["ranks"].values())
+
+
+def test_sigterm_stops_within_two_seconds_and_leaves_nothing(small_liver, tmp_path):
+    proc = start(adapt_job(small_liver[0], tmp_path, steps=1000), tmp_path)
+    first = proc.stdout.readline()
+    while json.loads(first)["event"] != "progress":
+        first = proc.stdout.readline()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    elapsed = time.monotonic() - sent
+    rest = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    assert elapsed < 2.0
+    assert proc.returncode == 143 and rest[-1]["event"] == "cancelled"
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"]
+
+
+def test_bad_input_is_an_error_event(tmp_path):
+    proc = start({"command": "adapt", "image": str(tmp_path / "missing.nii.gz"),
+                  "annotations": "x", "label": 1, "out": str(tmp_path / "s.nii.gz")}, tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    last = json.loads(out.splitlines()[-1])
+    assert proc.returncode == 2 and last["event"] == "error" and "missing.nii.gz" in last["message"]
