@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -14,7 +13,7 @@ import torch
 from arenaseg.adapter_file import read_adapter
 from arenaseg.cli import main
 
-from conftest import ABDOMEN_SMALL, LIVER
+from conftest import ABDOMEN_SMALL
 
 CT = str(ABDOMEN_SMALL / "ct.nii.gz")
 

@@ -28,6 +28,12 @@ def test_pretrain_writes_loadable_weights_and_a_model_card(tmp_path, capsys):
     assert sums["abdomen_ct_small/ct.nii.gz"] in card
     assert "| scan | spleen | liver |" in card and "Training time" in card
     assert "Wasserthal" in card
+    first = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert main(["pretrain", "--scan", str(ABDOMEN_SMALL / "ct.nii.gz"),
+                 str(ABDOMEN_SMALL / "labels.nii.gz"), "--classes", "spleen=1,liver=5",
+                 "--steps", "1", "--init", str(out), "--out", str(out)]) == 0
+    again = out.with_suffix(".md").read_text()
+    assert "## Earlier training" in again and first in again and "--steps 2" in again
 
 
 def test_demo_on_local_data_reports_dice(tmp_path, capsys):

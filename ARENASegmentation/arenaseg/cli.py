@@ -6,6 +6,7 @@ Every user error prints one line ``arenaseg: error: ...`` (file, value, fix) and
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def cmd_pretrain(args) -> None:
     from .pretrain import pretrain
 
     report = pretrain([tuple(s) for s in args.scan], parse_classes(args.classes), Path(args.out),
-                      steps=args.steps, lr=args.lr, seed=args.seed, device=pick_device(args.device))
+                      steps=args.steps, lr=args.lr, seed=args.seed, device=pick_device(args.device),
+                      init=Path(args.init) if args.init else None, command=args.command_line)
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} "
           f"({report['seconds']:.0f} s)")
 
@@ -63,10 +65,9 @@ def print_ranks(ranks: dict[str, int], initial: dict[str, int] | int) -> None:
 def _settings(args):
     from .training import AdaptSettings
 
-    defaults = AdaptSettings()
-    return AdaptSettings(method=args.method, rank=args.rank if args.rank else defaults.rank,
-                         lam=defaults.lam if args.lam is None else args.lam,
-                         steps=args.steps or defaults.steps, seed=args.seed)
+    given = {"method": args.method, "rank": args.rank, "lam": args.lam, "lr": args.lr,
+             "rho": args.rho, "steps": args.steps, "seed": args.seed}
+    return AdaptSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_adapt(args) -> None:
@@ -133,7 +134,9 @@ def _add_adapt_options(p) -> None:
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="l1 weight λ on the gates (higher: smaller rank)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="η: AdamW learning rate of A, B, head")
+    p.add_argument("--rho", type=float, default=None, help="ρ: gradient step on the gates v")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 
@@ -158,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--init", help="start from these weights (.safetensors) instead of scratch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_pretrain)
@@ -197,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = "arenaseg " + shlex.join(argv)
     try:
         args.func(args)
     except ArenaError as err:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .adapter_file import apply_adapter, read_adapter, save_adapter
@@ -96,8 +95,6 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
     """
     settings = settings or AdaptSettings()
-    if settings.method not in ("arena", "lora"):
-        raise ArenaError(f"--method '{settings.method}' is not one of arena, lora")
     out = check_output(out, IMAGE_SUFFIXES, "output segmentation")
     if adapter_out:
         adapter_out = check_output(adapter_out, (".safetensors",), "adapter output")
@@ -113,11 +110,9 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     if warm:
         layers, head = apply_adapter(model, spec, *warm, source=str(warm_start))
     else:
-        layers = inject_adapters(model, spec.targets, settings.rank, settings.v0)
-        with torch.random.fork_rng():
+        with torch.random.fork_rng():  # reproducible initialisation of A and the head
             torch.manual_seed(settings.seed)
-            for layer in layers.values():  # reproducible A initialisation
-                torch.nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5)
+            layers = inject_adapters(model, spec.targets, settings.rank, settings.v0)
             head = replace_head(model, spec, structure)
     x, affine = to_canonical(ct, spec.preprocessing)
     points, targets = annotation.points()

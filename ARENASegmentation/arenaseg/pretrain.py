@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -49,9 +48,9 @@ def load_training_scan(image_path, labels_path, class_values: dict[str, int], pr
     for index, value in enumerate(class_values.values(), start=1):
         classes[labels == value] = index
     x, y, affine = to_canonical(image, prep, image_like(classes.astype(np.uint8), image))
-    pad = SpatialPad(spatial_size=prep.roi_size)
+    pad = SpatialPad(spatial_size=prep.roi_size)  # crops need at least the ROI
     return {"image": image, "labels": classes, "x": pad(x).as_tensor(), "y": pad(y).as_tensor(),
-            "affine": affine, "unpadded": x.shape[1:]}
+            "x_eval": x, "affine": affine}
 
 
 def per_class_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float | None]:
@@ -65,7 +64,8 @@ def per_class_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[fl
 
 def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Path,
              steps: int = 1500, lr: float = 2e-3, crops_per_step: int = 2, seed: int = 0,
-             device: torch.device = torch.device("cpu")) -> dict:
+             device: torch.device = torch.device("cpu"), init: Path | None = None,
+             command: str = "") -> dict:
     """Train the default backbone from scratch on ``scans`` (image, labels) pairs.
 
     Args:
@@ -76,6 +76,10 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
             suffix ``.md``.
         steps: optimizer steps, each on ``crops_per_step`` random crops (positive:negative 1:1,
             MONAI ``RandCropByPosNegLabel``) of one scan.
+        init: start from these weights instead of from scratch (e.g. to go on training the
+            default backbone on your own scans); the training and data sections of their model
+            card, when there is one, are carried into the new card.
+        command: the command line, recorded in the model card.
 
     Returns:
         A report: per-scan per-class Dice, seconds, checksums.
@@ -88,6 +92,14 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     rng = np.random.default_rng(seed)
     data = [load_training_scan(i, l, class_values, prep) for i, l in scans]
     model = spec.build(out_channels=len(class_values) + 1).to(device)
+    earlier = None
+    if init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(init)), strict=True)
+        card = Path(init).with_suffix(".md")
+        earlier = {"path": str(init), "sha256": file_checksum(Path(init)),
+                   "card": card.read_text() if card.is_file() else None}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -115,9 +127,8 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     names = list(class_values)
     evaluation = []
     for (image_path, labels_path), scan in zip(scans, data):
-        logits = sliding_window_logits(model, scan["x"], prep.roi_size, device)
-        nx, ny, nz = scan["unpadded"]
-        pred = logits.argmax(0).numpy()[:nx, :ny, :nz]
+        logits = sliding_window_logits(model, scan["x_eval"], prep.roi_size, device)
+        pred = logits.argmax(0).numpy()
         pred = array_ijk(to_input_grid(pred, scan["affine"], scan["image"], linear=False))
         dice = per_class_dice(pred, scan["labels"], len(names) + 1)
         evaluation.append({"image": str(image_path), "labels": str(labels_path),
@@ -130,7 +141,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     save_file(state, str(tmp), metadata={"backbone": spec.id, "classes": json.dumps(["background"] + names)})
     os.replace(tmp, out)
     report = {"backbone": spec.id, "classes": names, "class_values": class_values,
-              "steps": steps, "lr": lr, "crops_per_step": crops_per_step, "seed": seed,
+              "command": command, "init": earlier, "steps": steps, "lr": lr, "crops_per_step": crops_per_step, "seed": seed,
               "seconds": round(seconds, 1), "device": str(device), "evaluation": evaluation,
               "weights_sha256": file_checksum(out), "state_checksum": state_checksum(model),
               "data": [{"path": str(p), "sha256": file_checksum(Path(p))}
@@ -147,7 +158,7 @@ def model_card(report: dict, prep) -> str:
              "embedded default backbone of ARENASegmentation. It is a CPU-friendly starting point "
              "for few-slice adaptation, not a clinical segmentation model: it saw very few scans.",
              "", "## Training", "",
-             f"- Command: `{' '.join(['arenaseg'] + sys.argv[1:])}`",
+             f"- Command: `{report['command']}`",
              f"- Steps: {report['steps']} × {report['crops_per_step']} crops of "
              f"{'×'.join(map(str, prep.roi_size))} voxels, AdamW, one-cycle lr {report['lr']}, "
              f"seed {report['seed']}, Dice + cross-entropy (MONAI `DiceCELoss`)",
@@ -167,5 +178,16 @@ def model_card(report: dict, prep) -> str:
     for ev in report["evaluation"]:
         cells = ["—" if ev["dice"][n] is None else f"{ev['dice'][n]:.3f}" for n in names]
         lines.append(f"| `{ev['image']}` | " + " | ".join(cells) + " |")
+    if report["init"]:
+        init = report["init"]
+        lines += ["", "## Earlier training", "",
+                  f"This run started from `{init['path']}` (SHA-256 `{init['sha256']}`)."]
+        if init["card"]:
+            sections = init["card"].split("\n## ")
+            carried = [sec for sec in sections if sec.startswith(("Training", "Earlier training",
+                                                                  "Data"))]
+            lines += ["Its model card said:", ""] + [
+                "> " + line if line else ">" for sec in carried
+                for line in ("#### " + sec.strip()).splitlines()]
     lines += ["", "## Attribution", "", ATTRIBUTION, ""]
     return "\n".join(lines)

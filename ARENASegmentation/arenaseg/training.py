@@ -20,6 +20,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from .adapters import ArenaLayer, adapter_parameters, effective_ranks, proximal_step
+from .errors import ArenaError
 from .inference import autocast
 
 ProgressFn = Callable[[int, float, dict], None]
@@ -61,6 +62,16 @@ class AdaptSettings:
     slab: int = 32
     max_points: int = 50_000
     seed: int = 0
+
+    def __post_init__(self):
+        problems = [f"--method '{self.method}' is not arena or lora"] if self.method not in ("arena", "lora") else []
+        problems += [f"--{name} {value} must be {rule}" for name, value, ok, rule in (
+            ("rank", self.rank, self.rank >= 1, ">= 1"), ("steps", self.steps, self.steps >= 1, ">= 1"),
+            ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr > 0, "> 0"),
+            ("rho", self.rho, self.rho >= 0, ">= 0"), ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
+            ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1")) if not ok]
+        if problems:
+            raise ArenaError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)

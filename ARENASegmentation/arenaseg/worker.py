@@ -40,7 +40,10 @@ def run_job(job: dict) -> dict:
 
     command = job.get("command")
     if command == "adapt":
-        settings = AdaptSettings(**job.get("settings", {}))
+        try:
+            settings = AdaptSettings(**job.get("settings", {}))
+        except TypeError as err:
+            raise ArenaError(f"job settings: {err}") from None
 
         def progress(step, loss, ranks):
             emit("progress", step=step, steps=settings.steps, loss=round(loss, 5),
@@ -69,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 job = json.load(f)
         except (OSError, ValueError) as err:
             raise ArenaError(f"job file '{argv[0]}' cannot be read as JSON ({err})") from None
-        emit("started", pid=os.getpid(), command=job.get("command"))
+        from .inference import pick_device
+
+        emit("started", pid=os.getpid(), command=job.get("command"),
+             device=str(pick_device(job.get("device", "auto"))))
         emit("done", **run_job(job))
         return 0
     except Cancelled:
