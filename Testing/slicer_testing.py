@@ -29,10 +29,16 @@ def import_module():
 
 
 @pytest.fixture(scope="session")
-def slicer_app():
-    """A trame-slicer ``SlicerApp``; ``slicer.mrmlScene`` and ``slicer.modules`` resolve to it."""
+def slicer_app(tmp_path_factory):
+    """A trame-slicer ``SlicerApp``; ``slicer.mrmlScene`` and ``slicer.modules`` resolve to it.
+    The Logic's run folders (temporary files, kept adapters) go to pytest's temporary folder."""
+    import tempfile
+
     import slicer
     from trame_slicer.core import SlicerApp
+
+    saved_tempdir = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("arena-runs"))
 
     app = SlicerApp()
     logics = {"segmentations": app.segmentations_logic, "volumes": app.volumes_logic,
@@ -43,6 +49,7 @@ def slicer_app():
     slicer.modules = types.SimpleNamespace(**{
         name: types.SimpleNamespace(logic=(lambda logic=logic: logic)) for name, logic in logics.items()})
     yield app
+    tempfile.tempdir = saved_tempdir
     for name, value in saved.items():
         if value is None:
             delattr(slicer, name)

@@ -2,7 +2,8 @@
 
 Convention: the annotated slices are the slices, along one voxel axis of the image, that contain
 the target label value. On those slices, every voxel that is not the target is background;
-voxels on other slices are unknown and never enter the loss.
+voxels on other slices are unknown and never enter the loss, except those painted with an
+optional background label (voxels known not to be the structure, anywhere).
 """
 
 from __future__ import annotations
@@ -26,16 +27,20 @@ class Annotation:
         axis: voxel axis (0 = i, 1 = j, 2 = k) across which the slices were painted.
         slices: indices of the painted slices along ``axis``.
         target: boolean ``(I, J, K)`` array, True where the structure was painted.
+        background: boolean ``(I, J, K)`` array of voxels painted as "not the structure" on any
+            slice, or None.
     """
 
     axis: int
     slices: tuple[int, ...]
     target: np.ndarray
+    background: np.ndarray | None = None
 
     @property
     def known(self) -> np.ndarray:
-        """Boolean ``(I, J, K)``: True on the painted slices (target or background)."""
-        mask = np.zeros(self.target.shape, bool)
+        """Boolean ``(I, J, K)``: True where the answer is known: on the painted slices (target
+        or background) and on the painted background voxels."""
+        mask = np.zeros(self.target.shape, bool) if self.background is None else self.background.copy()
         index = [slice(None)] * 3
         index[self.axis] = list(self.slices)
         mask[tuple(index)] = True
@@ -49,7 +54,7 @@ class Annotation:
 
 
 def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
-                    source: str = "annotations") -> Annotation:
+                    source: str = "annotations", background: int | None = None) -> Annotation:
     """Locate the slices painted with ``value`` in an ``(I, J, K)`` labelmap on the image grid.
 
     Args:
@@ -58,6 +63,7 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
         axis: voxel axis of the painted slices; None detects it as the axis along which the
             structure touches the fewest slices.
         source: file name used in error messages.
+        background: optional label value of voxels known not to be the structure.
 
     Raises:
         ArenaError: nothing painted at all, or ``value`` absent (the message lists the values
@@ -80,7 +86,11 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
     if axis not in (0, 1, 2):
         raise ArenaError(f"slice axis {axis} is not 0, 1 or 2 (i, j, k)")
     slices = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
-    return Annotation(axis=axis, slices=tuple(int(s) for s in slices), target=target)
+    if background is not None and background == value:
+        raise ArenaError(f"background label {background} equals the structure's label: give "
+                         "another value")
+    return Annotation(axis=axis, slices=tuple(int(s) for s in slices), target=target,
+                      background=None if background is None else labels == background)
 
 
 def paint_slices(labels: np.ndarray, value: int, k: int = 3, axis: int = 2) -> np.ndarray:

@@ -77,7 +77,7 @@ def cmd_adapt(args) -> None:
     result = adapt(args.image, args.annotations, args.label, args.out, args.adapter_out,
                    settings=settings, backbone=args.backbone, slice_axis=args.slice_axis,
                    structure=args.structure, device=args.device, warm_start=args.warm_start,
-                   progress=_progress_bar(settings.steps))
+                   background_label=args.background_label, progress=_progress_bar(settings.steps))
     print_ranks(result.ranks, settings.rank)
     print(f"{settings.method}: effective rank {result.effective_rank} of {result.initial_rank}; "
           f"adapter parameters {result.active_parameters:,} active of "
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", help="structure name stored in the adapter (e.g. liver)")
     p.add_argument("--slice-axis", type=_axis, default=None,
                    help="voxel axis of the painted slices: auto (default), 0, 1 or 2")
+    p.add_argument("--background-label", type=int,
+                   help="label value of voxels known not to be the structure (any slice)")
     p.add_argument("--warm-start", help="continue from this adapter file")
     p.add_argument("--backbone", default="arena-small-ct-unet")
     _add_adapt_options(p)

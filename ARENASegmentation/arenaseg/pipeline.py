@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from .adapter_file import apply_adapter, read_adapter, save_adapter
@@ -60,21 +61,40 @@ def check_output(path, suffixes, what: str) -> Path:
     return path
 
 
+def keep_connected(mask: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
+    """Keep the connected components of ``mask`` (face connectivity, SimpleITK
+    ``ConnectedComponent``) that contain a ``seeds`` voxel, or the largest one without seeds.
+
+    The loss only sees the painted slices, so look-alike tissue far from them (fluid for a
+    bladder, muscle for a psoas) is never shown as background; the structure the user painted is
+    the region connected to the paint."""
+    grid = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8))
+    components = array_ijk(sitk.ConnectedComponent(grid))
+    if components.max() == 0:
+        return mask
+    if seeds is not None and seeds.any():
+        keep = np.unique(components[seeds & mask])
+        keep = keep[keep > 0]
+    else:
+        keep = [np.argmax(np.bincount(components.ravel())[1:]) + 1]
+    return np.isin(components, keep)
+
+
 def _segment_to_file(model, spec, image, x, affine, device, out, label, annotation=None) -> None:
     prob = torch.sigmoid(sliding_window_logits(model, x, spec.preprocessing.roi_size, device)[0])
-    nx, ny, nz = x.shape[1:]
-    prob_img = to_input_grid(prob.numpy()[:nx, :ny, :nz], affine, image)
-    seg = array_ijk(prob_img) > 0.5
+    seg = array_ijk(to_input_grid(prob.numpy(), affine, image)) > 0.5
     if annotation is not None:  # the painted slices are the user's ground truth
         known = annotation.known
         seg[known] = annotation.target[known]
+    seg = keep_connected(seg, annotation.target if annotation is not None else None)
     write_image(image_like(seg.astype(np.uint8) * np.uint8(label), image), out)
 
 
 def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str | None = None,
           settings: AdaptSettings | None = None, backbone: str = DEFAULT_BACKBONE,
           slice_axis: int | None = None, structure: str | None = None, device: str = "auto",
-          warm_start: str | None = None, progress: ProgressFn | None = None,
+          warm_start: str | None = None, background_label: int | None = None,
+          progress: ProgressFn | None = None,
           should_stop: Callable[[], bool] | None = None) -> AdaptResult:
     """Adapt the backbone to the structure painted on a few slices and segment it in 3D.
 
@@ -90,6 +110,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         structure: structure name, stored in the adapter; a name the backbone knows starts the
             head from its pretrained output row.
         warm_start: a previous adapter file to continue from (its ranks and weights).
+        background_label: optional value in ``annotations`` of voxels known not to be the
+            structure (on any slice); they enter the loss as background.
 
     Raises:
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
@@ -102,7 +124,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     start = time.perf_counter()
     ct = read_image(image, "image")
     labels = read_labels_on(ct, annotations, "annotations")
-    annotation: Annotation = find_annotation(array_ijk(labels), label, slice_axis, str(annotations))
+    annotation: Annotation = find_annotation(array_ijk(labels), label, slice_axis,
+                                             str(annotations), background_label)
 
     warm = read_adapter(warm_start) if warm_start else None
     model, spec = load_backbone(warm[1]["backbone"] if warm else backbone)

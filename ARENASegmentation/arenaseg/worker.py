@@ -2,7 +2,7 @@
 
 The job file is a JSON object: ``{"command": "adapt", "image": ..., "annotations": ...,
 "label": ..., "out": ..., "adapter_out": ..., "structure": ..., "slice_axis": ...,
-"warm_start": ..., "device": ..., "settings": {AdaptSettings fields}}`` or ``{"command":
+"warm_start": ..., "background_label": ..., "device": ..., "settings": {AdaptSettings fields}}`` or ``{"command":
 "segment", "image": ..., "adapter": ..., "out": ..., "device": ...}``.
 
 The worker prints one JSON object per line on stdout, flushed at once:
@@ -54,7 +54,7 @@ def run_job(job: dict) -> dict:
                        backbone=job.get("backbone", "arena-small-ct-unet"),
                        slice_axis=job.get("slice_axis"), structure=job.get("structure"),
                        device=job.get("device", "auto"), warm_start=job.get("warm_start"),
-                       progress=progress)
+                       background_label=job.get("background_label"), progress=progress)
         return result.to_dict()
     if command == "segment":
         return segment(job["image"], job["adapter"], job["out"], device=job.get("device", "auto"))

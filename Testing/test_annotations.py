@@ -1,0 +1,52 @@
+"""Which slices are painted and what they say: axis detection, background voxels, clear errors."""
+
+import numpy as np
+import pytest
+
+from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.errors import ArenaError
+
+
+def labels_with_sagittal_strokes():
+    labels = np.zeros((20, 30, 40), np.uint8)
+    labels[5, 10:20, 10:30] = 3      # painted on slice i = 5 ...
+    labels[12, 8:22, 12:28] = 3      # ... and i = 12: the structure (3)
+    labels[12, 0:3, 0:3] = 7         # another label on a painted slice: background for 3
+    labels[17, 0:5, 0:5] = 9         # "known background" strokes on an unpainted slice
+    return labels
+
+
+def test_axis_detected_and_other_voxels_of_painted_slices_are_background():
+    ann = find_annotation(labels_with_sagittal_strokes(), 3)
+    assert ann.axis == 0 and ann.slices == (5, 12)
+    points, targets = ann.points()
+    assert len(points) == 2 * 30 * 40
+    assert targets.sum() == 10 * 20 + 14 * 16
+    assert set(np.unique(points[:, 0])) == {5, 12}
+
+
+def test_background_label_adds_known_negatives_on_any_slice():
+    ann = find_annotation(labels_with_sagittal_strokes(), 3, background=9)
+    points, targets = ann.points()
+    assert len(points) == 2 * 30 * 40 + 25
+    assert targets[points[:, 0] == 17].sum() == 0 and (points[:, 0] == 17).sum() == 25
+    with pytest.raises(ArenaError, match="equals the structure's label"):
+        find_annotation(labels_with_sagittal_strokes(), 3, background=3)
+
+
+def test_explicit_axis_and_clear_errors():
+    labels = labels_with_sagittal_strokes()
+    assert find_annotation(labels, 3, axis=2).slices == tuple(range(10, 30))
+    with pytest.raises(ArenaError, match=r"label value 4 is absent .* \(values present: 3, 7, 9\)"):
+        find_annotation(labels, 4, source="painted.nrrd")
+    with pytest.raises(ArenaError, match="no annotated slice"):
+        find_annotation(np.zeros((4, 4, 4), np.uint8), 1)
+
+
+def test_paint_slices_spreads_k_slices_inside_the_structure():
+    reference = np.zeros((10, 10, 50), np.uint8)
+    reference[2:8, 2:8, 10:41] = 5
+    painted = paint_slices(reference, 5, k=3, axis=2)
+    assert np.flatnonzero(painted.any(axis=(0, 1))).tolist() == [17, 25, 32]
+    assert np.array_equal(painted[..., 25], reference[..., 25])
+    assert dice(painted > 0, reference > 0, painted.any(axis=(0, 1))[None, None, :].repeat(10, 0).repeat(10, 1)) == 1.0

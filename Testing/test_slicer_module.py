@@ -1,0 +1,145 @@
+"""The Slicer module's files without running the engine: the .ui matches the Widget and the
+parameter node, files on the volume's exact geometry, CMake lists, catalog entry."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import SimpleITK as sitk
+
+from slicer_testing import MODULE_DIR, UI_FILE, import_module, slicer_app  # noqa: F401 (fixture)
+
+ROOT = MODULE_DIR.parent
+SOURCE = (MODULE_DIR / "ARENASegmentation.py").read_text()
+
+
+def ui_widgets() -> dict:
+    """{widget name: class} of every widget in the .ui file (which must parse as XML)."""
+    tree = ET.parse(UI_FILE)
+    assert tree.getroot().tag == "ui"
+    return {w.get("name"): w.get("class") for w in tree.iter("widget")}
+
+
+def parameter_names() -> set:
+    """Fields of the @parameterNodeWrapper class, read from the source (the wrapper itself only
+    exists inside the Slicer application)."""
+    for node in ast.walk(ast.parse(SOURCE)):
+        if isinstance(node, ast.ClassDef) and node.name == "ARENASegmentationParameterNode":
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("no ARENASegmentationParameterNode class")
+
+
+def test_every_widget_the_widget_uses_exists_in_the_ui_file():
+    widgets = ui_widgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
+    module = import_module()
+    assert used, "the Widget uses no .ui widget?"
+    assert used <= set(widgets), f"missing in .ui: {sorted(used - set(widgets))}"
+    assert set(module.ARENASegmentationWidget.UI_WIDGETS) <= set(widgets)
+    assert widgets["ARENASegmentation"] == "qMRMLWidget"
+
+
+def test_ui_parameter_bindings_name_parameter_node_fields():
+    tree = ET.parse(UI_FILE)
+    bound = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
+    fields = parameter_names()
+    assert bound <= fields, f"bound in .ui but not parameters: {sorted(bound - fields)}"
+    assert {"inputVolume", "segmentationNode", "method", "initialRank", "lam", "steps", "device",
+            "fillTarget", "warmStart", "backbone"} <= bound
+
+
+def test_panel_defaults_are_the_engine_defaults():
+    from arenaseg.backbones import DEFAULT_BACKBONE, REGISTRY
+    from arenaseg.training import AdaptSettings
+
+    module = import_module()
+    defaults = AdaptSettings()
+    assert (module.DEFAULT_RANK, module.DEFAULT_LAMBDA, module.DEFAULT_STEPS) == (
+        defaults.rank, defaults.lam, defaults.steps)
+    assert module.DEFAULT_BACKBONE == DEFAULT_BACKBONE and set(module.BACKBONES) <= set(REGISTRY)
+    assert module.METHODS == ["arena", "lora"]
+
+
+def test_logic_imports_without_qt_and_the_engine_is_found_next_to_the_module():
+    module = import_module()
+    assert module.ENGINE_DIR == MODULE_DIR and (module.ENGINE_DIR / "arenaseg" / "worker.py").is_file()
+    assert not module.ARENASegmentationLogic.missingPythonPackages()
+
+
+def test_files_for_the_worker_keep_an_oblique_volume_geometry_exactly(slicer_app, tmp_path):  # noqa: F811
+    """LPS/RAS, axis permutation and flips: the NRRD the worker reads maps every voxel to the
+    same world point as the volume node, and a labelmap on that grid reads back voxel for voxel."""
+    import slicer
+
+    module = import_module()
+    logic = module.ARENASegmentationLogic
+    kji = (np.arange(7 * 9 * 11).reshape(7, 9, 11) % 251).astype(np.int16)
+    ijk_to_ras = np.array([[0, -2.0, 0, 10], [1.5, 0, 0, -5], [0, 0, 3, 7], [0, 0, 0, 1]])
+    volume = slicer.util.addVolumeFromArray(kji, ijk_to_ras, "oblique")
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+
+    logic.writeVolume(volume, tmp_path / "image.nrrd")
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes and volume.GetStorageNode() is None
+    image = sitk.ReadImage(str(tmp_path / "image.nrrd"))
+    assert np.array_equal(sitk.GetArrayFromImage(image), kji)
+    for ijk in ([0, 0, 0], [10, 8, 6], [3, 5, 1]):
+        lps = np.array(image.TransformIndexToPhysicalPoint(ijk))
+        ras = ijk_to_ras @ np.array(ijk + [1.0])
+        assert np.allclose(lps * [-1, -1, 1], ras[:3])
+
+    mask = (kji > 100).astype(np.uint8)
+    logic.writeLabelmap(mask, volume, tmp_path / "mask.nrrd")
+    assert np.array_equal(logic.readLabelmap(str(tmp_path / "mask.nrrd"), volume), mask)
+
+    moved = ijk_to_ras.copy()
+    moved[0, 3] += 3.0  # one voxel step elsewhere: another grid
+    shifted = slicer.util.addVolumeFromArray(kji, moved, "shifted")
+    try:
+        logic.readLabelmap(str(tmp_path / "mask.nrrd"), shifted)
+    except RuntimeError as err:
+        assert "not on the grid" in str(err)
+    else:
+        raise AssertionError("a labelmap on another grid was accepted")
+    for node in (volume, shifted):
+        slicer.mrmlScene.RemoveNode(node)
+
+
+def test_cmake_lists_every_script_and_resource_of_the_module():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    listed = set(re.findall(r"^\s+([\w/.${}-]+\.(?:py|ui|png|safetensors|md))\s*$", text, re.M))
+    listed = {p.replace("${MODULE_NAME}", "ARENASegmentation") for p in listed}
+    optional = set(re.findall(r"APPEND MODULE_PYTHON_RESOURCES ([\w/.-]+)", text))  # if(EXISTS ...)
+    listed |= optional
+    package = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "arenaseg").rglob("*")
+               if p.suffix in (".py", ".safetensors", ".md") and "__pycache__" not in p.parts}
+    assert package <= listed, f"not listed: {sorted(package - listed)}"
+    for path in ("ARENASegmentation.py", "Resources/UI/ARENASegmentation.ui",
+                 "Resources/Icons/ARENASegmentation.png"):
+        assert path in listed
+    absent = [p for p in listed - optional if not (MODULE_DIR / p).is_file()]
+    assert not absent, absent
+    top = (ROOT / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(ARENASegmentation)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top
+
+
+def test_icon_is_a_128_pixel_png():
+    data = (MODULE_DIR / "Resources" / "Icons" / "ARENASegmentation.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(data[16:20], "big") == int.from_bytes(data[20:24], "big") == 128
+
+
+def test_extension_catalog_entry_follows_the_index_schema():
+    entry = json.loads((ROOT / "ARENASegmentation.json").read_text())
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}  # schema v1.0.2
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].startswith(
+        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json")
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
+    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
