@@ -99,7 +99,14 @@ def main() -> None:
     parser.add_argument("--structures", nargs="+", default=[s[0] for s in STRUCTURES])
     parser.add_argument("--k", type=int, default=3, help="painted axial slices")
     parser.add_argument("--extra", default="", help="extra arguments for arenaseg adapt")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="rewrite the Markdown report from the JSON results of an earlier run")
     args = parser.parse_args()
+    if args.rewrite:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).write_text(report(saved["rows"], saved["zero_shot"], saved["command"], args,
+                                         saved["revision"], saved["machine"]))
+        return
     data = Path(args.data)
     ct_path, labels_path = data / "abdomen_ct/ct.nii.gz", data / "abdomen_ct/labels.nii.gz"
     ct = read_image(ct_path)
@@ -133,20 +140,23 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "ranks"}), flush=True)
     zs = zero_shot(data)
     command = "python bench/engine_benchmark.py " + " ".join(sys.argv[1:])
-    Path(args.out).write_text(report(rows, zs, command, args))
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "zero_shot": zs}, indent=1))
+    revision, host = git_revision(), machine()
+    Path(args.out).write_text(report(rows, zs, command, args, revision, host))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(
+        {"command": command, "revision": revision, "machine": host, "rows": rows, "zero_shot": zs},
+        indent=1))
     print(f"wrote {args.out}")
 
 
-def report(rows: list[dict], zs: dict, command: str, args) -> str:
+def report(rows: list[dict], zs: dict, command: str, args, revision: str, host: str) -> str:
     s = AdaptSettings()
     methods = args.methods
     by = {(r["structure"], r["method"]): r for r in rows}
     names = [n for n, _, _ in STRUCTURES if any(r["structure"] == n for r in rows)]
     base = {n for n, _, b in STRUCTURES if b}
     lines = ["# Engine benchmark: few-slice adaptation on `abdomen_ct`", "",
-             f"- Date: {datetime.date.today()}; git revision {git_revision()}",
-             f"- Machine: {machine()}; CPU only",
+             f"- Date: {datetime.date.today()}; git revision {revision}",
+             f"- Machine: {host}; CPU only",
              f"- Command: `{command}`",
              f"- Protocol: k = {args.k} painted axial slices per structure (spread evenly inside the "
              "structure), taken from the TotalSegmentator reference labels of "
@@ -154,7 +164,8 @@ def report(rows: list[dict], zs: dict, command: str, args) -> str:
              "one `arenaseg adapt` process (wall time and peak resident memory of that process, "
              "imports and inference included).",
              f"- Settings (defaults): r0 = {s.rank} on {9} convolutions, λ = {s.lam}, η = {s.lr}, "
-             f"ρ = {s.rho}, {s.steps} steps × {s.crops_per_step} crops of 96³; LoRA: same layers, "
+             f"ρ = {s.rho}, {s.steps} steps × {s.crops_per_step} slabs of 96×96×{s.slab} voxels; "
+             "LoRA: same layers, "
              "r0, steps and crops, gates fixed to 1. Extra arguments: "
              f"`{args.extra or 'none'}`.",
              "- Caveat: the backbone was pretrained on this very scan's base-organ labels "

@@ -49,7 +49,7 @@ def run(data: Path, configs: list[dict], structures: list[str], out: Path) -> No
                 seconds = time.perf_counter() - start
                 seg = array_ijk(sitk.ReadImage(result.segmentation)) == value
                 unpainted = ~find_annotation(painted, value, axis=2).known
-                row = {"config": config, "structure": name,
+                row = {"config": config, "settings": settings.to_dict(), "structure": name,
                        "dice": round(dice(seg, ref == value, unpainted), 4),
                        "rank": result.effective_rank, "initial_rank": result.initial_rank,
                        "seconds": round(seconds, 1)}
@@ -62,15 +62,17 @@ def summary(path: Path) -> str:
     rows = [json.loads(line) for line in open(path)]
     groups = defaultdict(dict)
     for r in rows:
-        groups[json.dumps(r["config"], sort_keys=True)][r["structure"]] = r
+        s = r["settings"]
+        key = f"{s['method']}, λ {s['lam']:g}, ρ {s['rho']:g}, η {s['lr']:g}, r0 {s['rank']}, {s['steps']} steps"
+        groups[key][r["structure"]] = r
     names = [n for n in STRUCTURES if any(n in g for g in groups.values())]
-    lines = ["| settings (changes from the defaults) | " + " | ".join(names) +
+    lines = ["| settings | " + " | ".join(names) +
              " | mean new | mean all | mean rank | mean s |", "|---|" + "---|" * (len(names) + 4)]
     for key, g in groups.items():
         cells = [f"{g[n]['dice']:.3f} (r {g[n]['rank']})" if n in g else "—" for n in names]
         new = [g[n]["dice"] for n in NEW if n in g]
         every = [r["dice"] for r in g.values()]
-        lines.append(f"| `{key}` | " + " | ".join(cells) +
+        lines.append(f"| {key} | " + " | ".join(cells) +
                      f" | {np.mean(new) if new else float('nan'):.3f} | {np.mean(every):.3f} | "
                      f"{np.mean([r['rank'] for r in g.values()]):.0f} | "
                      f"{np.mean([r['seconds'] for r in g.values()]):.0f} |")

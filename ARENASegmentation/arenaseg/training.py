@@ -32,7 +32,7 @@ class Cancelled(Exception):
 
 @dataclass
 class AdaptSettings:
-    """Settings of one adaptation (defaults measured in ``bench/``; see README).
+    """Settings of one adaptation (defaults chosen by the sweep in ``bench/SWEEP.md``).
 
     Attributes:
         method: ``"arena"`` (gated, proximal l1) or ``"lora"`` (same layers, ``v`` fixed to 1,
@@ -53,9 +53,9 @@ class AdaptSettings:
 
     method: str = "arena"
     rank: int = 8
-    lam: float = 0.5
+    lam: float = 4.0
     lr: float = 5e-3
-    rho: float = 5e-3
+    rho: float = 5.0
     steps: int = 60
     v0: float = 1.0
     crops_per_step: int = 2
