@@ -97,6 +97,14 @@ def test_no_annotated_slice(capsys, small_liver, tmp_path):
            "no annotated slice", out=out)
 
 
+def test_output_never_replaces_the_painted_annotations(capsys, small_liver, tmp_path):
+    ann = tmp_path / "painted.nii.gz"
+    shutil.copy(small_liver[0], ann)
+    before = ann.read_bytes()
+    _fails(capsys, _adapt(CT, ann, 5, ann), "painted.nii.gz", "replace your input")
+    assert ann.read_bytes() == before
+
+
 def test_corrupt_adapter(capsys, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 64)

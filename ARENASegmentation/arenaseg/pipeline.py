@@ -118,6 +118,10 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     """
     settings = settings or AdaptSettings()
     out = check_output(out, IMAGE_SUFFIXES, "output segmentation")
+    for given, what in ((image, "image"), (annotations, "annotations")):
+        if Path(given).resolve() == out.resolve():
+            raise ArenaError(f"output segmentation '{out}' is the {what} file: writing it would "
+                             "replace your input; choose another --out")
     if adapter_out:
         adapter_out = check_output(adapter_out, (".safetensors",), "adapter output")
     dev = pick_device(device)
