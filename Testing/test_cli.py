@@ -2,7 +2,9 @@
 no output file."""
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -30,6 +32,9 @@ def adapter(small_liver, tmp_path_factory):
 
 def test_adapt_and_segment_print_ranks_and_write_files(adapter, small_liver, tmp_path, capsys):
     assert adapter.is_file() and (adapter.parent / "seg.nii.gz").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(adapter).st_mode) == 0o666 & ~umask  # readable like any file
     assert main(["segment", "--image", CT, "--adapter", str(adapter),
                  "--out", str(tmp_path / "seg.mha")]) == 0
     printed = capsys.readouterr().out
@@ -103,6 +108,16 @@ def test_output_never_replaces_the_painted_annotations(capsys, small_liver, tmp_
     before = ann.read_bytes()
     _fails(capsys, _adapt(CT, ann, 5, ann), "painted.nii.gz", "replace your input")
     assert ann.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv_tail, words", [
+    (["--label", "0"], ["--label 0", "background"]),
+    (["--label", "5", "--background-label", "9"], ["background label 9 is absent"]),
+])
+def test_label_values_that_cannot_be_the_structure(capsys, small_liver, tmp_path, argv_tail, words):
+    out = tmp_path / "seg.nii.gz"
+    argv = ["adapt", "--image", CT, "--annotations", str(small_liver[0]), "--out", str(out)]
+    _fails(capsys, argv + argv_tail, *words, out=out)
 
 
 def test_corrupt_adapter(capsys, tmp_path):

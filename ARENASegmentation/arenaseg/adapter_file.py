@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from . import __version__
 from .adapters import ArenaLayer, inject_adapters
 from .backbones import BackboneSpec, replace_head, state_checksum
 from .errors import ArenaError
+from .imageio import atomic_write
 
 FORMAT = "arenaseg-adapter/1"
 
@@ -45,18 +45,8 @@ def save_adapter(path: str | os.PathLike, layers: dict[str, ArenaLayer], head: n
     meta = dict(metadata, format=FORMAT, arenaseg_version=__version__,
                 ranks={n: layer.effective_rank for n, layer in layers.items()},
                 initial_ranks={n: layer.rank for n, layer in layers.items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"arenaseg": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"arenaseg": json.dumps(meta)}))
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

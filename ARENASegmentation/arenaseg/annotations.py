@@ -89,6 +89,10 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
     if background is not None and background == value:
         raise ArenaError(f"background label {background} equals the structure's label: give "
                          "another value")
+    if background is not None and not np.any(labels == background):
+        raise ArenaError(f"background label {background} is absent from '{source}' (values "
+                         f"present: {', '.join(map(str, present[:20].tolist()))}): pass one of "
+                         "them or leave --background-label out")
     return Annotation(axis=axis, slices=tuple(int(s) for s in slices), target=target,
                       background=None if background is None else labels == background)
 
@@ -108,7 +112,8 @@ def paint_slices(labels: np.ndarray, value: int, k: int = 3, axis: int = 2) -> n
     target = labels == value
     occupied = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
     if occupied.size == 0:
-        raise ArenaError(f"label value {value} is absent from the reference labels")
+        raise ArenaError(f"label value {value} is absent from the reference labels: choose a "
+                         f"value present in them ({', '.join(map(str, np.unique(labels)[1:21].tolist()))})")
     lo, hi = occupied[0], occupied[-1]
     wanted = [lo + (hi - lo) * (i + 1) / (k + 1) for i in range(k)]
     chosen = sorted({int(occupied[np.argmin(np.abs(occupied - w))]) for w in wanted})

@@ -106,9 +106,9 @@ def cmd_demo(args) -> None:
     image, labels = data / "ct.nii.gz", data / "labels.nii.gz"
     ct = read_image(image)
     reference = array_ijk(read_labels_on(ct, labels, "labels"))
+    painted = paint_slices(reference, args.label, args.slices, axis=2)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    painted = paint_slices(reference, args.label, args.slices, axis=2)
     annotations = write_image(image_like(painted, ct), out_dir / "painted_slices.nii.gz")
     print(f"painted {args.slices} axial slices of label {args.label} ({args.structure}) "
           f"from {labels}")
@@ -121,7 +121,8 @@ def cmd_demo(args) -> None:
     seg = array_ijk(sitk.ReadImage(result.segmentation)) > 0
     unpainted = ~find_annotation(painted, args.label, axis=2).known
     score = dice(seg, reference == args.label, unpainted)
-    print(f"effective rank {result.effective_rank} of {result.initial_rank}; "
+    print(f"effective rank {result.effective_rank} of {result.initial_rank}; adapter parameters "
+          f"{result.active_parameters:,} active of {result.trainable_parameters:,} trained; "
           f"{result.seconds:.1f} s on {result.device}")
     print(f"Dice on the {int(np.any(unpainted, axis=(0, 1)).sum())} unpainted slices: {score:.3f}")
     print(f"wrote {out_dir}/segmentation.nii.gz, adapter.safetensors, painted_slices.nii.gz")
@@ -136,7 +137,7 @@ def _add_adapt_options(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="η: AdamW learning rate of A, B, head")
     p.add_argument("--rho", type=float, default=None, help="ρ: gradient step on the gates v")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="random seed (crops, initialisation)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 
@@ -179,24 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background-label", type=int,
                    help="label value of voxels known not to be the structure (any slice)")
     p.add_argument("--warm-start", help="continue from this adapter file")
-    p.add_argument("--backbone", default="arena-small-ct-unet")
+    p.add_argument("--backbone", default="arena-small-ct-unet", help="pretrained backbone to adapt")
     _add_adapt_options(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("segment", help="segment a scan with a saved adapter")
-    p.add_argument("--image", required=True)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
+    p.add_argument("--adapter", required=True, help="adapter file written by 'arenaseg adapt'")
+    p.add_argument("--out", required=True, help="segmentation to write (.nii.gz, .nrrd, .mha)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="paint 3 slices of a sample CT's labels, adapt, report Dice")
     p.add_argument("--data", help="folder with ct.nii.gz and labels.nii.gz (default: download "
                                   "the TotalSegmentator example CT once)")
     p.add_argument("--label", type=int, default=21, help="label value to paint (default 21)")
-    p.add_argument("--structure", default="urinary_bladder")
-    p.add_argument("--slices", type=int, default=3)
-    p.add_argument("--out-dir", default="arenaseg-demo")
+    p.add_argument("--structure", default="urinary_bladder", help="name of that structure")
+    p.add_argument("--slices", type=int, default=3, help="number of axial slices to paint")
+    p.add_argument("--out-dir", default="arenaseg-demo", help="where the results go")
     _add_adapt_options(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -33,7 +33,12 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            files = reader.GetGDCMSeriesFileNames(str(path))
+            warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)  # our message says it in one line
+            try:
+                files = reader.GetGDCMSeriesFileNames(str(path))
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
             if not files:
                 raise ArenaError(f"{what} folder '{path}' holds no DICOM series: "
                                  "point to a folder of DICOM slices or to an image file")
@@ -46,7 +51,8 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         raise ArenaError(f"{what} '{path}' cannot be read ({first}): give a NIfTI, NRRD, MHA "
                          "file or a DICOM series folder") from None
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
-        raise ArenaError(f"{what} '{path}' is 2D (size {image.GetSize()}): ARENA needs a 3D "
+        kind = "2D" if image.GetDimension() < 3 or min(image.GetSize()) < 2 else f"{image.GetDimension()}D"
+        raise ArenaError(f"{what} '{path}' is {kind} (size {image.GetSize()}): ARENA needs a 3D "
                          "volume with at least 2 slices along every axis")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ArenaError(f"{what} '{path}' has {image.GetNumberOfComponentsPerPixel()} "
@@ -54,20 +60,29 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     return image
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``image`` to ``path`` atomically; the format follows the file extension."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(temporary_path)`` next to ``path``, then rename it to ``path`` with the usual
+    permissions (umask); on any failure or interruption, remove the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".nii.gz"
+    suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, compress)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` to ``path`` atomically; the format follows the file extension."""
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
 
 
 def index_to_world_matrix(image: sitk.Image) -> np.ndarray:

@@ -49,15 +49,19 @@ class AdaptResult:
         return dict(asdict(self), effective_rank=self.effective_rank)
 
 
-def check_output(path, suffixes, what: str) -> Path:
-    """Refuse an output path before any work: wrong suffix or missing folder."""
+def check_output(path, suffixes, what: str, inputs: dict | None = None) -> Path:
+    """Refuse an output path before any work: wrong suffix, missing folder, or one of the
+    ``inputs`` (name → path), which writing would replace."""
     path = Path(path)
-    name = path.name.lower()
-    if not name.endswith(tuple(suffixes)):
+    if not path.name.endswith(tuple(suffixes)):  # SimpleITK knows lower-case extensions only
         raise ArenaError(f"{what} '{path}' has an unsupported extension: use one of "
                          f"{', '.join(suffixes)}")
     if not path.parent.resolve().is_dir():
         raise ArenaError(f"folder of {what} '{path}' does not exist: create it first")
+    for name, given in (inputs or {}).items():
+        if given and Path(given).resolve() == path.resolve():
+            raise ArenaError(f"{what} '{path}' is the {name} file: writing it would replace "
+                             "your input; choose another output path")
     return path
 
 
@@ -80,14 +84,15 @@ def keep_connected(mask: np.ndarray, seeds: np.ndarray | None = None) -> np.ndar
     return np.isin(components, keep)
 
 
-def _segment_to_file(model, spec, image, x, affine, device, out, label, annotation=None) -> None:
+def _segmentation(model, spec, image, x, affine, device, label, annotation=None) -> sitk.Image:
     prob = torch.sigmoid(sliding_window_logits(model, x, spec.preprocessing.roi_size, device)[0])
     seg = array_ijk(to_input_grid(prob.numpy(), affine, image)) > 0.5
     if annotation is not None:  # the painted slices are the user's ground truth
         known = annotation.known
         seg[known] = annotation.target[known]
     seg = keep_connected(seg, annotation.target if annotation is not None else None)
-    write_image(image_like(seg.astype(np.uint8) * np.uint8(label), image), out)
+    dtype = np.min_scalar_type(label)
+    return image_like(seg.astype(dtype) * dtype.type(label), image)
 
 
 def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str | None = None,
@@ -117,11 +122,11 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
     """
     settings = settings or AdaptSettings()
-    out = check_output(out, IMAGE_SUFFIXES, "output segmentation")
-    for given, what in ((image, "image"), (annotations, "annotations")):
-        if Path(given).resolve() == out.resolve():
-            raise ArenaError(f"output segmentation '{out}' is the {what} file: writing it would "
-                             "replace your input; choose another --out")
+    if label < 1:
+        raise ArenaError(f"--label {label} is not a structure: 0 is background; give the "
+                         "positive value the structure is painted with")
+    out = check_output(out, IMAGE_SUFFIXES, "output segmentation",
+                       {"image": image, "annotations": annotations})
     if adapter_out:
         adapter_out = check_output(adapter_out, (".safetensors",), "adapter output")
     dev = pick_device(device)
@@ -152,24 +157,32 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                          settings, dev, progress=progress, should_stop=should_stop)
     for layer in layers.values():
         layer.merge()
-    _segment_to_file(model, spec, ct, x, affine, dev, out, label, annotation)
+    result_image = _segmentation(model, spec, ct, x, affine, dev, label, annotation)
     for layer in layers.values():
         layer.unmerge()
-    if adapter_out:
-        save_adapter(adapter_out, layers, head, {
-            "backbone": spec.id, "backbone_checksum": checksum,
-            "targets": list(layers), "settings": settings.to_dict(),
-            "preprocessing": spec.preprocessing.to_dict(), "structure": structure,
-            "label": int(label), "annotated_axis": annotation.axis,
-            "annotated_slices": list(annotation.slices), "source_image": str(image)})
     head_params = sum(p.numel() for p in head.parameters())
-    return AdaptResult(
+    result = AdaptResult(
         segmentation=str(out), adapter=str(adapter_out) if adapter_out else None,
         ranks=log.ranks, initial_rank=sum(layer.rank for layer in layers.values()),
         trainable_parameters=count_parameters(layers, effective=False) + head_params,
         active_parameters=count_parameters(layers, effective=True) + head_params,
         loss=log.loss, total_rank=log.total_rank, seconds=time.perf_counter() - start,
         device=str(dev))
+    written = []
+    try:  # an interruption while writing removes both files: a cancelled run leaves nothing
+        if adapter_out:
+            written.append(save_adapter(adapter_out, layers, head, {
+                "backbone": spec.id, "backbone_checksum": checksum,
+                "targets": list(layers), "settings": settings.to_dict(),
+                "preprocessing": spec.preprocessing.to_dict(), "structure": structure,
+                "label": int(label), "annotated_axis": annotation.axis,
+                "annotated_slices": list(annotation.slices), "source_image": str(image)}))
+        written.append(write_image(result_image, out))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return result
 
 
 def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
@@ -181,7 +194,7 @@ def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
     Raises:
         ArenaError: unreadable image, corrupt adapter, adapter made for another backbone.
     """
-    out = check_output(out, IMAGE_SUFFIXES, "output segmentation")
+    out = check_output(out, IMAGE_SUFFIXES, "output segmentation", {"image": image})
     dev = pick_device(device)
     start = time.perf_counter()
     tensors, meta = read_adapter(adapter)
@@ -191,7 +204,7 @@ def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
     for layer in layers.values():
         layer.merge()
     x, affine = to_canonical(ct, spec.preprocessing)
-    _segment_to_file(model.to(dev), spec, ct, x, affine, dev, out, meta.get("label", 1))
+    write_image(_segmentation(model.to(dev), spec, ct, x, affine, dev, meta.get("label", 1)), out)
     return {"segmentation": str(out), "structure": meta.get("structure"),
             "label": meta.get("label", 1), "ranks": meta["ranks"],
             "seconds": time.perf_counter() - start}

@@ -35,15 +35,26 @@ def _on_sigterm(signum, frame):
 
 
 def run_job(job: dict) -> dict:
-    """Run one job dict (see module doc) and return the ``done`` fields."""
+    """Run one job dict (see module doc) and return the ``done`` fields.
+
+    Raises:
+        ArenaError: unknown command, or a missing or malformed field.
+    """
+    try:
+        return _run(job)
+    except KeyError as err:
+        raise ArenaError(f"job field {err} is missing: see 'python -m arenaseg.worker' docs") from None
+    except (TypeError, ValueError) as err:
+        raise ArenaError(f"job field has a wrong value or name ({err}): see the job format in "
+                         "arenaseg/worker.py") from None
+
+
+def _run(job: dict) -> dict:
     from .pipeline import adapt, segment
 
     command = job.get("command")
     if command == "adapt":
-        try:
-            settings = AdaptSettings(**job.get("settings", {}))
-        except TypeError as err:
-            raise ArenaError(f"job settings: {err}") from None
+        settings = AdaptSettings(**job.get("settings", {}))
 
         def progress(step, loss, ranks):
             emit("progress", step=step, steps=settings.steps, loss=round(loss, 5),
