@@ -753,6 +753,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         background = None
         if backgroundSegmentId and segmentationNode.GetSegmentation().GetSegment(backgroundSegmentId):
             background = self.segmentArray(segmentationNode, backgroundSegmentId, volumeNode) > 0
+            background = background if background.any() else None  # an empty segment says nothing
 
         if warmStartAdapter is None and warmStart:
             warmStartAdapter = segmentTag(segment, "Adapter") or None
