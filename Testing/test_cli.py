@@ -41,7 +41,7 @@ def test_adapt_and_segment_print_ranks_and_write_files(adapter, small_liver, tmp
     assert "effective rank" in printed and (tmp_path / "seg.mha").is_file()
 
 
-def _fails(capsys, argv, *words, out=None):
+def assert_refused(capsys, argv, *words, out=None):
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2
@@ -61,7 +61,7 @@ def _adapt(image, ann, label, out, *extra):
 
 def test_missing_image(capsys, small_liver, tmp_path):
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, _adapt(tmp_path / "nope.nii.gz", small_liver[0], 5, out), "nope.nii.gz",
+    assert_refused(capsys, _adapt(tmp_path / "nope.nii.gz", small_liver[0], 5, out), "nope.nii.gz",
            "does not exist", out=out)
 
 
@@ -69,14 +69,14 @@ def test_unreadable_image(capsys, small_liver, tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not an image at all" * 100)
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, _adapt(bad, small_liver[0], 5, out), "broken.nii.gz", "cannot be read", out=out)
+    assert_refused(capsys, _adapt(bad, small_liver[0], 5, out), "broken.nii.gz", "cannot be read", out=out)
 
 
 def test_2d_image(capsys, small_liver, tmp_path):
     flat = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.Image(64, 64, sitk.sitkInt16), str(flat))
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, _adapt(flat, small_liver[0], 5, out), "slice.nii.gz", "2D", out=out)
+    assert_refused(capsys, _adapt(flat, small_liver[0], 5, out), "slice.nii.gz", "2D", out=out)
 
 
 def test_annotations_elsewhere_in_the_world(capsys, small_liver, tmp_path):
@@ -84,13 +84,13 @@ def test_annotations_elsewhere_in_the_world(capsys, small_liver, tmp_path):
     moved.SetOrigin([o + 5000.0 for o in moved.GetOrigin()])
     sitk.WriteImage(moved, str(tmp_path / "moved.nii.gz"))
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, _adapt(CT, tmp_path / "moved.nii.gz", 5, out), "moved.nii.gz",
+    assert_refused(capsys, _adapt(CT, tmp_path / "moved.nii.gz", 5, out), "moved.nii.gz",
            "do not overlap", out=out)
 
 
 def test_label_value_absent(capsys, small_liver, tmp_path):
     out = tmp_path / "seg.nii.gz"
-    err = _fails(capsys, _adapt(CT, small_liver[0], 99, out), "99", "absent", out=out)
+    err = assert_refused(capsys, _adapt(CT, small_liver[0], 99, out), "99", "absent", out=out)
     assert "values present: 5" in err
 
 
@@ -98,7 +98,7 @@ def test_no_annotated_slice(capsys, small_liver, tmp_path):
     empty = sitk.ReadImage(str(small_liver[0])) * 0
     sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, _adapt(CT, tmp_path / "empty.nii.gz", 5, out), "empty.nii.gz",
+    assert_refused(capsys, _adapt(CT, tmp_path / "empty.nii.gz", 5, out), "empty.nii.gz",
            "no annotated slice", out=out)
 
 
@@ -106,7 +106,7 @@ def test_output_never_replaces_the_painted_annotations(capsys, small_liver, tmp_
     ann = tmp_path / "painted.nii.gz"
     shutil.copy(small_liver[0], ann)
     before = ann.read_bytes()
-    _fails(capsys, _adapt(CT, ann, 5, ann), "painted.nii.gz", "replace your input")
+    assert_refused(capsys, _adapt(CT, ann, 5, ann), "painted.nii.gz", "replace your input")
     assert ann.read_bytes() == before
 
 
@@ -117,14 +117,14 @@ def test_output_never_replaces_the_painted_annotations(capsys, small_liver, tmp_
 def test_label_values_that_cannot_be_the_structure(capsys, small_liver, tmp_path, argv_tail, words):
     out = tmp_path / "seg.nii.gz"
     argv = ["adapt", "--image", CT, "--annotations", str(small_liver[0]), "--out", str(out)]
-    _fails(capsys, argv + argv_tail, *words, out=out)
+    assert_refused(capsys, argv + argv_tail, *words, out=out)
 
 
 def test_corrupt_adapter(capsys, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 64)
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, ["segment", "--image", CT, "--adapter", str(bad), "--out", str(out)],
+    assert_refused(capsys, ["segment", "--image", CT, "--adapter", str(bad), "--out", str(out)],
            "bad.safetensors", "corrupt", out=out)
 
 
@@ -136,14 +136,14 @@ def test_adapter_for_another_backbone(capsys, adapter, tmp_path, change):
     other = tmp_path / "other.safetensors"
     save_file(tensors, str(other), metadata={"arenaseg": json.dumps(dict(meta, **change))})
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, ["segment", "--image", CT, "--adapter", str(other), "--out", str(out)],
+    assert_refused(capsys, ["segment", "--image", CT, "--adapter", str(other), "--out", str(out)],
            "other.safetensors", "was made for", out=out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda(capsys, small_liver, tmp_path):
     out = tmp_path / "seg.nii.gz"
-    _fails(capsys, _adapt(CT, small_liver[0], 5, out, "--device", "cuda"), "cuda",
+    assert_refused(capsys, _adapt(CT, small_liver[0], 5, out, "--device", "cuda"), "cuda",
            "--device cpu", out=out)
 
 
