@@ -155,8 +155,9 @@ class BackboneSpec:
         preprocessing: see :class:`Preprocessing`.
         weights: file name of embedded weights inside ``arenaseg/weights`` (None: none embedded).
         architecture: the network in words, with its constructor settings.
-        decoder: regexes of the decoder's module names (trainable when the decoder is trained,
-            frozen otherwise); empty for the embedded UNet, whose decoder is part of ``features``.
+        decoder: regexes (``re.search``) matching the decoder's module and parameter names
+            (trainable when the decoder is trained, frozen otherwise); empty for the embedded
+            UNet, whose decoder is part of ``features``.
         extra_targets: optional further adapter targets (e.g. attention ``proj`` and MLP).
         multilabel: the pretrained head has one sigmoid per channel and no background channel.
         source: the downloadable public checkpoint (None: embedded or untrained).
@@ -298,7 +299,7 @@ SWIN_TARGETS = (r"attn\.qkv$",)
 SWIN_EXTRA_TARGETS = (r"attn\.proj$", r"mlp\.linear[12]$")
 #: The decoder of SwinUNETR as the FSEFT code fine-tunes it: the decoder blocks and the
 #: convolutional encoder/bottleneck blocks between the Swin stages and the decoder.
-SWIN_DECODER = (r"^decoder\d+\.", r"^encoder\d+\.")
+SWIN_DECODER = (r"^decoder\d+\b", r"^encoder\d+\b")
 PAPER_PREP = Preprocessing(spacing_mm=(1.5, 1.5, 1.5))
 UNIVERSAL_HEADS = r"^(precls_conv|GAP|controller|text_to_vision|organ_embedding)\b"
 
@@ -317,14 +318,15 @@ EXTRA_TEST_DATA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releas
 SHA_UNCONFIRMED = "SHA-256 not published; the hash obtained at the first download is recorded. "
 
 
-def _universal(filename: str, citation: str, homepage: str, backbone_rules=()) -> WeightsSource:
+def _universal(filename: str, citation: str, homepage: str, reinit: tuple[str, ...],
+               backbone_rules=()) -> WeightsSource:
     """A CLIP-driven 'universal model' checkpoint (SuPreM's ``{"net": …}``): its segmentation
     backbone is loaded; its text-driven dynamic head is not carried over (new head)."""
     return WeightsSource(
         filename=filename, urls=(HF_SUPREM + filename + "?download=true",), sha256=None,
         licence="CC BY-NC-ND 4.0 (non-commercial)", citation=citation, homepage=homepage,
         key_rules=((r"^module\.", ""), (UNIVERSAL_HEADS, None), (r"^backbone\.", ""))
-        + tuple(backbone_rules),
+        + tuple(backbone_rules), reinit=reinit,
         notes=SHA_UNCONFIRMED + "Layout inferred from the SuPreM code (Universal_model saved as "
               "{'net': state_dict}); the text-driven head (precls_conv, GAP, controller, "
               "text_to_vision, organ_embedding) is dropped and a new head is trained.")
@@ -437,7 +439,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             architecture=SWIN_ARCH + "; SuPreM supervised backbone, head new",
             decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True,
             source=_universal("supervised_suprem_swinunetr_2100.pth", SUPREM_CITATION,
-                              "https://github.com/MrGiovanni/SuPreM"),
+                              "https://github.com/MrGiovanni/SuPreM", reinit=(r"^out\.",)),
         ),
         BackboneSpec(
             id="clipdriven-swinunetr",
@@ -450,7 +452,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True,
             source=_universal("supervised_clip_driven_universal_swin_unetr_2100.pth",
                               CLIP_CITATION, "https://github.com/ljwztc/CLIP-Driven-Universal-Model",
-                              backbone_rules=((r"^out\.", None),)),
+                              reinit=(r"^out\.",), backbone_rules=((r"^out\.", None),)),
         ),
         BackboneSpec(
             id="suprem-unet",
@@ -461,9 +463,9 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocessing=PAPER_PREP,
             architecture="SuPreM 3D U-Net (Models Genesis layout, 64-512 channels, batch-"
                          "statistics norm), 19 M parameters; head new",
-            decoder=(r"^up_tr\d+\.",),
+            decoder=(r"^up_tr\d+\b",),
             source=_universal("supervised_suprem_unet_2100.pth", SUPREM_CITATION,
-                              "https://github.com/MrGiovanni/SuPreM",
+                              "https://github.com/MrGiovanni/SuPreM", reinit=(r"^classifier\.",),
                               backbone_rules=((r"^out_tr\.", None),)),
         ),
         BackboneSpec(
@@ -498,7 +500,7 @@ REGISTRY: dict[str, BackboneSpec] = {
                                         intensity="nonzero-zscore-minmax"),
             architecture="MONAI SegResNet: init_filters 32, blocks_down (1,2,2,4), blocks_up "
                          "(1,1,1), dropout 0.2, group norm; 105 softmax channels; 18.8 M parameters",
-            decoder=(r"^up_layers\.", r"^up_samples\.", r"^conv_final\.[01]\."),
+            decoder=(r"^up_layers\b", r"^up_samples\b", r"^conv_final\.[01]\b"),
             source=WeightsSource(
                 filename="model_wholebody_ct_segmentation.pt",
                 urls=(NVIDIA_ZOO + "model_wholebody_ct_segmentation.pt",),
@@ -521,7 +523,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             preprocessing=Preprocessing(spacing_mm=(3.0, 3.0, 3.0), hu_window=None,
                                         intensity="nonzero-zscore-minmax"),
             architecture="MONAI SegResNet as monai-bundle-wholebody-ct, 3 mm model",
-            decoder=(r"^up_layers\.", r"^up_samples\.", r"^conv_final\.[01]\."),
+            decoder=(r"^up_layers\b", r"^up_samples\b", r"^conv_final\.[01]\b"),
             source=WeightsSource(
                 filename="model_lowres_wholebody_ct_segmentation.pt",
                 urls=(NVIDIA_ZOO + "model_lowres_wholebody_ct_segmentation.pt",),
