@@ -113,9 +113,11 @@ def fetch(urls: str | tuple[str, ...] | list[str], dest: str | os.PathLike, *,
                          + _by_hand(urls, dest))
     try:
         got = verify(part, sha256, md5, size, source=urls[0])
-    except ArenaError:
+    except ArenaError as err:
         part.unlink(missing_ok=True)
-        raise
+        raise ArenaError(f"{str(err).split(': ')[0]}: the download is corrupt or the published "
+                         f"file changed; it was deleted and nothing entered the cache. Try again, "
+                         "or " + _by_hand(urls, dest)) from None
     os.replace(part, dest)
     if sha256 is None:
         recorded_sha256(dest).write_text(f"{got}  {dest.name}\n")
