@@ -66,7 +66,9 @@ def _settings(args):
     from .training import AdaptSettings
 
     given = {"method": args.method, "rank": args.rank, "lam": args.lam, "lr": args.lr,
-             "rho": args.rho, "steps": args.steps, "seed": args.seed}
+             "rho": args.rho, "steps": args.steps, "seed": args.seed,
+             "targets": tuple(args.targets) if args.targets else None,
+             "train_decoder": args.train_decoder or None}
     return AdaptSettings(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -78,9 +80,13 @@ def cmd_adapt(args) -> None:
                    settings=settings, backbone=args.backbone, slice_axis=args.slice_axis,
                    structure=args.structure, device=args.device, warm_start=args.warm_start,
                    background_label=args.background_label, progress=_progress_bar(settings.steps))
-    print_ranks(result.ranks, settings.rank)
-    print(f"{settings.method}: effective rank {result.effective_rank} of {result.initial_rank}; "
-          f"adapter parameters {result.active_parameters:,} active of "
+    if result.ranks:
+        print_ranks(result.ranks, settings.rank)
+    if result.zero_shot_dice is not None:
+        print(f"zero-shot Dice of the backbone's own {args.structure} on the painted slices: "
+              f"{result.zero_shot_dice:.3f}")
+    print(f"{result.method}: effective rank {result.effective_rank} of {result.initial_rank}; "
+          f"parameters {result.active_parameters:,} active of "
           f"{result.trainable_parameters:,} trained; {result.seconds:.1f} s on {result.device}")
     print(f"wrote {result.segmentation}" + (f" and {result.adapter}" if result.adapter else ""))
 
@@ -129,8 +135,13 @@ def cmd_demo(args) -> None:
 
 
 def _add_adapt_options(p) -> None:
-    p.add_argument("--method", choices=("arena", "lora"), default="arena",
-                   help="arena: rank found by the l1 gate (default); lora: fixed rank")
+    from .methods import METHODS
+
+    p.add_argument("--method", choices=METHODS, default="arena",
+                   help="arena: rank found by the l1 gate (default); baselines: lora (fixed "
+                        "rank, PEFT), adalora (PEFT), linear-probe (head), bitfit (biases), "
+                        "affine-ln (norm scale/shift), full (all weights), zero-shot (the "
+                        "backbone's own class, no training)")
     p.add_argument("--rank", type=int, default=None, help="initial rank r0 of every adapter")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="l1 weight λ on the gates (higher: smaller rank)")
@@ -138,6 +149,10 @@ def _add_adapt_options(p) -> None:
     p.add_argument("--lr", type=float, default=None, help="η: AdamW learning rate of A, B, head")
     p.add_argument("--rho", type=float, default=None, help="ρ: gradient step on the gates v")
     p.add_argument("--seed", type=int, default=None, help="random seed (crops, initialisation)")
+    p.add_argument("--targets", nargs="+", metavar="REGEX",
+                   help="module-name patterns of the adapted layers (default: the backbone's)")
+    p.add_argument("--train-decoder", action="store_true",
+                   help="also train the backbone's decoder")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 

@@ -41,10 +41,13 @@ def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi_size, device: t
     return out[0].float()
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without CUDA raises :class:`ArenaError`."""
+def pick_device(requested: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without CUDA raises :class:`ArenaError`;
+    a ``torch.device`` is returned as it is."""
     from .errors import ArenaError
 
+    if isinstance(requested, torch.device):
+        return requested
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():

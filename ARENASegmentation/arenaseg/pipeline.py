@@ -14,14 +14,14 @@ import SimpleITK as sitk
 import torch
 
 from .adapter_file import apply_adapter, read_adapter, save_adapter
-from .adapters import count_parameters, inject_adapters
-from .annotations import Annotation, find_annotation
-from .backbones import DEFAULT_BACKBONE, load_backbone, replace_head, state_checksum
+from .annotations import Annotation, dice, find_annotation
+from .backbones import DEFAULT_BACKBONE, load_backbone, state_checksum
 from .errors import ArenaError
 from .imageio import array_ijk, image_like, read_image, read_labels_on, write_image
 from .inference import pick_device, sliding_window_logits
+from .methods import Tuning, prepare
 from .preprocessing import canonical_axis, input_index_to_canonical, to_canonical, to_input_grid
-from .training import AdaptSettings, ProgressFn, train_adapters
+from .training import AdaptSettings, ProgressFn, train
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -32,10 +32,12 @@ class AdaptResult:
 
     segmentation: str
     adapter: str | None
+    method: str
     ranks: dict[str, int]
     initial_rank: int
     trainable_parameters: int
     active_parameters: int
+    zero_shot_dice: float | None = None
     loss: list[float] = field(default_factory=list)
     total_rank: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -84,15 +86,97 @@ def keep_connected(mask: np.ndarray, seeds: np.ndarray | None = None) -> np.ndar
     return np.isin(components, keep)
 
 
-def _segmentation(model, spec, image, x, affine, device, label, annotation=None) -> sitk.Image:
-    prob = torch.sigmoid(sliding_window_logits(model, x, spec.preprocessing.roi_size, device)[0])
-    seg = array_ijk(to_input_grid(prob.numpy(), affine, image)) > 0.5
+@dataclass
+class Scan:
+    """A CT on its own grid and on the backbone's canonical grid.
+
+    Attributes:
+        image: the input CT (HU) with its world geometry.
+        x: canonical CT ``(1, X, Y, Z)`` in [0, 1] (:func:`~arenaseg.preprocessing.to_canonical`).
+        affine: 4×4 RAS affine of the canonical grid (mm).
+    """
+
+    image: sitk.Image
+    x: torch.Tensor
+    affine: np.ndarray
+
+    @classmethod
+    def from_image(cls, image: sitk.Image, spec) -> "Scan":
+        return cls(image, *to_canonical(image, spec.preprocessing))
+
+
+def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int = 1,
+            annotation: Annotation | None = None) -> sitk.Image:
+    """Segment ``scan`` with the adapted backbone: sliding-window logits, sigmoid > 0.5, back
+    onto the input grid; the painted slices are copied from ``annotation``; only the region
+    connected to the paint (or the largest one) is kept.
+
+    Returns:
+        A labelmap on exactly the input grid, value ``label`` inside the structure."""
+    tuning.model.to(device)
+    tuning.merge()
+    try:
+        logits = sliding_window_logits(tuning.model, scan.x, spec.preprocessing.roi_size, device)
+    finally:
+        tuning.unmerge()
+    seg = array_ijk(to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)) > 0.5
     if annotation is not None:  # the painted slices are the user's ground truth
         known = annotation.known
         seg[known] = annotation.target[known]
     seg = keep_connected(seg, annotation.target if annotation is not None else None)
     dtype = np.min_scalar_type(label)
-    return image_like(seg.astype(dtype) * dtype.type(label), image)
+    return image_like(seg.astype(dtype) * dtype.type(label), scan.image)
+
+
+@dataclass
+class Fit:
+    """An adapted backbone and how it was trained."""
+
+    tuning: Tuning
+    spec: object
+    scan: Scan
+    log: object
+    checksum: str
+    zero_shot_dice: float | None = None
+
+
+def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings,
+        backbone: str = DEFAULT_BACKBONE, structure: str | None = None, device: str = "cpu",
+        warm: tuple[dict, dict] | None = None, zero_shot: bool = False,
+        progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> Fit:
+    """Adapt a backbone to ``annotation`` (painted slices on ``scan``'s input grid), in memory.
+
+    Args:
+        scan: a :class:`Scan` (or an image, brought to the canonical grid here).
+        warm: ``(tensors, metadata)`` of an adapter to continue from (its method and ranks).
+        zero_shot: also measure the Dice, on the painted slices, of the backbone's own output
+            row for ``structure`` before training (None when the backbone does not know it).
+
+    Raises:
+        ArenaError: see :func:`arenaseg.methods.prepare`.
+    """
+    dev = pick_device(device)
+    model, spec = load_backbone(warm[1]["backbone"] if warm else backbone)
+    if not isinstance(scan, Scan):
+        scan = Scan.from_image(scan, spec)
+    checksum = state_checksum(model)
+    if warm:
+        tuning = apply_adapter(model, spec, *warm, source="--warm-start adapter")
+    else:
+        tuning = prepare(model, spec, settings, structure)
+    zero_shot_dice = None
+    if zero_shot and structure in spec.classes[1:] and not warm:
+        seg = array_ijk(predict(tuning, spec, scan, dev)) > 0
+        zero_shot_dice = dice(seg, annotation.target, annotation.known)
+    points, targets = annotation.points()
+    coords = input_index_to_canonical(points, scan.image, scan.affine)
+    coords = np.clip(coords, 0, np.asarray(scan.x.shape[1:]) - 1)
+    crop = list(spec.preprocessing.roi_size)
+    across = canonical_axis(scan.image, annotation.axis, scan.affine)
+    crop[across] = min(crop[across], settings.slab)
+    log = train(tuning, scan.x, coords, targets, crop, settings, dev,
+                progress=progress, should_stop=should_stop)
+    return Fit(tuning, spec, scan, log, checksum, zero_shot_dice)
 
 
 def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str | None = None,
@@ -110,11 +194,12 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         out: segmentation to write (labelmap with value ``label``, exactly on the image grid;
             the painted slices are copied from the annotations).
         adapter_out: adapter file to write (``.safetensors``), optional.
-        settings: :class:`AdaptSettings`; defaults when None.
+        settings: :class:`AdaptSettings` (method, rank, λ, …); defaults when None.
         slice_axis: voxel axis (0, 1, 2) of the painted slices; None detects it.
         structure: structure name, stored in the adapter; a name the backbone knows starts the
-            head from its pretrained output row.
-        warm_start: a previous adapter file to continue from (its ranks and weights).
+            head from its pretrained output row, and its zero-shot Dice on the painted slices
+            is reported.
+        warm_start: a previous adapter file to continue from (its method, ranks and weights).
         background_label: optional value in ``annotations`` of voxels known not to be the
             structure (on any slice); they enter the loss as background.
 
@@ -133,47 +218,29 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     start = time.perf_counter()
     ct = read_image(image, "image")
     labels = read_labels_on(ct, annotations, "annotations")
-    annotation: Annotation = find_annotation(array_ijk(labels), label, slice_axis,
-                                             str(annotations), background_label)
-
+    annotation = find_annotation(array_ijk(labels), label, slice_axis, str(annotations),
+                                 background_label)
     warm = read_adapter(warm_start) if warm_start else None
-    model, spec = load_backbone(warm[1]["backbone"] if warm else backbone)
-    checksum = state_checksum(model)
     if warm:
-        layers, head = apply_adapter(model, spec, *warm, source=str(warm_start))
-    else:
-        with torch.random.fork_rng():  # reproducible initialisation of A and the head
-            torch.manual_seed(settings.seed)
-            layers = inject_adapters(model, spec.targets, settings.rank, settings.v0)
-            head = replace_head(model, spec, structure)
-    x, affine = to_canonical(ct, spec.preprocessing)
-    points, targets = annotation.points()
-    coords = input_index_to_canonical(points, ct, affine)
-    coords = np.clip(coords, 0, np.asarray(x.shape[1:]) - 1)
-    crop = list(spec.preprocessing.roi_size)
-    across = canonical_axis(ct, annotation.axis, affine)
-    crop[across] = min(crop[across], settings.slab)
-    log = train_adapters(model, layers, head, x, coords, targets, crop,
-                         settings, dev, progress=progress, should_stop=should_stop)
-    for layer in layers.values():
-        layer.merge()
-    result_image = _segmentation(model, spec, ct, x, affine, dev, label, annotation)
-    for layer in layers.values():
-        layer.unmerge()
-    head_params = sum(p.numel() for p in head.parameters())
-    result = AdaptResult(
+        settings = AdaptSettings(**dict(settings.to_dict(), method=warm[1]["method"]))
+    result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True,
+                 progress=progress, should_stop=should_stop)
+    tuning, spec = result.tuning, result.spec
+    result_image = predict(tuning, spec, result.scan, dev, label, annotation)
+    initial = tuning.initial_ranks()
+    adapt_result = AdaptResult(
         segmentation=str(out), adapter=str(adapter_out) if adapter_out else None,
-        ranks=log.ranks, initial_rank=sum(layer.rank for layer in layers.values()),
-        trainable_parameters=count_parameters(layers, effective=False) + head_params,
-        active_parameters=count_parameters(layers, effective=True) + head_params,
-        loss=log.loss, total_rank=log.total_rank, seconds=time.perf_counter() - start,
-        device=str(dev))
+        method=tuning.method, ranks=result.log.ranks, initial_rank=sum(initial.values()),
+        trainable_parameters=tuning.trainable_parameters(),
+        active_parameters=tuning.active_parameters(), zero_shot_dice=result.zero_shot_dice,
+        loss=result.log.loss, total_rank=result.log.total_rank,
+        seconds=time.perf_counter() - start, device=str(dev))
     written = []
     try:  # an interruption while writing removes both files: a cancelled run leaves nothing
         if adapter_out:
-            written.append(save_adapter(adapter_out, layers, head, {
-                "backbone": spec.id, "backbone_checksum": checksum,
-                "targets": list(layers), "settings": settings.to_dict(),
+            written.append(save_adapter(adapter_out, tuning, {
+                "backbone": spec.id, "backbone_checksum": result.checksum,
+                "targets": list(tuning.layers), "settings": settings.to_dict(),
                 "preprocessing": spec.preprocessing.to_dict(), "structure": structure,
                 "label": int(label), "annotated_axis": annotation.axis,
                 "annotated_slices": list(annotation.slices), "source_image": str(image)}))
@@ -182,7 +249,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    return result
+    return adapt_result
 
 
 def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
@@ -200,11 +267,9 @@ def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
     tensors, meta = read_adapter(adapter)
     ct = read_image(image, "image")
     model, spec = load_backbone(meta["backbone"])
-    layers, _ = apply_adapter(model, spec, tensors, meta, source=str(adapter))
-    for layer in layers.values():
-        layer.merge()
-    x, affine = to_canonical(ct, spec.preprocessing)
-    write_image(_segmentation(model.to(dev), spec, ct, x, affine, dev, meta.get("label", 1)), out)
+    tuning = apply_adapter(model, spec, tensors, meta, source=str(adapter))
+    scan = Scan.from_image(ct, spec)
+    write_image(predict(tuning, spec, scan, dev, meta.get("label", 1)), out)
     return {"segmentation": str(out), "structure": meta.get("structure"),
             "label": meta.get("label", 1), "ranks": meta["ranks"],
             "seconds": time.perf_counter() - start}

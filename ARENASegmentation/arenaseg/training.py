@@ -1,10 +1,12 @@
-"""The ARENA training loop: block coordinate descent on (A, B, head) and proximal steps on v.
+"""The training loop shared by every method: for ARENA, block coordinate descent on (A, B, head)
+and proximal steps on v.
 
 Each step (poster eq. 4–5): crops of the canonical CT around painted voxels go through the
 network; the logits are sampled (trilinearly) at the exact positions of the painted voxels, so
 the loss sees only the painted slices, at their own resolution, whatever the grids; an AdamW step
-(learning rate η) updates A, B and the head; then every gate is updated by
-``v ← ξ(v − ρ∇v L, ηλ)`` using the gradient of the same backward pass.
+(learning rate η) updates the method's trainable parameters (for ARENA: A, B and the head); then
+the method's hook runs (for ARENA every gate is updated by ``v ← ξ(v − ρ∇v L, ηλ)`` using the
+gradient of the same backward pass; see :mod:`arenaseg.methods`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from torch import nn
 
-from .adapters import ArenaLayer, adapter_parameters, effective_ranks, proximal_step
 from .errors import ArenaError
 from .inference import autocast
+from .methods import METHODS, Tuning
+
+DEFAULT_LR = 5e-3
+FULL_FINE_TUNING_LR = 5e-4  # all 2.5 M weights at η = 5e-3 wreck the pretrained features
 
 ProgressFn = Callable[[int, float, dict], None]
 
@@ -35,11 +39,13 @@ class AdaptSettings:
     """Settings of one adaptation (defaults chosen by the sweep in ``bench/SWEEP.md``).
 
     Attributes:
-        method: ``"arena"`` (gated, proximal l1) or ``"lora"`` (same layers, ``v`` fixed to 1,
-            no penalty: fixed-rank LoRA).
-        rank: initial rank r0 of every adapted layer.
+        method: one of :data:`arenaseg.methods.METHODS`: ``"arena"`` (gated, proximal l1), or a
+            baseline (``"lora"``, ``"adalora"``, ``"linear-probe"``, ``"bitfit"``,
+            ``"affine-ln"``, ``"full"``, ``"zero-shot"``).
+        rank: initial rank r0 of every adapted layer (lora, adalora, arena).
         lam: λ, weight of the l1 penalty on ``v`` (eq. 3); threshold per step is ``lr·lam``.
-        lr: η, AdamW learning rate of A, B and the head (eq. 4).
+        lr: η, AdamW learning rate of the trained parameters (eq. 4); None: 5e-3, or 5e-4 for
+            full fine-tuning.
         rho: ρ, gradient step on ``v`` before soft thresholding (eq. 5).
         steps: optimizer steps.
         v0: initial value of every gate.
@@ -49,12 +55,14 @@ class AdaptSettings:
             lives on the painted slices only, so thin slabs save most of the compute.
         max_points: painted voxels sampled per crop for the loss (memory bound).
         seed: random seed of crops and initialisation.
+        targets: regular expressions of the adapted layers' names; None: the backbone's own.
+        train_decoder: also train the backbone's decoder (``BackboneSpec.decoder``).
     """
 
     method: str = "arena"
     rank: int = 8
     lam: float = 4.0
-    lr: float = 5e-3
+    lr: float | None = None
     rho: float = 5.0
     steps: int = 60
     v0: float = 1.0
@@ -62,19 +70,29 @@ class AdaptSettings:
     slab: int = 32
     max_points: int = 50_000
     seed: int = 0
+    targets: tuple[str, ...] | None = None
+    train_decoder: bool = False
 
     def __post_init__(self):
-        problems = [f"--method '{self.method}' is not arena or lora"] if self.method not in ("arena", "lora") else []
+        problems = [f"--method '{self.method}' is not one of {', '.join(METHODS)}"] \
+            if self.method not in METHODS else []
         problems += [f"--{name} {value} must be {rule}" for name, value, ok, rule in (
             ("rank", self.rank, self.rank >= 1, ">= 1"), ("steps", self.steps, self.steps >= 1, ">= 1"),
-            ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr > 0, "> 0"),
+            ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr is None or self.lr > 0, "> 0"),
             ("rho", self.rho, self.rho >= 0, ">= 0"), ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
             ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1")) if not ok]
         if problems:
             raise ArenaError("; ".join(problems))
 
+    @property
+    def learning_rate(self) -> float:
+        """η actually used: ``lr``, or the method's default."""
+        if self.lr is not None:
+            return self.lr
+        return FULL_FINE_TUNING_LR if self.method == "full" else DEFAULT_LR
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), lr=self.learning_rate)
 
 
 @dataclass
@@ -108,21 +126,21 @@ def sample_logits(logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(logits, grid, mode="bilinear", align_corners=True).view(1, logits.shape[1], -1)
 
 
-def train_adapters(model: nn.Module, layers: dict[str, ArenaLayer], head: nn.Module,
-                   x: torch.Tensor, coords: np.ndarray, targets: np.ndarray, roi_size,
-                   settings: AdaptSettings, device: torch.device,
-                   loss_fn: Callable | None = None, progress: ProgressFn | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> TrainingLog:
-    """Train the adapters and head of ``model`` on painted voxels.
+def train(tuning: Tuning, x: torch.Tensor, coords: np.ndarray, targets: np.ndarray, roi_size,
+          settings: AdaptSettings, device: torch.device, loss_fn: Callable | None = None,
+          progress: ProgressFn | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainingLog:
+    """Train ``tuning``'s parameters (adapters, head, …) on painted voxels.
 
     Args:
-        model: backbone with adapters injected (``layers``) and a new ``head``; frozen elsewhere.
+        tuning: the backbone prepared for the method (:func:`arenaseg.methods.prepare`).
         x: canonical CT ``(1, X, Y, Z)`` in [0, 1] (CPU).
         coords: ``(N, 3)`` canonical voxel coordinates of the painted voxels (float).
         targets: ``(N,)`` 1 = structure, 0 = background.
         roi_size: crop size in voxels (the backbone's ROI).
         loss_fn: ``(logits (1, 1, M), targets (1, 1, M)) → scalar``; default Dice + CE.
         progress: called after each step with (step, loss, per-layer effective ranks).
+            Zero-shot (nothing to train) runs no step.
         should_stop: polled every step; when it returns True, :class:`Cancelled` is raised.
 
     Returns:
@@ -138,15 +156,14 @@ def train_adapters(model: nn.Module, layers: dict[str, ArenaLayer], head: nn.Mod
     targets_t = torch.as_tensor(targets, dtype=torch.float32)
     positive = np.flatnonzero(targets > 0.5)
 
-    arena = settings.method == "arena"
-    for layer in layers.values():
-        layer.v.requires_grad_(arena)
-    params = adapter_parameters(layers) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    model = tuning.model
+    params = tuning.parameters()
+    lr = settings.learning_rate
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
     model.to(device).train()
     log = TrainingLog()
     start = time.perf_counter()
-    for step in range(1, settings.steps + 1):
+    for step in range(1, settings.steps + 1 if opt else 1):
         crops, picks = [], []
         for c in range(settings.crops_per_step):
             pool = positive if (c % 2 == 0 and positive.size) else np.arange(len(coords))
@@ -163,13 +180,12 @@ def train_adapters(model: nn.Module, layers: dict[str, ArenaLayer], head: nn.Mod
                                            (coords_t[idx] - s).to(device))
                              for b, (s, idx) in enumerate(picks)], dim=-1)
         target = torch.cat([targets_t[idx] for _, idx in picks]).to(device).view(1, 1, -1)
-        loss = loss_fn(sampled, target)
+        loss = loss_fn(sampled, target) + tuning.penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if arena:
-            proximal_step(layers.values(), settings.rho, settings.lr * settings.lam)
-        ranks = effective_ranks(layers)
+        tuning.after_step(step, lr, settings)
+        ranks = tuning.ranks()
         loss_value = loss.item()
         log.loss.append(loss_value)
         log.total_rank.append(sum(ranks.values()))
@@ -177,6 +193,7 @@ def train_adapters(model: nn.Module, layers: dict[str, ArenaLayer], head: nn.Mod
             progress(step, loss_value, ranks)
         if should_stop and should_stop():
             raise Cancelled()
-    log.ranks = effective_ranks(layers)
+    model.eval()
+    log.ranks = tuning.ranks()
     log.seconds = time.perf_counter() - start
     return log

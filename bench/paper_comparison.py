@@ -1,0 +1,225 @@
+"""The paper's comparison on real scans: every fine-tuning method, few-slice protocols, cross-scan
+transfer and rank robustness, with a Markdown report and PNG plots.
+
+Each job adapts the embedded backbone in memory (``arenaseg.pipeline.fit`` and ``predict``, the
+functions behind ``arenaseg adapt``) with one method, structure, number of painted axial slices
+k, initial rank r0 and seed, and records Dice on the unpainted slices, discovered ranks (per
+layer and per step), parameters and seconds. Jobs run in parallel worker processes (one thread
+each). Peak memory per method is that of one real ``arenaseg adapt`` process.
+
+    python bench/paper_comparison.py            # full run → bench/COMPARISON.md (+ .jsonl, PNGs)
+    python bench/paper_comparison.py --quick --out /tmp/quick.md   # smoke test, a few minutes
+    python bench/paper_comparison.py --rewrite  # report again from the saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_benchmark import git_revision, machine, run_adapt  # noqa: E402
+
+METHODS = ("zero-shot", "linear-probe", "bitfit", "affine-ln", "full", "lora", "adalora", "arena")
+SCANS = {"abdomen_ct": ("abdomen_ct/ct.nii.gz", "abdomen_ct/labels.nii.gz"),
+         "abdomen_ct_dicom": ("abdomen_ct_dicom/dicom", "abdomen_ct_dicom/labels.nii.gz")}
+# name → TotalSegmentator label value (the same in both scans), and whether the backbone knows it
+STRUCTURES = {"liver": (5, True), "spleen": (1, True), "aorta": (52, True), "stomach": (6, True),
+              "urinary_bladder": (21, False), "iliopsoas_left": (88, False),
+              "inferior_vena_cava": (63, False)}
+CROSS = ("liver", "spleen", "aorta", "stomach")
+
+FULL = dict(structures=tuple(STRUCTURES), ks=(1, 3, 5), k_structures=("liver", "urinary_bladder"),
+            seeds=(0, 1, 2), ranks=(2, 4, 8, 16, 32),
+            rank_structures=("urinary_bladder", "iliopsoas_left"), cross=CROSS)
+QUICK = dict(structures=("liver", "urinary_bladder"), ks=(3,), k_structures=(), seeds=(0,),
+             ranks=(2, 8), rank_structures=("urinary_bladder",), cross=("liver",))
+# The engine's defaults (λ = 4, ρ = 5, η = 5e-3, r0 = 8, 60 steps) with one crop per step
+# instead of two, so that the full run fits in 90 minutes on 2 cores.
+BUDGET = dict(steps=60, crops_per_step=1)
+QUICK_BUDGET = dict(steps=6, crops_per_step=1)
+
+
+def plan(p: dict) -> list[dict]:
+    """Every job of a protocol set ``p`` (FULL or QUICK), each a dict of its settings."""
+    jobs = []
+
+    def add(protocol, scan, name, method, k, seed, rank=8, cross_to=None):
+        if method == "zero-shot" and not STRUCTURES[name][1]:
+            return
+        if method == "zero-shot" and seed != p["seeds"][0]:
+            return  # nothing random in it
+        jobs.append(dict(protocol=protocol, scan=scan, structure=name, method=method, k=k,
+                         seed=seed, rank=rank, cross_to=cross_to))
+    for seed in p["seeds"]:  # the main table first: a run cut short still reports it
+        for name in p["structures"]:
+            for method in METHODS:
+                add("in-scan", "abdomen_ct", name, method, 3, seed,
+                    cross_to="abdomen_ct_dicom" if name in p["cross"] else None)
+    for seed in p["seeds"]:
+        for name in p["rank_structures"]:
+            for method in ("lora", "arena"):
+                for r0 in p["ranks"]:
+                    if r0 != 8 or name not in p["structures"]:
+                        add("rank", "abdomen_ct", name, method, 3, seed, rank=r0)
+    for seed in p["seeds"]:
+        for k in p["ks"]:
+            for name in p["k_structures"]:
+                for method in METHODS:
+                    if k != 3:
+                        add("in-scan", "abdomen_ct", name, method, k, seed)
+    for seed in p["seeds"]:
+        for name in p["cross"]:
+            for method in METHODS:
+                add("cross", "abdomen_ct_dicom", name, method, 3, seed, cross_to="abdomen_ct")
+    return jobs
+
+
+_SCANS: dict = {}
+
+
+def _scan(data: Path, name: str):
+    """(Scan on the default backbone's grid, reference labels on the image grid), cached."""
+    if name not in _SCANS:
+        from arenaseg.backbones import load_backbone
+        from arenaseg.imageio import array_ijk, read_image, read_labels_on
+        from arenaseg.pipeline import Scan
+
+        image_path, labels_path = SCANS[name]
+        ct = read_image(data / image_path)
+        _, spec = load_backbone()
+        _SCANS[name] = (Scan.from_image(ct, spec), array_ijk(read_labels_on(ct, data / labels_path, "labels")))
+    return _SCANS[name]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_job(args: tuple) -> dict:
+    """Adapt, segment, measure; for cross jobs also apply the saved adapter to the other scan."""
+    job, data, budget = args
+    import torch
+
+    from arenaseg.adapter_file import apply_adapter, read_adapter, save_adapter
+    from arenaseg.annotations import dice, find_annotation, paint_slices
+    from arenaseg.backbones import load_backbone
+    from arenaseg.imageio import array_ijk
+    from arenaseg.pipeline import fit, predict
+    from arenaseg.training import AdaptSettings
+
+    data, cpu = Path(data), torch.device("cpu")
+    scan, ref = _scan(data, job["scan"])
+    value = STRUCTURES[job["structure"]][0]
+    annotation = find_annotation(paint_slices(ref, value, job["k"], axis=2), value, axis=2)
+    settings = AdaptSettings(method=job["method"], rank=job["rank"], seed=job["seed"], **budget)
+    start = time.perf_counter()
+    result = fit(scan, annotation, settings, structure=job["structure"], device="cpu")
+    trained = time.perf_counter()
+    seg = array_ijk(predict(result.tuning, result.spec, scan, cpu, value, annotation)) == value
+    row = dict(job, dice=dice(seg, ref == value, ~annotation.known),
+               train_s=trained - start, predict_s=time.perf_counter() - trained,
+               ranks=result.tuning.ranks(), initial_ranks=result.tuning.initial_ranks(),
+               total_rank=result.log.total_rank,
+               trainable=result.tuning.trainable_parameters(),
+               active=result.tuning.active_parameters(), slices=list(annotation.slices))
+    if job["cross_to"]:  # through a real adapter file, as a user would move it to a new patient
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "adapter.safetensors"
+            save_adapter(path, result.tuning, {"backbone": result.spec.id,
+                                               "backbone_checksum": result.checksum,
+                                               "settings": settings.to_dict(),
+                                               "structure": job["structure"], "label": value})
+            model, spec = load_backbone()
+            tuning = apply_adapter(model, spec, *read_adapter(path), source=str(path))
+        other, other_ref = _scan(data, job["cross_to"])
+        pred = array_ijk(predict(tuning, spec, other, cpu, value)) == value
+        row["cross_dice"] = dice(pred, other_ref == value)
+    return row
+
+
+def peak_memory(data: Path, methods, workers: int, extra=()) -> dict:
+    """Peak resident memory and wall time of one ``arenaseg adapt`` process per method (liver,
+    k = 3, engine defaults), as a user runs it."""
+    from arenaseg.annotations import paint_slices
+    from arenaseg.imageio import image_like, read_image
+
+    import SimpleITK as sitk
+
+    exe = shutil.which("arenaseg")
+    base = [exe] if exe else [sys.executable, "-m", "arenaseg"]
+    ct_path = data / SCANS["abdomen_ct"][0]
+    ct = read_image(ct_path)
+    _, ref = _scan(data, "abdomen_ct")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = Path(tmp) / "painted.nii.gz"
+        sitk.WriteImage(image_like(paint_slices(ref, 5, 3, axis=2), ct), str(ann))
+        cmds = {m: base + ["adapt", "--image", str(ct_path), "--annotations", str(ann), "--label", "5",
+                           "--structure", "liver", "--method", m, "--device", "cpu",
+                           "--out", str(Path(tmp) / f"{m}.nii.gz"), *extra] for m in methods}
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for m, (wall, peak_mb, _) in zip(cmds, pool.map(run_adapt, cmds.values())):
+                out[m] = {"wall_s": wall, "peak_mb": peak_mb}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "COMPARISON.md"))
+    parser.add_argument("--quick", action="store_true", help="smoke test: few jobs, few steps")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--rewrite", action="store_true",
+                        help="write the report again from the saved results (.jsonl)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = out.with_suffix(".jsonl")
+    if args.rewrite:
+        lines = [json.loads(line) for line in results.read_text().splitlines()]
+        header, rows = lines[0], lines[1:]
+        from comparison_report import write_report
+        write_report(out, header, rows)
+        return
+    data = Path(args.data)
+    if not out.parent.is_dir():
+        parser.error(f"folder of --out '{out}' does not exist: create it first")
+    protocol, budget = (QUICK, QUICK_BUDGET) if args.quick else (FULL, BUDGET)
+    jobs = plan(protocol)
+    start = time.perf_counter()
+    header = {"command": "python bench/paper_comparison.py " + " ".join(sys.argv[1:]),
+              "revision": git_revision(), "machine": machine(), "quick": args.quick,
+              "budget": budget, "protocol": protocol, "workers": args.workers,
+              "jobs": len(jobs)}
+    print(f"{len(jobs)} jobs on {args.workers} workers", flush=True)
+    rows = []
+    with results.open("w") as f, mp.get_context("spawn").Pool(args.workers, _init_worker) as pool:
+        f.write(json.dumps(header) + "\n")
+        for i, row in enumerate(pool.imap_unordered(run_job, [(j, str(data), budget) for j in jobs]), 1):
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(f"[{i}/{len(jobs)} {time.perf_counter() - start:.0f} s] {row['protocol']} "
+                  f"{row['structure']} {row['method']} k={row['k']} r0={row['rank']} "
+                  f"seed={row['seed']}: Dice {row['dice']:.3f}", flush=True)
+    header["memory"] = (peak_memory(data, ("linear-probe", "arena"), args.workers, ("--steps", "4"))
+                        if args.quick else peak_memory(data, METHODS[1:], args.workers))
+    header["wall_s"] = time.perf_counter() - start
+    results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
+    from comparison_report import write_report
+    write_report(out, header, rows)
+    print(f"wrote {out} in {header['wall_s'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
