@@ -59,24 +59,21 @@ def plan(p: dict) -> list[dict]:
             return  # nothing random in it
         jobs.append(dict(protocol=protocol, scan=scan, structure=name, method=method, k=k,
                          seed=seed, rank=rank, cross_to=cross_to))
-    for seed in p["seeds"]:  # the main table first: a run cut short still reports it
+    for seed in p["seeds"]:  # seed after seed: a run cut short still has every protocol
         for name in p["structures"]:
             for method in METHODS:
                 add("in-scan", "abdomen_ct", name, method, 3, seed,
                     cross_to="abdomen_ct_dicom" if name in p["cross"] else None)
-    for seed in p["seeds"]:
         for name in p["rank_structures"]:
             for method in ("lora", "arena"):
                 for r0 in p["ranks"]:
                     if r0 != 8 or name not in p["structures"]:
                         add("rank", "abdomen_ct", name, method, 3, seed, rank=r0)
-    for seed in p["seeds"]:
         for k in p["ks"]:
             for name in p["k_structures"]:
                 for method in METHODS:
                     if k != 3:
                         add("in-scan", "abdomen_ct", name, method, k, seed)
-    for seed in p["seeds"]:
         for name in p["cross"]:
             for method in METHODS:
                 add("cross", "abdomen_ct_dicom", name, method, 3, seed, cross_to="abdomen_ct")
