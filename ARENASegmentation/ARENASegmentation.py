@@ -97,7 +97,8 @@ except ImportError:
 #: Engine package (shipped next to this file) and the Python packages it needs besides torch.
 #: SimpleITK and numpy are deliberately absent: Slicer ships them and they must not be replaced.
 ENGINE_DIR = Path(__file__).resolve().parent
-ENGINE_REQUIREMENTS = ["monai>=1.4", "nibabel>=5", "safetensors>=0.4", "tqdm>=4.66", "einops>=0.7"]
+ENGINE_REQUIREMENTS = ["monai>=1.4", "nibabel>=5", "safetensors>=0.4", "tqdm>=4.66", "einops>=0.7",
+                       "peft>=0.21"]
 TORCH_REQUIREMENT = ">=2.4"
 
 #: Defaults of ``arenaseg.training.AdaptSettings`` (rank r0, λ, steps), repeated here because
@@ -105,7 +106,7 @@ TORCH_REQUIREMENT = ">=2.4"
 #: ``Testing/test_slicer_module.py`` checks that they stay equal.
 DEFAULT_BACKBONE = "arena-small-ct-unet"
 BACKBONES = [DEFAULT_BACKBONE]
-METHODS = ["arena", "lora"]
+METHODS = ["arena", "lora", "adalora", "linear-probe", "bitfit", "affine-ln", "full", "zero-shot"]
 DEVICES = ["auto", "cpu", "cuda"]
 DEFAULT_RANK = 8
 DEFAULT_LAMBDA = 4.0
@@ -159,7 +160,9 @@ if parameterNodeWrapper is not None:
         targetSegmentID - segment painted on a few slices.
         backgroundSegmentID - optional segment of voxels known not to be the structure.
         backbone - pretrained network that is adapted.
-        method - "arena" (adapters find their rank) or "lora" (fixed rank).
+        method - "arena" (adapters find their rank), or a baseline: "lora" (fixed rank),
+            "adalora", "linear-probe", "bitfit", "affine-ln", "full" (fine-tuning) or
+            "zero-shot" (the backbone's own class, for an organ it knows).
         initialRank - rank r0 of every adapted layer at the start.
         lam - lambda, weight of the l1 penalty on the singular values (larger: smaller rank).
         steps - optimizer steps.

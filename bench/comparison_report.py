@@ -207,7 +207,10 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     if any(r["method"] == "arena" for r in main):
         plot_ranks(rows, out.with_name(out.stem + "_ranks_per_layer.png"))
         plot_rank_steps(rows, out.with_name(out.stem + "_rank_vs_step.png"))
+        layers = next(r["ranks"] for r in main if r["method"] == "arena")
         lines += ["## ARENA's discovered ranks", "",
+                  "Layers: " + "; ".join(f"L{i + 1} = `{name.replace('features.model.', '')}`"
+                                         for i, name in enumerate(layers)) + ".", "",
                   f"![rank per layer]({out.stem}_ranks_per_layer.png)", "",
                   f"![rank against step]({out.stem}_rank_vs_step.png)", ""]
 
