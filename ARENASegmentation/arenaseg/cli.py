@@ -68,7 +68,8 @@ def _settings(args):
     given = {"method": args.method, "rank": args.rank, "lam": args.lam, "lr": args.lr,
              "rho": args.rho, "steps": args.steps, "seed": args.seed,
              "targets": tuple(args.targets) if args.targets else None,
-             "train_decoder": args.train_decoder or None}
+             "train_decoder": args.train_decoder or None,
+             "checkpointing": args.checkpointing or None}
     return AdaptSettings(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -79,7 +80,8 @@ def cmd_adapt(args) -> None:
     result = adapt(args.image, args.annotations, args.label, args.out, args.adapter_out,
                    settings=settings, backbone=args.backbone, slice_axis=args.slice_axis,
                    structure=args.structure, device=args.device, warm_start=args.warm_start,
-                   background_label=args.background_label, progress=_progress_bar(settings.steps))
+                   background_label=args.background_label, weights=args.weights,
+                   progress=_progress_bar(settings.steps))
     if result.ranks:
         print_ranks(result.ranks, settings.rank)
     if result.zero_shot_dice is not None:
@@ -94,7 +96,7 @@ def cmd_adapt(args) -> None:
 def cmd_segment(args) -> None:
     from .pipeline import segment
 
-    result = segment(args.image, args.adapter, args.out, device=args.device)
+    result = segment(args.image, args.adapter, args.out, device=args.device, weights=args.weights)
     print(f"wrote {result['segmentation']} ({result['structure'] or 'label ' + str(result['label'])}, "
           f"effective rank {sum(result['ranks'].values())}, {result['seconds']:.1f} s)")
 
@@ -153,6 +155,8 @@ def _add_adapt_options(p) -> None:
                    help="module-name patterns of the adapted layers (default: the backbone's)")
     p.add_argument("--train-decoder", action="store_true",
                    help="also train the backbone's decoder")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="gradient checkpointing in the backbone (SwinUNETR): less GPU memory")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 
@@ -195,13 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background-label", type=int,
                    help="label value of voxels known not to be the structure (any slice)")
     p.add_argument("--warm-start", help="continue from this adapter file")
-    p.add_argument("--backbone", default="arena-small-ct-unet", help="pretrained backbone to adapt")
+    p.add_argument("--backbone", default="arena-small-ct-unet",
+                   help="pretrained backbone: a registry id (see README, Backbones; public "
+                        "checkpoints are downloaded once into the cache) or a checkpoint file")
+    p.add_argument("--weights", help="local checkpoint file of --backbone (no download)")
     _add_adapt_options(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("segment", help="segment a scan with a saved adapter")
     p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
     p.add_argument("--adapter", required=True, help="adapter file written by 'arenaseg adapt'")
+    p.add_argument("--weights", help="local checkpoint file of the adapter's backbone (no download)")
     p.add_argument("--out", required=True, help="segmentation to write (.nii.gz, .nrrd, .mha)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.set_defaults(func=cmd_segment)

@@ -142,13 +142,16 @@ class Fit:
 
 def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings,
         backbone: str = DEFAULT_BACKBONE, structure: str | None = None, device: str = "cpu",
-        warm: tuple[dict, dict] | None = None, zero_shot: bool = False,
+        warm: tuple[dict, dict] | None = None, zero_shot: bool = False, weights: str | None = None,
         progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> Fit:
     """Adapt a backbone to ``annotation`` (painted slices on ``scan``'s input grid), in memory.
 
     Args:
         scan: a :class:`Scan` (or an image, brought to the canonical grid here).
+        backbone: registry id (:data:`arenaseg.backbones.REGISTRY`) or a checkpoint path.
         warm: ``(tensors, metadata)`` of an adapter to continue from (its method and ranks).
+        weights: local checkpoint file of ``backbone`` (instead of the embedded, cached or
+            downloaded one).
         zero_shot: also measure the Dice, on the painted slices, of the backbone's own output
             row for ``structure`` before training (None when the backbone does not know it).
 
@@ -156,7 +159,8 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         ArenaError: see :func:`arenaseg.methods.prepare`.
     """
     dev = pick_device(device)
-    model, spec = load_backbone(warm[1]["backbone"] if warm else backbone)
+    model, spec = load_backbone(warm[1]["backbone"] if warm else backbone, weights,
+                                use_checkpoint=settings.checkpointing)
     if not isinstance(scan, Scan):
         scan = Scan.from_image(scan, spec)
     checksum = state_checksum(model)
@@ -183,7 +187,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
           settings: AdaptSettings | None = None, backbone: str = DEFAULT_BACKBONE,
           slice_axis: int | None = None, structure: str | None = None, device: str = "auto",
           warm_start: str | None = None, background_label: int | None = None,
-          progress: ProgressFn | None = None,
+          weights: str | None = None, progress: ProgressFn | None = None,
           should_stop: Callable[[], bool] | None = None) -> AdaptResult:
     """Adapt the backbone to the structure painted on a few slices and segment it in 3D.
 
@@ -202,6 +206,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         warm_start: a previous adapter file to continue from (its method, ranks and weights).
         background_label: optional value in ``annotations`` of voxels known not to be the
             structure (on any slice); they enter the loss as background.
+        weights: local checkpoint file of ``backbone`` (e.g. downloaded by hand behind a
+            firewall).
 
     Raises:
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
@@ -224,7 +230,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     if warm:
         settings = AdaptSettings(**dict(settings.to_dict(), method=warm[1]["method"]))
     result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True,
-                 progress=progress, should_stop=should_stop)
+                 weights=weights, progress=progress, should_stop=should_stop)
     tuning, spec = result.tuning, result.spec
     result_image = predict(tuning, spec, result.scan, dev, label, annotation)
     initial = tuning.initial_ranks()
@@ -252,7 +258,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     return adapt_result
 
 
-def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
+def segment(image: str, adapter: str, out: str, device: str = "auto",
+            weights: str | None = None) -> dict:
     """Segment ``image`` with a saved adapter (e.g. on a new patient).
 
     Returns:
@@ -266,7 +273,7 @@ def segment(image: str, adapter: str, out: str, device: str = "auto") -> dict:
     start = time.perf_counter()
     tensors, meta = read_adapter(adapter)
     ct = read_image(image, "image")
-    model, spec = load_backbone(meta["backbone"])
+    model, spec = load_backbone(meta["backbone"], weights)
     tuning = apply_adapter(model, spec, tensors, meta, source=str(adapter))
     scan = Scan.from_image(ct, spec)
     write_image(predict(tuning, spec, scan, dev, meta.get("label", 1)), out)

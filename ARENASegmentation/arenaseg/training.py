@@ -57,6 +57,8 @@ class AdaptSettings:
         seed: random seed of crops and initialisation.
         targets: regular expressions of the adapted layers' names; None: the backbone's own.
         train_decoder: also train the backbone's decoder (``BackboneSpec.decoder``).
+        checkpointing: gradient checkpointing inside the backbone (SwinUNETR), trading compute
+            for GPU memory.
     """
 
     method: str = "arena"
@@ -72,6 +74,7 @@ class AdaptSettings:
     seed: int = 0
     targets: tuple[str, ...] | None = None
     train_decoder: bool = False
+    checkpointing: bool = False
 
     def __post_init__(self):
         problems = [f"--method '{self.method}' is not one of {', '.join(METHODS)}"] \

@@ -65,10 +65,12 @@ def _run(job: dict) -> dict:
                        backbone=job.get("backbone", "arena-small-ct-unet"),
                        slice_axis=job.get("slice_axis"), structure=job.get("structure"),
                        device=job.get("device", "auto"), warm_start=job.get("warm_start"),
-                       background_label=job.get("background_label"), progress=progress)
+                       background_label=job.get("background_label"), weights=job.get("weights"),
+                       progress=progress)
         return result.to_dict()
     if command == "segment":
-        return segment(job["image"], job["adapter"], job["out"], device=job.get("device", "auto"))
+        return segment(job["image"], job["adapter"], job["out"], device=job.get("device", "auto"),
+                       weights=job.get("weights"))
     raise ArenaError(f"job command '{command}' is not 'adapt' or 'segment'")
 
 
