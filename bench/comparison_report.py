@@ -97,7 +97,9 @@ def plot_rank_steps(rows, path: Path) -> None:
 def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     """Write ``out`` (Markdown) and its PNGs beside it."""
     out = Path(out)
-    p, budget = header["protocol"], header["budget"]
+    from arenaseg.training import AdaptSettings
+
+    p, budget = header["protocol"], AdaptSettings(**header["budget"]).to_dict()
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     base = [n for n in p["structures"] if STRUCTURES[n][1]]
     new = [n for n in p["structures"] if not STRUCTURES[n][1]]

@@ -269,9 +269,10 @@ def prepare(model: nn.Module, spec: BackboneSpec, settings, structure: str | Non
             adapter targets.
     """
     method = settings.method
-    if method == "zero-shot" and structure not in spec.classes[1:]:
+    if method == "zero-shot" and spec.pretrained_channel(structure) is None:
+        known = [c for c in spec.classes if spec.pretrained_channel(c) is not None]
         raise ArenaError(f"zero-shot needs a structure the backbone '{spec.id}' knows (one of "
-                         f"{', '.join(spec.classes[1:])}), not '{structure}': give --structure, "
+                         f"{', '.join(known)}), not '{structure}': give --structure, "
                          "or choose a method that trains")
     for p in model.parameters():
         p.requires_grad_(False)

@@ -169,7 +169,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     else:
         tuning = prepare(model, spec, settings, structure)
     zero_shot_dice = None
-    if zero_shot and structure in spec.classes[1:] and not warm:
+    if zero_shot and spec.pretrained_channel(structure) is not None and not warm:
         seg = array_ijk(predict(tuning, spec, scan, dev)) > 0
         zero_shot_dice = dice(seg, annotation.target, annotation.known)
     points, targets = annotation.points()

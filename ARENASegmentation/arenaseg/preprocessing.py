@@ -1,6 +1,7 @@
 """Bring a CT onto a backbone's canonical grid (MONAI) and predictions back onto its own grid.
 
-The forward path uses MONAI ``Orientation``, ``Spacing`` and ``ScaleIntensityRange``; the way
+The forward path uses MONAI ``Orientation``, ``Spacing`` and the backbone's intensity scaling
+(``Preprocessing.intensity_transform``: ``ScaleIntensityRange`` of an HU window for most); the way
 back resamples with SimpleITK onto the input image itself, so an output always has the input's
 exact size, spacing, origin and direction, whatever its orientation (LPS, RAS, oblique).
 """
@@ -11,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Orientation, ScaleIntensityRange, Spacing
+from monai.transforms import Orientation, Spacing
 
 from .backbones import Preprocessing
 from .imageio import array_ijk, image_from_ras_affine, ras_affine, resample_to
@@ -40,8 +41,7 @@ def to_canonical(image: sitk.Image, prep: Preprocessing, labels: sitk.Image | No
     affine = torch.as_tensor(ras_affine(image), dtype=torch.float64)
     x = MetaTensor(torch.from_numpy(array_ijk(image).astype(np.float32))[None], affine=affine)
     x = _regrid(x, prep, "bilinear")
-    lo, hi = prep.hu_window
-    x = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(x)
+    x = prep.intensity_transform()(x)
     canon_affine = np.asarray(x.affine, dtype=float)
     if labels is None:
         return x.as_tensor().float(), canon_affine
