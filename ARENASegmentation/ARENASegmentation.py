@@ -105,7 +105,8 @@ TORCH_REQUIREMENT = ">=2.4"
 #: this file must import without torch (first start, before the dependencies are installed).
 #: ``Testing/test_slicer_module.py`` checks that they stay equal.
 DEFAULT_BACKBONE = "arena-small-ct-unet"
-BACKBONES = [DEFAULT_BACKBONE]
+BACKBONES = [DEFAULT_BACKBONE, "fseft-swinunetr", "swinunetr-btcv", "suprem-swinunetr", "suprem-unet",
+             "monai-bundle-swin-unetr-btcv", "monai-bundle-wholebody-ct"]
 METHODS = ["arena", "lora", "adalora", "linear-probe", "bitfit", "affine-ln", "full", "zero-shot"]
 DEVICES = ["auto", "cpu", "cuda"]
 DEFAULT_RANK = 8

@@ -50,8 +50,8 @@ class Server:
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
+                server.sent += len(body) - start  # before writing: the client may finish first
                 self.wfile.write(body[start:])
-                server.sent += len(body) - start
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
