@@ -172,15 +172,17 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     spreads = {}
     if rank_rows:
         lines += [f"## Rank robustness: initial rank r0 (k = 3; mean over {', '.join(p['rank_structures'])})", "",
-                  "| r0 | LoRA Dice | ARENA Dice | ARENA discovered rank (sum of 9 layers) |",
+                  "| r0 | LoRA Dice | ARENA Dice | ARENA discovered rank, sum of 9 layers (over structures and seeds) |",
                   "|---|---|---|---|"]
         per_r0 = {m: {} for m in ("lora", "arena")}
         for r0 in p["ranks"]:
             for m in per_r0:
                 per_r0[m][r0] = _seed_means(_select(rank_rows, method=m, rank=r0), p["rank_structures"])
             found = [sum(r["ranks"].values()) for r in _select(rank_rows, method="arena", rank=r0)]
+            found_text = (f"{np.mean(found):.1f} ± {np.std(found, ddof=1):.1f}" if len(found) > 1
+                          else f"{found[0]}" if found else "—")
             lines.append(f"| {r0} | {ms(per_r0['lora'][r0])} | {ms(per_r0['arena'][r0])} | "
-                         f"{ms(found).replace('.000', '')} of {9 * r0} |")
+                         f"{found_text} of {9 * r0} |")
         for m in per_r0:
             mean_dice = [np.mean(v) for v in per_r0[m].values() if v]
             spreads[m] = (max(mean_dice) - min(mean_dice), float(np.std(mean_dice)))
