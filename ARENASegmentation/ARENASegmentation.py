@@ -759,8 +759,9 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             background = self.segmentArray(segmentationNode, backgroundSegmentId, volumeNode) > 0
             background = background if background.any() else None  # an empty segment says nothing
 
-        if warmStartAdapter is None and warmStart:
-            warmStartAdapter = segmentTag(segment, "Adapter") or None
+        if warmStartAdapter is None and warmStart and \
+                segmentTag(segment, "Method") in ("", method) and segmentTag(segment, "Backbone") in ("", backbone):
+            warmStartAdapter = segmentTag(segment, "Adapter") or None  # only for the same method and backbone
         if warmStartAdapter and not os.path.isfile(warmStartAdapter):
             logging.warning(f"ARENA: warm-start adapter '{warmStartAdapter}' is gone; starting fresh")
             warmStartAdapter = None
@@ -950,7 +951,8 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             "ranks", "effective_rank", "initial_rank", "trainable_parameters", "active_parameters",
             "seconds", "device")}
         settings = job["job"]["settings"]
-        summary.update(adapter=adapter, method=settings.get("method"), steps=settings.get("steps"),
+        summary.update(adapter=adapter, method=settings.get("method"), backbone=job["job"].get("backbone"),
+                       steps=settings.get("steps"),
                        lam=settings.get("lam"), rank=settings.get("rank"), warm_start=ctx["warmStart"],
                        structure=job["job"]["structure"], loss=(done.get("loss") or [None])[-1])
         segment = segmentation.GetSegment(segmentId)
@@ -964,7 +966,8 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             raise
         segment = segmentation.GetSegment(segmentId)
         self.setResultTags(segment, summary, ctx["targetSegmentId"])
-        target.SetTag(TAG + "Adapter", adapter)  # the next run on this segment can warm-start
+        for key, value in (("Adapter", adapter), ("Method", summary["method"]), ("Backbone", summary["backbone"])):
+            target.SetTag(TAG + key, str(value))  # the next run on this segment can warm-start
         return {"segmentId": segmentId, "segmentName": segment.GetName(), "summary": summary}
 
     def _importSegmentResult(self, job: dict, done: dict) -> dict:
@@ -1011,6 +1014,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                 "Ranks": json.dumps(summary.get("ranks") or {}),
                 "TrainableParameters": summary.get("trainable_parameters"),
                 "ActiveParameters": summary.get("active_parameters"), "Method": summary.get("method"),
+                "Backbone": summary.get("backbone"),
                 "Steps": summary.get("steps"), "Lambda": summary.get("lam"), "Device": summary.get("device")}
         for key, value in tags.items():
             if value is not None and value != "" or key == "SourceSegment":

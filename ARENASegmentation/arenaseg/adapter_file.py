@@ -62,6 +62,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if meta.get("format") != FORMAT:
         raise ArenaError(f"adapter '{path}' has format '{meta.get('format')}', this arenaseg reads "
                          f"'{FORMAT}': adapt again with this version")
+    broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise ArenaError(f"adapter '{path}' is corrupt: non-finite values in {broken[:3]}: save it "
+                         "again with 'arenaseg adapt --adapter-out'")
     return tensors, meta
 
 

@@ -37,8 +37,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ArenaError: missing or unreadable file, pickled code, or no tensors found.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ArenaError(f"checkpoint '{path}' is a folder: give the checkpoint file inside it")
     if not path.is_file():
         raise ArenaError(f"checkpoint '{path}' does not exist: check the path")
+    if path.stat().st_size == 0:
+        raise ArenaError(f"checkpoint '{path}' is empty: download it again")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -50,13 +54,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ArenaError(f"checkpoint '{path}' holds more than tensors (pickled code or objects: "
-                         f"{str(err).splitlines()[0][:200]}); arenaseg never runs code from a "
-                         "checkpoint: re-save its state dict with torch.save(model.state_dict(), "
-                         "...) or as .safetensors") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ArenaError(f"checkpoint '{path}' cannot be read ({err}); it is truncated or not a "
-                         "PyTorch file: download it again") from None
+        if "GLOBAL" not in str(err) and "global" not in str(err):  # not a refused object: garbage
+            raise ArenaError(f"checkpoint '{path}' is not a PyTorch file (or is truncated): "
+                             "download it again") from None
+        raise ArenaError(f"checkpoint '{path}' holds more than tensors (pickled code or objects); "
+                         "arenaseg never runs code from a checkpoint: re-save its state dict with "
+                         "torch.save(model.state_dict(), ...) or as .safetensors") from None
+    except Exception:  # torch.load fails on garbage in many ways (KeyError, EOFError, …)
+        raise ArenaError(f"checkpoint '{path}' is not a PyTorch file (or is truncated): "
+                         "download it again") from None
     state = obj
     if isinstance(obj, dict):
         for key in CONTAINER_KEYS:

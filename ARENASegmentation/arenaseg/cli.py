@@ -87,8 +87,8 @@ def cmd_adapt(args) -> None:
     if result.zero_shot_dice is not None:
         print(f"zero-shot Dice of the backbone's own {args.structure} on the painted slices: "
               f"{result.zero_shot_dice:.3f}")
-    print(f"{result.method}: effective rank {result.effective_rank} of {result.initial_rank}; "
-          f"parameters {result.active_parameters:,} active of "
+    rank = f"effective rank {result.effective_rank} of {result.initial_rank}; " if result.ranks else ""
+    print(f"{result.method}: {rank}parameters {result.active_parameters:,} active of "
           f"{result.trainable_parameters:,} trained; {result.seconds:.1f} s on {result.device}")
     print(f"wrote {result.segmentation}" + (f" and {result.adapter}" if result.adapter else ""))
 

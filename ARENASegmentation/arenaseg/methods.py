@@ -272,8 +272,8 @@ def prepare(model: nn.Module, spec: BackboneSpec, settings, structure: str | Non
     if method == "zero-shot" and spec.pretrained_channel(structure) is None:
         known = [c for c in spec.classes if spec.pretrained_channel(c) is not None]
         raise ArenaError(f"zero-shot needs a structure the backbone '{spec.id}' knows (one of "
-                         f"{', '.join(known)}), not '{structure}': give --structure, "
-                         "or choose a method that trains")
+                         f"{', '.join(known)}), not '{structure}': give --structure with one "
+                         "of these names, or choose a method that trains")
     for p in model.parameters():
         p.requires_grad_(False)
     layers, allocator, orth = {}, None, 0.0

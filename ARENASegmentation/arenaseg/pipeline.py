@@ -228,7 +228,12 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                                  background_label)
     warm = read_adapter(warm_start) if warm_start else None
     if warm:
-        settings = AdaptSettings(**dict(settings.to_dict(), method=warm[1]["method"]))
+        for option, given, saved in (("--method", settings.method, warm[1]["method"]),
+                                     ("--backbone", str(backbone), warm[1]["backbone"])):
+            if given != saved:
+                raise ArenaError(f"--warm-start adapter '{warm_start}' was trained with {option} "
+                                 f"{saved}, not {given}: give {option} {saved}, or start "
+                                 "without --warm-start")
     result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True,
                  weights=weights, progress=progress, should_stop=should_stop)
     tuning, spec = result.tuning, result.spec

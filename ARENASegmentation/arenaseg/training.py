@@ -11,6 +11,7 @@ gradient of the same backward pass; see :mod:`arenaseg.methods`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -22,7 +23,7 @@ from monai.losses import DiceCELoss
 
 from .errors import ArenaError
 from .inference import autocast
-from .methods import METHODS, Tuning
+from .methods import ADAPTER_METHODS, METHODS, Tuning
 
 DEFAULT_LR = 5e-3
 FULL_FINE_TUNING_LR = 5e-4  # all 2.5 M weights at η = 5e-3 wreck the pretrained features
@@ -82,8 +83,14 @@ class AdaptSettings:
         problems += [f"--{name} {value} must be {rule}" for name, value, ok, rule in (
             ("rank", self.rank, self.rank >= 1, ">= 1"), ("steps", self.steps, self.steps >= 1, ">= 1"),
             ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr is None or self.lr > 0, "> 0"),
-            ("rho", self.rho, self.rho >= 0, ">= 0"), ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
+            ("rho", self.rho, self.rho >= 0, ">= 0"), ("seed", self.seed, self.seed >= 0, ">= 0"), ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
             ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1")) if not ok]
+        problems += [f"--{name} {value} must be a finite number" for name, value in
+                     (("lambda", self.lam), ("lr", self.lr), ("rho", self.rho))
+                     if value is not None and not math.isfinite(value)]
+        if self.targets and self.method not in ADAPTER_METHODS:
+            problems.append(f"--targets applies to the adapter methods ({', '.join(ADAPTER_METHODS)}), "
+                            f"not to --method {self.method}: drop --targets")
         if problems:
             raise ArenaError("; ".join(problems))
 
@@ -184,6 +191,9 @@ def train(tuning: Tuning, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
                              for b, (s, idx) in enumerate(picks)], dim=-1)
         target = torch.cat([targets_t[idx] for _, idx in picks]).to(device).view(1, 1, -1)
         loss = loss_fn(sampled, target) + tuning.penalty()
+        if not torch.isfinite(loss):
+            raise ArenaError(f"the training loss became {loss.item()} at step {step} (learning "
+                             f"rate {lr}): lower --lr, or start without --warm-start")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
