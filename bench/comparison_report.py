@@ -111,8 +111,12 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
              "× 1 thread",
              f"- Command: `{header['command']}`; {len(rows)} of {header['jobs']} planned jobs "
              "done" + ("" if len(rows) == header["jobs"] else " (**run cut short: tables "
-                       "below are partial**)") + "; total wall time "
-             f"{header.get('wall_s', float('nan')) / 60:.1f} min",
+                       "below are partial**)") + "; " +
+             (f"total wall time {header['wall_s'] / 60:.1f} min" if "wall_s" in header else
+              "no total wall time (cut short)") +
+             f"; worker time {sum(r['train_s'] + r['predict_s'] for r in rows) / 60 / header['workers']:.1f} min "
+             "(sum of the jobs' training and segmentation seconds / workers; excludes process "
+             "start, cross-scan segmentation and the memory runs)",
              "- Data: `abdomen_ct` (122×101×112, 3 mm) and `abdomen_ct_dicom` (512×512×20, another "
              "patient); references are TotalSegmentator labels. Painted slices: k axial slices "
              "spread evenly inside the structure, taken from the reference; Dice on every "

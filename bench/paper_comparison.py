@@ -1,5 +1,7 @@
-"""The paper's comparison on real scans: every fine-tuning method, few-slice protocols, cross-scan
-transfer and rank robustness, with a Markdown report and PNG plots.
+"""Paper comparison on real scans: every method, k slices, cross-scan, rank robustness → report.
+
+Every fine-tuning method, few-slice protocols (k = 1, 3, 5), cross-scan transfer and rank
+robustness, with a Markdown report and PNG plots.
 
 Each job adapts the embedded backbone in memory (``arenaseg.pipeline.fit`` and ``predict``, the
 functions behind ``arenaseg adapt``) with one method, structure, number of painted axial slices
@@ -172,19 +174,29 @@ def peak_memory(data: Path, methods, workers: int, extra=()) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--out", default=str(Path(__file__).parent / "COMPARISON.md"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", help="the shared CT data folder (abdomen_ct, abdomen_ct_dicom)",
+                        default=os.environ.get("ARENASEG_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "COMPARISON.md"),
+                        help="Markdown report; results go to the same name with .jsonl, plots .png")
     parser.add_argument("--quick", action="store_true", help="smoke test: few jobs, few steps")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="parallel worker processes (one thread each)")
     parser.add_argument("--rewrite", action="store_true",
                         help="write the report again from the saved results (.jsonl)")
+    parser.add_argument("--measure-memory", action="store_true",
+                        help="with --rewrite: measure peak memory per method again (e.g. after "
+                             "a run cut short)")
     args = parser.parse_args()
     out = Path(args.out)
     results = out.with_suffix(".jsonl")
     if args.rewrite:
         lines = [json.loads(line) for line in results.read_text().splitlines()]
         header, rows = lines[0], lines[1:]
+        if args.measure_memory:
+            header["memory"] = peak_memory(Path(args.data), METHODS[1:], args.workers)
+            results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
         from comparison_report import write_report
         write_report(out, header, rows)
         return
