@@ -153,3 +153,45 @@ def test_console_script_exit_status(small_liver, tmp_path):
     run = subprocess.run(cmd + _adapt(CT, small_liver[0], 42, tmp_path / "s.nii.gz"),
                          capture_output=True, text=True)
     assert run.returncode == 2 and "label value 42 is absent" in run.stderr
+
+
+@pytest.mark.parametrize("argv_tail, words", [
+    (["--seed", "-5"], ["--seed -5", ">= 0"]),
+    (["--lr", "inf"], ["--lr inf", "finite"]),
+    (["--method", "bitfit", "--targets", "qkv"], ["--targets applies to the adapter methods"]),
+    (["--method", "zero-shot", "--structure", "urinary_bladder"], ["zero-shot needs a structure",
+                                                                    "liver"]),
+])
+def test_settings_that_cannot_work(capsys, small_liver, tmp_path, argv_tail, words):
+    out = tmp_path / "seg.nii.gz"
+    assert_refused(capsys, _adapt(CT, small_liver[0], 5, out, *argv_tail), *words, out=out)
+
+
+def test_non_finite_adapter_is_refused(capsys, adapter, tmp_path):
+    """A file whose bytes were damaged into NaNs would segment nothing, silently."""
+    from safetensors.torch import save_file
+
+    tensors, meta = read_adapter(adapter)
+    name = next(n for n in tensors if n.endswith("lora_A.weight"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, str(broken), metadata={"arenaseg": json.dumps(meta)})
+    out = tmp_path / "seg.nii.gz"
+    assert_refused(capsys, ["segment", "--image", CT, "--adapter", str(broken), "--out", str(out)],
+                   "broken.safetensors", "non-finite", out=out)
+
+
+def test_warm_start_with_another_method_is_refused(capsys, adapter, small_liver, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    assert_refused(capsys, _adapt(CT, small_liver[0], 5, out, "--warm-start", str(adapter),
+                                  "--method", "lora"),
+                   "--method arena, not lora", "without --warm-start", out=out)
+
+
+def test_garbage_checkpoint_is_refused(capsys, small_liver, tmp_path):
+    garbage = tmp_path / "fseft.pth"
+    garbage.write_text("this is not a checkpoint")
+    out = tmp_path / "seg.nii.gz"
+    assert_refused(capsys, _adapt(CT, small_liver[0], 5, out, "--backbone", "fseft-swinunetr",
+                                  "--weights", str(garbage)),
+                   "fseft.pth", "not a PyTorch file", out=out)
