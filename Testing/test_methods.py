@@ -210,10 +210,10 @@ def test_orthogonality_penalty_is_zero_for_orthonormal_triplets():
     with torch.no_grad():
         layers["fc"].lora_A["default"].copy_(q[:3])
         layers["fc"].lora_B["default"].copy_(q[:, :3])
-    assert float(orthogonality_penalty(model, 0.5)) == pytest.approx(0.0, abs=1e-5)
+    assert orthogonality_penalty(model, 0.5).detach().item() == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         layers["fc"].lora_A["default"].mul_(2)  # AAᵀ = 4I: ‖3I‖_F = 3√3 → mean over A, B
-    assert float(orthogonality_penalty(model, 0.5)) == pytest.approx(0.5 * 3 * np.sqrt(3) / 2, rel=1e-4)
+    assert orthogonality_penalty(model, 0.5).detach().item() == pytest.approx(0.5 * 3 * np.sqrt(3) / 2, rel=1e-4)
 
 
 def test_cli_adalora_adapter_segments_another_scan(tmp_path, small_liver):
