@@ -199,7 +199,10 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
               "AdaLoRA's masked triplets not counted; the head's 17 included); seconds per job in "
               "the benchmark workers (training, then segmentation of the whole scan; k = 3); peak "
               "resident memory and wall time of one real `arenaseg adapt` process per method "
-              "(liver, k = 3, engine defaults: 60 steps × 2 crops, 2 threads).", "",
+              "(liver, k = 3, engine defaults: 60 steps × 2 crops, 2 threads; "
+              f"{len([m for m in header.get('memory', {}) if not m.startswith('_')])} processes, "
+              f"{header['workers']} at a time; 1-minute load average "
+              f"{header.get('memory', {}).get('_load_average', float('nan')):.1f} when they started).", "",
               "| method | trainable | active | train s | segment s | `arenaseg adapt` peak MB | `arenaseg adapt` wall s |",
               "|---|---|---|---|---|---|---|"]
     memory = header.get("memory", {})
