@@ -318,6 +318,14 @@ EXTRA_TEST_DATA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releas
 SHA_UNCONFIRMED = "SHA-256 not published; the hash obtained at the first download is recorded. "
 
 
+#: The SwinUNETR fine-tuned on BTCV, shared by the research-contributions file and the MONAI bundle.
+BTCV_SWIN = dict(build=partial(swin_unetr, out_channels=14), classes=BTCV_CLASSES,
+                 head="out.conv.conv", targets=SWIN_TARGETS,
+                 preprocessing=Preprocessing(spacing_mm=(1.5, 1.5, 2.0)),
+                 architecture=SWIN_ARCH + "; 14 softmax output channels (BTCV)",
+                 decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True)
+
+
 def _universal(filename: str, citation: str, homepage: str, reinit: tuple[str, ...],
                backbone_rules=()) -> WeightsSource:
     """A CLIP-driven 'universal model' checkpoint (SuPreM's ``{"net": …}``): its segmentation
@@ -410,13 +418,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             id="swinunetr-btcv",
-            build=partial(swin_unetr, out_channels=14),
-            classes=BTCV_CLASSES,
-            head="out.conv.conv",
-            targets=SWIN_TARGETS,
-            preprocessing=Preprocessing(spacing_mm=(1.5, 1.5, 2.0)),
-            architecture=SWIN_ARCH + "; 14 softmax output channels (BTCV)",
-            decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True,
+            **BTCV_SWIN,
             source=WeightsSource(
                 filename="swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt",
                 urls=(EXTRA_TEST_DATA + "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt",),
@@ -470,13 +472,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             id="monai-bundle-swin-unetr-btcv",
-            build=partial(swin_unetr, out_channels=14),
-            classes=BTCV_CLASSES,
-            head="out.conv.conv",
-            targets=SWIN_TARGETS,
-            preprocessing=Preprocessing(spacing_mm=(1.5, 1.5, 2.0)),
-            architecture=SWIN_ARCH + "; 14 softmax output channels (BTCV)",
-            decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True,
+            **BTCV_SWIN,
             source=WeightsSource(
                 filename="model_swin_unetr_btcv_segmentation_v1.pt",
                 urls=(NVIDIA_ZOO + "model_swin_unetr_btcv_segmentation_v1.pt",),
