@@ -318,6 +318,11 @@ EXTRA_TEST_DATA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releas
 SHA_UNCONFIRMED = "SHA-256 not published; the hash obtained at the first download is recorded. "
 
 
+#: A SwinUNETR whose pretrained weights stop before the head: a one-channel head is trained anew.
+NEW_HEAD_SWIN = dict(build=partial(swin_unetr, out_channels=1), classes=(), head="out.conv.conv",
+                     targets=SWIN_TARGETS, preprocessing=PAPER_PREP, decoder=SWIN_DECODER,
+                     extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True)
+
 #: The SwinUNETR fine-tuned on BTCV, shared by the research-contributions file and the MONAI bundle.
 BTCV_SWIN = dict(build=partial(swin_unetr, out_channels=14), classes=BTCV_CLASSES,
                  head="out.conv.conv", targets=SWIN_TARGETS,
@@ -391,13 +396,8 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             id="monai-ssl-swinvit",
-            build=partial(swin_unetr, out_channels=1),
-            classes=(),
-            head="out.conv.conv",
-            targets=SWIN_TARGETS,
-            preprocessing=PAPER_PREP,
+            **NEW_HEAD_SWIN,
             architecture=SWIN_ARCH + "; self-supervised Swin encoder, decoder and head new",
-            decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True,
             source=WeightsSource(
                 filename="model_swinvit.pt",
                 urls=(EXTRA_TEST_DATA + "model_swinvit.pt",),
@@ -433,25 +433,15 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             id="suprem-swinunetr",
-            build=partial(swin_unetr, out_channels=1),
-            classes=(),
-            head="out.conv.conv",
-            targets=SWIN_TARGETS,
-            preprocessing=PAPER_PREP,
+            **NEW_HEAD_SWIN,
             architecture=SWIN_ARCH + "; SuPreM supervised backbone, head new",
-            decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True,
             source=_universal("supervised_suprem_swinunetr_2100.pth", SUPREM_CITATION,
                               "https://github.com/MrGiovanni/SuPreM", reinit=(r"^out\.",)),
         ),
         BackboneSpec(
             id="clipdriven-swinunetr",
-            build=partial(swin_unetr, out_channels=1),
-            classes=(),
-            head="out.conv.conv",
-            targets=SWIN_TARGETS,
-            preprocessing=PAPER_PREP,
+            **NEW_HEAD_SWIN,
             architecture=SWIN_ARCH + "; CLIP-driven universal model's backbone, head new",
-            decoder=SWIN_DECODER, extra_targets=SWIN_EXTRA_TARGETS, checkpointing=True,
             source=_universal("supervised_clip_driven_universal_swin_unetr_2100.pth",
                               CLIP_CITATION, "https://github.com/ljwztc/CLIP-Driven-Universal-Model",
                               reinit=(r"^out\.",), backbone_rules=((r"^out\.", None),)),
