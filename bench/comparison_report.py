@@ -200,9 +200,9 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
               "the benchmark workers (training, then segmentation of the whole scan; k = 3); peak "
               "resident memory and wall time of one real `arenaseg adapt` process per method "
               "(liver, k = 3, engine defaults: 60 steps × 2 crops, 2 threads; "
-              f"{len([m for m in header.get('memory', {}) if not m.startswith('_')])} processes, "
+              f"{len(header.get('memory', {}))} processes, "
               f"{header['workers']} at a time; 1-minute load average "
-              f"{header.get('memory', {}).get('_load_average', float('nan')):.1f} when they started).", "",
+              f"{header.get('memory_load_average', float('nan')):.1f} when they started).", "",
               "| method | trainable | active | train s | segment s | `arenaseg adapt` peak MB | `arenaseg adapt` wall s |",
               "|---|---|---|---|---|---|---|"]
     memory = header.get("memory", {})
@@ -212,7 +212,7 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
         lines.append(f"| {m} | {int(np.mean([r['trainable'] for r in sel])):,} | "
                      f"{int(np.mean([r['active'] for r in sel])):,} | "
                      f"{np.mean([r['train_s'] for r in sel]):.1f} | {np.mean([r['predict_s'] for r in sel]):.1f} | "
-                     f"{mem.get('peak_mb', float('nan')):.0f} | {mem.get('wall_s', float('nan')):.1f} |")
+                     + (f"{mem['peak_mb']:.0f} | {mem['wall_s']:.1f} |" if mem else "— | — |"))
     lines.append("")
 
     if any(r["method"] == "arena" for r in main):

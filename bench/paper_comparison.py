@@ -160,7 +160,7 @@ def peak_memory(data: Path, methods, workers: int, extra=()) -> dict:
     ct_path = data / SCANS["abdomen_ct"][0]
     ct = read_image(ct_path)
     _, ref = _scan(data, "abdomen_ct")
-    out = {"_load_average": os.getloadavg()[0]}  # other processes inflate the wall times
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         ann = Path(tmp) / "painted.nii.gz"
         sitk.WriteImage(image_like(paint_slices(ref, 5, 3, axis=2), ct), str(ann))
@@ -195,6 +195,7 @@ def main() -> None:
         lines = [json.loads(line) for line in results.read_text().splitlines()]
         header, rows = lines[0], lines[1:]
         if args.measure_memory:
+            header["memory_load_average"] = os.getloadavg()[0]  # other processes inflate wall times
             header["memory"] = peak_memory(Path(args.data), METHODS[1:], args.workers)
             results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
         from comparison_report import write_report
@@ -221,6 +222,7 @@ def main() -> None:
             print(f"[{i}/{len(jobs)} {time.perf_counter() - start:.0f} s] {row['protocol']} "
                   f"{row['structure']} {row['method']} k={row['k']} r0={row['rank']} "
                   f"seed={row['seed']}: Dice {row['dice']:.3f}", flush=True)
+    header["memory_load_average"] = os.getloadavg()[0]  # other processes inflate wall times
     header["memory"] = (peak_memory(data, ("linear-probe", "arena"), args.workers, ("--steps", "4"))
                         if args.quick else peak_memory(data, METHODS[1:], args.workers))
     header["wall_s"] = time.perf_counter() - start
