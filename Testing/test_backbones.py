@@ -248,3 +248,13 @@ def test_real_ct_preprocessing_matches_the_entry(abdomen_ct, prep):
     assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), prep.spacing_mm, atol=1e-4)
     extent = np.array(abdomen_ct.GetSize()) * np.array(abdomen_ct.GetSpacing())
     assert np.allclose(np.array(x.shape[1:]) * prep.spacing_mm, extent, atol=2 * max(prep.spacing_mm))
+
+
+def test_organ_names_match_as_users_write_them():
+    spec = get_spec(DEFAULT_BACKBONE)
+    liver = spec.classes.index("liver")
+    assert [spec.pretrained_channel(n) for n in ("liver", "Liver", " LIVER ")] == [liver] * 3
+    kidney = spec.classes.index("kidney_right")
+    assert spec.pretrained_channel("Kidney right") == spec.pretrained_channel("kidney-right") == kidney
+    assert spec.pretrained_channel("urinary bladder") is None and spec.pretrained_channel(None) is None
+    assert spec.pretrained_channel("background") is None

@@ -167,6 +167,15 @@ def test_settings_that_cannot_work(capsys, small_liver, tmp_path, argv_tail, wor
     assert_refused(capsys, _adapt(CT, small_liver[0], 5, out, *argv_tail), *words, out=out)
 
 
+def test_malformed_options_give_one_line_naming_the_option(capsys, small_liver, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(_adapt(CT, small_liver[0], 5, tmp_path / "seg.nii.gz", "--lr", "fast"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert "argument --lr: invalid float value: 'fast'" in err and "arenaseg adapt --help" in err
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
 def test_non_finite_adapter_is_refused(capsys, adapter, tmp_path):
     """A file whose bytes were damaged into NaNs would segment nothing, silently."""
     from safetensors.torch import save_file

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -181,11 +182,20 @@ class BackboneSpec:
     notes: str = ""
 
     def pretrained_channel(self, structure: str | None) -> int | None:
-        """Output channel of ``structure`` in the pretrained head, or None when it is new."""
-        if structure is None or structure not in self.classes:
+        """Output channel of ``structure`` in the pretrained head, or None when it is new.
+
+        Names match regardless of case, spaces and hyphens, as users and Slicer segments write
+        them ("Urinary bladder" is ``urinary_bladder``).
+        """
+        keys = [_name_key(c) for c in self.classes]
+        if structure is None or _name_key(structure) not in keys:
             return None
-        c = self.classes.index(structure)
+        c = keys.index(_name_key(structure))
         return None if (c == 0 and not self.multilabel) else c
+
+
+def _name_key(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", name.strip().lower())
 
 
 def small_ct_unet(out_channels: int = len(BASE_ORGANS) + 1, feature_channels: int = 16) -> nn.Module:

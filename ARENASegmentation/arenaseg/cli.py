@@ -168,8 +168,15 @@ def _axis(text: str) -> int | None:
     raise argparse.ArgumentTypeError(f"'{text}' is not auto, 0, 1 or 2")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, like the engine's own, pointing at ``--help`` instead of the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arenaseg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="arenaseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train the small default backbone on labelled CT scans")
