@@ -88,6 +88,20 @@ def test_annotations_elsewhere_in_the_world(capsys, small_liver, tmp_path):
            "do not overlap", out=out)
 
 
+def test_the_ct_given_as_annotations(capsys, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    assert_refused(capsys, _adapt(CT, CT, 5, out), "ct.nii.gz", "holds the value -", "labelmap",
+                   out=out)
+
+
+def test_fractional_annotations(capsys, small_liver, tmp_path):
+    blurred = sitk.Cast(sitk.ReadImage(str(small_liver[0])), sitk.sitkFloat32) * 0.5
+    sitk.WriteImage(blurred, str(tmp_path / "blurred.nii.gz"))
+    out = tmp_path / "seg.nii.gz"
+    assert_refused(capsys, _adapt(CT, tmp_path / "blurred.nii.gz", 5, out), "blurred.nii.gz",
+                   "holds the value 2.5", "whole numbers", out=out)
+
+
 def test_label_value_absent(capsys, small_liver, tmp_path):
     out = tmp_path / "seg.nii.gz"
     err = assert_refused(capsys, _adapt(CT, small_liver[0], 99, out), "99", "absent", out=out)

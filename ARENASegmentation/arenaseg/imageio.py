@@ -165,9 +165,18 @@ def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "anno
     The labelmap may have any grid or orientation; only world positions count.
 
     Raises:
-        ArenaError: unreadable file, or no overlap with the image in world space.
+        ArenaError: unreadable file; values that are not labels (negative or fractional, e.g. a
+            CT in HU given as annotations); no overlap with the image in world space.
     """
     labels = read_image(path, what)
+    values = sitk.GetArrayViewFromImage(labels)
+    low = values.min()
+    fractional = (values != np.round(values)) if np.issubdtype(values.dtype, np.floating) else None
+    if low < 0 or (fractional is not None and fractional.any()):
+        bad = low if low < 0 else values[fractional].flat[0]
+        raise ArenaError(f"{what} '{path}' holds the value {bad:g}: a labelmap holds whole "
+                         "numbers >= 0 (0 = not painted). Is this the CT itself? Give the "
+                         "labelmap (segmentation) painted on it instead")
     if not world_overlap(image, labels):
         raise ArenaError(f"{what} '{path}' do not overlap the image in world space (origin "
                          f"{tuple(round(o, 1) for o in labels.GetOrigin())} mm vs image origin "
