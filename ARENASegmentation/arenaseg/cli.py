@@ -38,15 +38,18 @@ def cmd_pretrain(args) -> None:
 
 def _progress_bar(steps: int):
     """Update callback drawing a tqdm bar (step, loss, total effective rank); the bar appears at
-    the first step, so input errors print alone."""
+    the first step, so input errors print alone, and starts there, so its rate is that of the
+    training steps, not of the set-up before them."""
     from tqdm import tqdm
 
     bar = None
 
     def update(step: int, loss: float, ranks: dict) -> None:
         nonlocal bar
-        bar = bar or tqdm(total=steps, desc="adapt", unit="step")
-        bar.update(1)
+        if bar is None:
+            bar = tqdm(total=steps, initial=step, desc="adapt", unit="step")
+        else:
+            bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}", rank=sum(ranks.values()))
         if step == steps:
             bar.close()
