@@ -41,6 +41,15 @@ def test_adapt_and_segment_print_ranks_and_write_files(adapter, small_liver, tmp
     assert "effective rank" in printed and (tmp_path / "seg.mha").is_file()
 
 
+def test_adapt_says_which_painted_slices_it_learned_from(small_liver, tmp_path, capsys):
+    ann, paint, _ = small_liver
+    assert main(_adapt(CT, ann, 5, tmp_path / "seg.nii.gz", "--steps", "1")) == 0
+    slices = [k for k in range(paint.shape[2]) if (paint[:, :, k] == 5).any()]
+    assert len(slices) == 3
+    assert (f"learned from 3 painted slices across voxel axis k: {', '.join(map(str, slices))}"
+            in capsys.readouterr().out)
+
+
 def assert_refused(capsys, argv, *words, out=None):
     rc = main(argv)
     err = capsys.readouterr().err.strip()

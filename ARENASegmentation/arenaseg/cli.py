@@ -85,6 +85,8 @@ def cmd_adapt(args) -> None:
                    structure=args.structure, device=args.device, warm_start=args.warm_start,
                    background_label=args.background_label, weights=args.weights,
                    progress=_progress_bar(settings.steps))
+    print(f"learned from {len(result.painted_slices)} painted slices across voxel axis "
+          f"{'ijk'[result.slice_axis]}: {', '.join(map(str, result.painted_slices))}")
     if result.ranks:
         print_ranks(result.ranks, settings.rank)
     if result.zero_shot_dice is not None:

@@ -42,6 +42,8 @@ class AdaptResult:
     total_rank: list[int] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    slice_axis: int = 2
+    painted_slices: tuple[int, ...] = ()
 
     @property
     def effective_rank(self) -> int:
@@ -245,7 +247,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         trainable_parameters=tuning.trainable_parameters(),
         active_parameters=tuning.active_parameters(), zero_shot_dice=result.zero_shot_dice,
         loss=result.log.loss, total_rank=result.log.total_rank,
-        seconds=time.perf_counter() - start, device=str(dev))
+        seconds=time.perf_counter() - start, device=str(dev), slice_axis=annotation.axis,
+        painted_slices=tuple(int(i) for i in annotation.slices))
     written = []
     try:  # an interruption while writing removes both files: a cancelled run leaves nothing
         if adapter_out:
