@@ -62,3 +62,16 @@ def test_quick_run_writes_a_consistent_report(tmp_path):
     for png in ("quick_ranks_per_layer.png", "quick_rank_vs_step.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
+
+    # the λ ablation adds ARENA's rank sweep at another λ to the same results and report
+    done = subprocess.run([sys.executable, str(BENCH / "paper_comparison.py"), "--lambda-ablation", "8",
+                           "--data", str(DATA), "--out", str(out)],
+                          capture_output=True, text=True, cwd=BENCH)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header, *after = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert after[:len(rows)] == rows
+    added = after[len(rows):]
+    assert len(added) == header["lambda_ablation"]["jobs"] == 2  # quick: r0 ∈ {2, 8}, one structure
+    assert {(r["method"], r["lam"], r["rank"]) for r in added} == {("arena", 8.0, 2), ("arena", 8.0, 8)}
+    table = out.read_text().split("ARENA at other λ")[1]
+    assert "| λ = 4 | λ = 8 |" in table and "spread (max − min)" in table

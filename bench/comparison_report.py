@@ -58,6 +58,33 @@ def bootstrap_spread_difference(per_r0: dict, seed: int = 0):
     return float(np.quantile(diff, 0.025)), float(np.quantile(diff, 0.975)), float(np.mean(diff < 0))
 
 
+def lambda_table(header, rows, rank_rows, p, default_lam: float) -> list[str]:
+    """Markdown lines: ARENA's Dice and discovered rank against r0 at every λ of the ablation."""
+    ablation = [r for r in rows if r["protocol"] == "lambda"]
+    if not ablation:
+        return []
+    lams = sorted({default_lam} | {r["lam"] for r in ablation})
+    run = header["lambda_ablation"]
+    lines = ["", f"ARENA at other λ (the rank sweep again, {len(p['rank_seeds'])} seeds; "
+             f"`{run['command']}`, revision {run['revision']}, {run['wall_s'] / 60:.1f} min): "
+             "mean Dice, discovered rank of all 9 layers.", "",
+             "| r0 | " + " | ".join(f"λ = {lam:g}" for lam in lams) + " |", "|---|" + "---|" * len(lams)]
+    spread = {}
+    for r0 in p["ranks"]:
+        cells = []
+        for lam in lams:
+            sel = (_select(rank_rows, method="arena", rank=r0) if lam == default_lam
+                   else _select(ablation, lam=lam, rank=r0))
+            means = _seed_means(sel, p["rank_structures"])
+            spread.setdefault(lam, []).append(np.mean(means) if means else np.nan)
+            found = [sum(r["ranks"].values()) for r in sel]
+            cells.append(f"{ms(means)}, rank {np.mean(found):.0f} of {9 * r0}" if found else "—")
+        lines.append(f"| {r0} | " + " | ".join(cells) + " |")
+    lines.append("| spread (max − min) | " + " | ".join(
+        f"{np.nanmax(spread[lam]) - np.nanmin(spread[lam]):.3f}" for lam in lams) + " |")
+    return lines
+
+
 def plot_ranks(rows, path: Path) -> None:
     """Bar chart: ARENA's discovered rank per layer (k = 3, r0 = 8), mean over seeds, one bar
     group per structure."""
@@ -97,7 +124,7 @@ def plot_rank_steps(rows, path: Path) -> None:
 
     def curve(method, r0):
         runs = [np.asarray(r["total_rank"], float) / sum(r["initial_ranks"].values()) for r in rows
-                if r["method"] == method and r["rank"] == r0 and r["k"] == 3 and r["protocol"] != "cross"]
+                if r["method"] == method and r["rank"] == r0 and r["k"] == 3 and r["protocol"] in ("in-scan", "rank")]
         return np.mean(runs, axis=0) if runs else None
     for r0 in sorted({r["rank"] for r in rows if r["method"] == "arena"}):
         c = curve("arena", r0)
@@ -127,16 +154,17 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     new = [n for n in p["structures"] if not STRUCTURES[n][1]]
     trained = [m for m in methods if m != "zero-shot"]
     seeds = p["seeds"]
+    planned = [r for r in rows if r["protocol"] != "lambda"]
     lines = [f"# Paper comparison: few-slice adaptation of the embedded backbone{' (QUICK smoke run)' if header['quick'] else ''}", "",
              f"- Date: {datetime.date.today()}; git revision {header['revision']}",
              f"- Machine: {header['machine']}; CPU only, {header['workers']} worker processes "
              "× 1 thread",
-             f"- Command: `{header['command']}`; {len(rows)} of {header['jobs']} planned jobs "
-             "done" + ("" if len(rows) == header["jobs"] else " (**run cut short: tables "
+             f"- Command: `{header['command']}`; {len(planned)} of {header['jobs']} planned jobs "
+             "done" + ("" if len(planned) == header["jobs"] else " (**run cut short: tables "
                        "below are partial**)") + "; " +
              (f"total wall time {header['wall_s'] / 60:.1f} min" if "wall_s" in header else
               "no total wall time (cut short)") +
-             f"; worker time {sum(r['train_s'] + r['predict_s'] for r in rows) / 60 / header['workers']:.1f} min "
+             f"; worker time {sum(r['train_s'] + r['predict_s'] for r in planned) / 60 / header['workers']:.1f} min "
              "(sum of the jobs' training and segmentation seconds / workers; excludes process "
              "start, cross-scan segmentation and the memory runs)",
              "- Data: `abdomen_ct` (122×101×112, 3 mm) and `abdomen_ct_dicom` (512×512×20, another "
@@ -194,7 +222,7 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
         lines.append("")
 
     rank_rows = [r for r in rows if r["method"] in ("lora", "arena") and r["k"] == 3
-                 and r["protocol"] != "cross" and r["structure"] in p["rank_structures"]]
+                 and r["protocol"] in ("in-scan", "rank") and r["structure"] in p["rank_structures"]]
     spreads = {}
     if rank_rows:
         lines += [f"## Rank robustness: initial rank r0 (k = 3; mean over {', '.join(p['rank_structures'])})", "",
@@ -215,6 +243,7 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
         lines += ["", "| spread of mean Dice across r0 | LoRA | ARENA |", "|---|---|---|",
                   f"| max − min | {spreads['lora'][0]:.3f} | {spreads['arena'][0]:.3f} |",
                   f"| standard deviation | {spreads['lora'][1]:.3f} | {spreads['arena'][1]:.3f} |", ""]
+        lines += lambda_table(header, rows, rank_rows, p, budget["lam"])
         boot = bootstrap_spread_difference(per_r0)
         if boot is not None:
             low, high, p_smaller = boot
@@ -227,13 +256,13 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
               "Trainable and active parameters at r0 = 8 (active: ARENA's switched-off components and "
               "AdaLoRA's masked triplets not counted; the head's 17 included); seconds per job in "
               "the benchmark workers (training, then segmentation of the whole scan; k = 3); peak "
-              "resident memory and wall time of one real `arenaseg adapt` process per method "
-              "(liver, k = 3, engine defaults: 60 steps × 2 crops, 2 threads; "
-              f"{len(header.get('memory', {}))} processes, "
-              f"{header['workers']} at a time; 1-minute load average "
-              f"{header.get('memory_load_average', float('nan')):.1f} when they started).", "",
-              "| method | trainable | active | train s | segment s | `arenaseg adapt` peak MB | `arenaseg adapt` wall s |",
-              "|---|---|---|---|---|---|---|"]
+              "resident memory of one real `arenaseg adapt` process per method (liver, k = 3, "
+              "engine defaults: 2 crops per step, 2 threads, but "
+              f"{header.get('memory_steps', 3)} steps, since every step holds the same tensors; "
+              f"{len(header.get('memory', {}))} processes, {header['workers']} at a time, "
+              f"{header.get('memory_wall_s', float('nan')) / 60:.1f} min).", "",
+              "| method | trainable | active | train s | segment s | `arenaseg adapt` peak MB |",
+              "|---|---|---|---|---|---|"]
     memory = header.get("memory", {})
     for m in methods:
         sel = _select(main, method=m)
@@ -241,7 +270,7 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
         lines.append(f"| {m} | {int(np.mean([r['trainable'] for r in sel])):,} | "
                      f"{int(np.mean([r['active'] for r in sel])):,} | "
                      f"{np.mean([r['train_s'] for r in sel]):.1f} | {np.mean([r['predict_s'] for r in sel]):.1f} | "
-                     + (f"{mem['peak_mb']:.0f} | {mem['wall_s']:.1f} |" if mem else "— | — |"))
+                     + (f"{mem['peak_mb']:.0f} |" if mem else "— |"))
     lines.append("")
 
     if any(r["method"] == "arena" for r in main):

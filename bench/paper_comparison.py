@@ -49,6 +49,7 @@ QUICK = dict(structures=("liver", "urinary_bladder"), ks=(3,), k_structures=(), 
 # The engine's defaults (λ = 4, ρ = 5, η = 5e-3, r0 = 8, 60 steps) with one crop per step
 # instead of two, so that the full run fits in 90 minutes on 2 cores.
 BUDGET = dict(steps=60, crops_per_step=1)
+MEMORY_STEPS = 3
 QUICK_BUDGET = dict(steps=6, crops_per_step=1)
 
 
@@ -85,6 +86,14 @@ def plan(p: dict) -> list[dict]:
             for method in METHODS:
                 add("cross", "abdomen_ct_dicom", name, method, 3, seed, cross_to="abdomen_ct")
     return jobs
+
+
+def lambda_plan(p: dict, lams) -> list[dict]:
+    """ARENA's rank sweep of protocol set ``p`` again at each λ in ``lams`` (the λ ablation)."""
+    return [dict(protocol="lambda", scan="abdomen_ct", structure=name, method="arena", k=3,
+                 seed=seed, rank=r0, cross_to=None, lam=lam)
+            for seed in p["rank_seeds"] for lam in lams for name in p["rank_structures"]
+            for r0 in p["ranks"]]
 
 
 _SCANS: dict = {}
@@ -126,7 +135,8 @@ def run_job(args: tuple) -> dict:
     scan, ref = _scan(data, job["scan"])
     value = STRUCTURES[job["structure"]][0]
     annotation = find_annotation(paint_slices(ref, value, job["k"], axis=2), value, axis=2)
-    settings = AdaptSettings(method=job["method"], rank=job["rank"], seed=job["seed"], **budget)
+    settings = AdaptSettings(method=job["method"], rank=job["rank"], seed=job["seed"], **budget,
+                             **({"lam": job["lam"]} if "lam" in job else {}))
     start = time.perf_counter()
     result = fit(scan, annotation, settings, structure=job["structure"], device="cpu")
     trained = time.perf_counter()
@@ -152,9 +162,10 @@ def run_job(args: tuple) -> dict:
     return row
 
 
-def peak_memory(data: Path, methods, workers: int, extra=()) -> dict:
-    """Peak resident memory and wall time of one ``arenaseg adapt`` process per method (liver,
-    k = 3, engine defaults), as a user runs it."""
+def peak_memory(data: Path, methods, workers: int) -> dict:
+    """Peak resident memory of one ``arenaseg adapt`` process per method (liver, k = 3, engine
+    defaults but ``MEMORY_STEPS`` steps: every step holds the same tensors, so the peak is
+    reached at the first step or at the segmentation), as a user runs it."""
     from arenaseg.annotations import paint_slices
     from arenaseg.imageio import image_like, read_image
 
@@ -171,11 +182,43 @@ def peak_memory(data: Path, methods, workers: int, extra=()) -> dict:
         sitk.WriteImage(image_like(paint_slices(ref, 5, 3, axis=2), ct), str(ann))
         cmds = {m: base + ["adapt", "--image", str(ct_path), "--annotations", str(ann), "--label", "5",
                            "--structure", "liver", "--method", m, "--device", "cpu",
-                           "--out", str(Path(tmp) / f"{m}.nii.gz"), *extra] for m in methods}
+                           "--out", str(Path(tmp) / f"{m}.nii.gz"), "--steps", str(MEMORY_STEPS)]
+                for m in methods}
         with mp.get_context("spawn").Pool(workers) as pool:
             for m, (wall, peak_mb, _) in zip(cmds, pool.map(run_adapt, cmds.values())):
-                out[m] = {"wall_s": wall, "peak_mb": peak_mb}
+                out[m] = {"peak_mb": peak_mb}
     return out
+
+
+def run_jobs(jobs, data: Path, budget: dict, workers: int, log, start: float) -> list[dict]:
+    """Run ``jobs`` on ``workers`` processes; each result row is also appended to ``log`` at once
+    (a run cut short keeps what it did)."""
+    rows = []
+    with mp.get_context("spawn").Pool(workers, _init_worker) as pool:
+        for i, row in enumerate(pool.imap_unordered(run_job, [(j, str(data), budget) for j in jobs]), 1):
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(f"[{i}/{len(jobs)} {time.perf_counter() - start:.0f} s] {row['protocol']} "
+                  f"{row['structure']} {row['method']} k={row['k']} r0={row['rank']} "
+                  f"λ={row.get('lam', '')} seed={row['seed']}: Dice {row['dice']:.3f}", flush=True)
+    return rows
+
+
+def lambda_ablation(data: Path, results: Path, lams, workers: int) -> tuple[dict, list[dict]]:
+    """Run ARENA's rank sweep at each λ in ``lams`` with the saved run's budget and seeds, and
+    add the rows to ``results`` (replacing earlier rows at the same λ)."""
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    header, rows = lines[0], [r for r in lines[1:] if r.get("lam") not in lams]
+    jobs = lambda_plan(header["protocol"], lams)
+    start = time.perf_counter()
+    with open(os.devnull, "w") as nowhere:
+        rows += run_jobs(jobs, data, header["budget"], workers, nowhere, start)
+    header["lambda_ablation"] = {"command": "python bench/paper_comparison.py " + " ".join(sys.argv[1:]),
+                                 "revision": git_revision(), "jobs": len(jobs),
+                                 "wall_s": time.perf_counter() - start}
+    results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
+    return header, rows
 
 
 def main() -> None:
@@ -193,15 +236,23 @@ def main() -> None:
     parser.add_argument("--measure-memory", action="store_true",
                         help="with --rewrite: measure peak memory per method again (e.g. after "
                              "a run cut short)")
+    parser.add_argument("--lambda-ablation", type=float, nargs="+", metavar="LAMBDA",
+                        help="after a run: ARENA's rank sweep again at each λ, added to the saved "
+                             "results and the report")
     args = parser.parse_args()
     out = Path(args.out)
     results = out.with_suffix(".jsonl")
+    if args.lambda_ablation:
+        from comparison_report import write_report
+        write_report(out, *lambda_ablation(Path(args.data), results, args.lambda_ablation, args.workers))
+        return
     if args.rewrite:
         lines = [json.loads(line) for line in results.read_text().splitlines()]
         header, rows = lines[0], lines[1:]
         if args.measure_memory:
-            header["memory_load_average"] = os.getloadavg()[0]  # other processes inflate wall times
+            started = time.perf_counter()
             header["memory"] = peak_memory(Path(args.data), METHODS[1:], args.workers)
+            header["memory_wall_s"], header["memory_steps"] = time.perf_counter() - started, MEMORY_STEPS
             results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
         from comparison_report import write_report
         write_report(out, header, rows)
@@ -217,19 +268,13 @@ def main() -> None:
               "budget": budget, "protocol": protocol, "workers": args.workers,
               "jobs": len(jobs)}
     print(f"{len(jobs)} jobs on {args.workers} workers", flush=True)
-    rows = []
-    with results.open("w") as f, mp.get_context("spawn").Pool(args.workers, _init_worker) as pool:
+    with results.open("w") as f:
         f.write(json.dumps(header) + "\n")
-        for i, row in enumerate(pool.imap_unordered(run_job, [(j, str(data), budget) for j in jobs]), 1):
-            rows.append(row)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            print(f"[{i}/{len(jobs)} {time.perf_counter() - start:.0f} s] {row['protocol']} "
-                  f"{row['structure']} {row['method']} k={row['k']} r0={row['rank']} "
-                  f"seed={row['seed']}: Dice {row['dice']:.3f}", flush=True)
-    header["memory_load_average"] = os.getloadavg()[0]  # other processes inflate wall times
-    header["memory"] = (peak_memory(data, ("linear-probe", "arena"), args.workers, ("--steps", "4"))
-                        if args.quick else peak_memory(data, METHODS[1:], args.workers))
+        rows = run_jobs(jobs, data, budget, args.workers, f, start)
+    started = time.perf_counter()
+    header["memory"] = peak_memory(data, ("linear-probe", "arena") if args.quick else METHODS[1:],
+                                   args.workers)
+    header["memory_wall_s"], header["memory_steps"] = time.perf_counter() - started, MEMORY_STEPS
     header["wall_s"] = time.perf_counter() - start
     results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
     from comparison_report import write_report
