@@ -12,6 +12,7 @@ each). Peak memory per method is that of one real ``arenaseg adapt`` process.
     python bench/paper_comparison.py            # full run → bench/COMPARISON.md (+ .jsonl, PNGs)
     python bench/paper_comparison.py --quick --out /tmp/quick.md   # smoke test, a few minutes
     python bench/paper_comparison.py --rewrite  # report again from the saved results
+    python bench/paper_comparison.py --lambda-ablation 8 16  # ARENA's rank sweep at other λ, added
 """
 
 from __future__ import annotations
@@ -191,14 +192,15 @@ def peak_memory(data: Path, methods, workers: int) -> dict:
 
 
 def run_jobs(jobs, data: Path, budget: dict, workers: int, log, start: float) -> list[dict]:
-    """Run ``jobs`` on ``workers`` processes; each result row is also appended to ``log`` at once
-    (a run cut short keeps what it did)."""
+    """Run ``jobs`` on ``workers`` processes; each result row is also appended to ``log`` (an
+    open file, or None) at once, so a run cut short keeps what it did."""
     rows = []
     with mp.get_context("spawn").Pool(workers, _init_worker) as pool:
         for i, row in enumerate(pool.imap_unordered(run_job, [(j, str(data), budget) for j in jobs]), 1):
             rows.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
             print(f"[{i}/{len(jobs)} {time.perf_counter() - start:.0f} s] {row['protocol']} "
                   f"{row['structure']} {row['method']} k={row['k']} r0={row['rank']} "
                   f"λ={row.get('lam', '')} seed={row['seed']}: Dice {row['dice']:.3f}", flush=True)
@@ -212,8 +214,7 @@ def lambda_ablation(data: Path, results: Path, lams, workers: int) -> tuple[dict
     header, rows = lines[0], [r for r in lines[1:] if r.get("lam") not in lams]
     jobs = lambda_plan(header["protocol"], lams)
     start = time.perf_counter()
-    with open(os.devnull, "w") as nowhere:
-        rows += run_jobs(jobs, data, header["budget"], workers, nowhere, start)
+    rows += run_jobs(jobs, data, header["budget"], workers, None, start)
     header["lambda_ablation"] = {"command": "python bench/paper_comparison.py " + " ".join(sys.argv[1:]),
                                  "revision": git_revision(), "jobs": len(jobs),
                                  "wall_s": time.perf_counter() - start}
