@@ -56,6 +56,11 @@ def _progress_bar(steps: int):
     return update
 
 
+def print_status(phase: str, message: str) -> None:
+    """Phase lines on stderr (stdout keeps the results), so no phase of a run is silent."""
+    print(f"arenaseg: {message}", file=sys.stderr, flush=True)
+
+
 def print_ranks(ranks: dict[str, int], initial: dict[str, int] | int) -> None:
     """Per-layer discovered rank table."""
     width = max(map(len, ranks), default=5)
@@ -84,7 +89,7 @@ def cmd_adapt(args) -> None:
                    settings=settings, backbone=args.backbone, slice_axis=args.slice_axis,
                    structure=args.structure, device=args.device, warm_start=args.warm_start,
                    background_label=args.background_label, weights=args.weights,
-                   progress=_progress_bar(settings.steps))
+                   progress=_progress_bar(settings.steps), status=print_status)
     print(f"learned from {len(result.painted_slices)} painted slices across voxel axis "
           f"{'ijk'[result.slice_axis]}: {', '.join(map(str, result.painted_slices))}")
     if result.ranks:
@@ -101,7 +106,8 @@ def cmd_adapt(args) -> None:
 def cmd_segment(args) -> None:
     from .pipeline import segment
 
-    result = segment(args.image, args.adapter, args.out, device=args.device, weights=args.weights)
+    result = segment(args.image, args.adapter, args.out, device=args.device, weights=args.weights,
+                     status=print_status)
     print(f"wrote {result['segmentation']} ({result['structure'] or 'label ' + str(result['label'])}, "
           f"effective rank {sum(result['ranks'].values())}, {result['seconds']:.1f} s)")
 
@@ -129,7 +135,7 @@ def cmd_demo(args) -> None:
     result = adapt(str(image), str(annotations), args.label, str(out_dir / "segmentation.nii.gz"),
                    str(out_dir / "adapter.safetensors"), settings=settings,
                    structure=args.structure, device=args.device,
-                   progress=_progress_bar(settings.steps))
+                   progress=_progress_bar(settings.steps), status=print_status)
     print_ranks(result.ranks, settings.rank)
     seg = array_ijk(sitk.ReadImage(result.segmentation)) > 0
     unpainted = ~find_annotation(painted, args.label, axis=2).known

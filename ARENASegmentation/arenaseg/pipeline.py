@@ -23,6 +23,14 @@ from .methods import Tuning, prepare
 from .preprocessing import canonical_axis, input_index_to_canonical, to_canonical, to_input_grid
 from .training import AdaptSettings, ProgressFn, train
 
+StatusFn = Callable[[str, str], None]
+"""``status(phase, message)``: called as each phase starts, ``phase`` one of :data:`PHASES`."""
+PHASES = ("reading", "preprocessing", "training", "inference", "writing")
+
+
+def _quiet(phase: str, message: str) -> None:
+    pass
+
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -145,7 +153,8 @@ class Fit:
 def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings,
         backbone: str = DEFAULT_BACKBONE, structure: str | None = None, device: str = "cpu",
         warm: tuple[dict, dict] | None = None, zero_shot: bool = False, weights: str | None = None,
-        progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> Fit:
+        progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
+        status: StatusFn | None = None) -> Fit:
     """Adapt a backbone to ``annotation`` (painted slices on ``scan``'s input grid), in memory.
 
     Args:
@@ -160,10 +169,12 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     Raises:
         ArenaError: see :func:`arenaseg.methods.prepare`.
     """
+    status = status or _quiet
     dev = pick_device(device)
     model, spec = load_backbone(warm[1]["backbone"] if warm else backbone, weights,
                                 use_checkpoint=settings.checkpointing)
     if not isinstance(scan, Scan):
+        status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
         scan = Scan.from_image(scan, spec)
     checksum = state_checksum(model)
     if warm:
@@ -177,9 +188,15 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     points, targets = annotation.points()
     coords = input_index_to_canonical(points, scan.image, scan.affine)
     coords = np.clip(coords, 0, np.asarray(scan.x.shape[1:]) - 1)
+    # The seeded crop sampling picks points by index: order them by canonical position (rounded
+    # past float noise), not by the input's storage order, so an LPS NRRD, a RAS NIfTI and a
+    # flipped copy of the same scan train identically.
+    order = np.lexsort(np.round(coords, 3).T[::-1])
+    coords, targets = coords[order], targets[order]
     crop = list(spec.preprocessing.roi_size)
     across = canonical_axis(scan.image, annotation.axis, scan.affine)
     crop[across] = min(crop[across], settings.slab)
+    status("training", f"training {settings.steps} steps ({tuning.method})")
     log = train(tuning, scan.x, coords, targets, crop, settings, dev,
                 progress=progress, should_stop=should_stop)
     return Fit(tuning, spec, scan, log, checksum, zero_shot_dice)
@@ -190,7 +207,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
           slice_axis: int | None = None, structure: str | None = None, device: str = "auto",
           warm_start: str | None = None, background_label: int | None = None,
           weights: str | None = None, progress: ProgressFn | None = None,
-          should_stop: Callable[[], bool] | None = None) -> AdaptResult:
+          should_stop: Callable[[], bool] | None = None,
+          status: StatusFn | None = None) -> AdaptResult:
     """Adapt the backbone to the structure painted on a few slices and segment it in 3D.
 
     Args:
@@ -210,6 +228,10 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
             structure (on any slice); they enter the loss as background.
         weights: local checkpoint file of ``backbone`` (e.g. downloaded by hand behind a
             firewall).
+        progress: called after each training step with (step, loss, per-layer ranks).
+        should_stop: polled every training step; True raises
+            :class:`~arenaseg.training.Cancelled`.
+        status: ``status(phase, message)`` as each phase (:data:`PHASES`) starts.
 
     Raises:
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
@@ -222,8 +244,10 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                        {"image": image, "annotations": annotations})
     if adapter_out:
         adapter_out = check_output(adapter_out, (".safetensors",), "adapter output")
+    status = status or _quiet
     dev = pick_device(device)
     start = time.perf_counter()
+    status("reading", f"reading {image}")
     ct = read_image(image, "image")
     labels = read_labels_on(ct, annotations, "annotations")
     annotation = find_annotation(array_ijk(labels), label, slice_axis, str(annotations),
@@ -237,8 +261,9 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                                  f"{saved}, not {given}: give {option} {saved}, or start "
                                  "without --warm-start")
     result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True,
-                 weights=weights, progress=progress, should_stop=should_stop)
+                 weights=weights, progress=progress, should_stop=should_stop, status=status)
     tuning, spec = result.tuning, result.spec
+    status("inference", "segmenting the whole volume")
     result_image = predict(tuning, spec, result.scan, dev, label, annotation)
     initial = tuning.initial_ranks()
     adapt_result = AdaptResult(
@@ -249,6 +274,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         loss=result.log.loss, total_rank=result.log.total_rank,
         seconds=time.perf_counter() - start, device=str(dev), slice_axis=annotation.axis,
         painted_slices=tuple(int(i) for i in annotation.slices))
+    status("writing", f"writing {out}" + (f" and {adapter_out}" if adapter_out else ""))
     written = []
     try:  # an interruption while writing removes both files: a cancelled run leaves nothing
         if adapter_out:
@@ -267,7 +293,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
 
 
 def segment(image: str, adapter: str, out: str, device: str = "auto",
-            weights: str | None = None) -> dict:
+            weights: str | None = None, status: StatusFn | None = None) -> dict:
     """Segment ``image`` with a saved adapter (e.g. on a new patient).
 
     Returns:
@@ -276,15 +302,21 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
     Raises:
         ArenaError: unreadable image, corrupt adapter, adapter made for another backbone.
     """
+    status = status or _quiet
     out = check_output(out, IMAGE_SUFFIXES, "output segmentation", {"image": image})
     dev = pick_device(device)
     start = time.perf_counter()
+    status("reading", f"reading {adapter} and {image}")
     tensors, meta = read_adapter(adapter)
     ct = read_image(image, "image")
     model, spec = load_backbone(meta["backbone"], weights)
     tuning = apply_adapter(model, spec, tensors, meta, source=str(adapter))
+    status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
     scan = Scan.from_image(ct, spec)
-    write_image(predict(tuning, spec, scan, dev, meta.get("label", 1)), out)
+    status("inference", "segmenting the whole volume")
+    result = predict(tuning, spec, scan, dev, meta.get("label", 1))
+    status("writing", f"writing {out}")
+    write_image(result, out)
     return {"segmentation": str(out), "structure": meta.get("structure"),
             "label": meta.get("label", 1), "ranks": meta["ranks"],
             "seconds": time.perf_counter() - start}
