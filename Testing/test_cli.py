@@ -52,9 +52,12 @@ def test_adapt_says_which_painted_slices_it_learned_from(small_liver, tmp_path, 
 
 def assert_refused(capsys, argv, *words, out=None):
     rc = main(argv)
-    err = capsys.readouterr().err.strip()
+    lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert len(err.splitlines()) == 1 and err.startswith("arenaseg: error:")
+    # Phase lines ("arenaseg: reading ...") may come first; the error is one line, the last.
+    assert all(line.startswith("arenaseg: ") for line in lines)
+    assert [line for line in lines if line.startswith("arenaseg: error:")] == lines[-1:]
+    err = lines[-1]
     for word in words:
         assert word in err
     if out is not None:

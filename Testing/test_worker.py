@@ -28,10 +28,19 @@ def test_worker_reports_progress_and_done(small_liver, tmp_path):
     out, _ = proc.communicate(timeout=300)
     events = [json.loads(line) for line in out.splitlines()]
     assert proc.returncode == 0
-    assert [e["event"] for e in events] == ["started"] + ["progress"] * 3 + ["done"]
-    assert [e["step"] for e in events[1:4]] == [1, 2, 3]
-    assert all(e["total_rank"] == sum(e["ranks"].values()) for e in events[1:4])
+    kinds = [e["event"] for e in events if e["event"] not in ("phase", "warning")]
+    assert kinds == ["started"] + ["progress"] * 3 + ["done"]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3]
+    assert all(e["total_rank"] == sum(e["ranks"].values()) for e in progress)
+    # every phase reports, in order; inference reports each window
+    phases = [e["phase"] for e in events if e["event"] == "phase"]
+    assert [p for i, p in enumerate(phases) if p not in phases[:i]] == [
+        "reading", "preprocessing", "training", "inference", "writing"]
+    windows = [e for e in events if e["event"] == "phase" and "total" in e]
+    assert windows and [e["done"] for e in windows] == list(range(1, windows[0]["total"] + 1))
     done = events[-1]
+    assert done["objects"] >= 1 and done["volume_ml"] > 0 and done["removed_ml"] >= 0
     assert done["segmentation"] == str(tmp_path / "seg.nii.gz") and (tmp_path / "seg.nii.gz").is_file()
     assert done["adapter"] == str(tmp_path / "liver.safetensors")
     assert done["effective_rank"] == sum(done["ranks"].values())

@@ -141,7 +141,7 @@ def run_job(args: tuple) -> dict:
     start = time.perf_counter()
     result = fit(scan, annotation, settings, structure=job["structure"], device="cpu")
     trained = time.perf_counter()
-    seg = array_ijk(predict(result.tuning, result.spec, scan, cpu, value, annotation)) == value
+    seg = array_ijk(predict(result.tuning, result.spec, scan, cpu, value, annotation).image) == value
     row = dict(job, dice=dice(seg, ref == value, ~annotation.known),
                train_s=trained - start, predict_s=time.perf_counter() - trained,
                ranks=result.tuning.ranks(), initial_ranks=result.tuning.initial_ranks(),
@@ -158,7 +158,7 @@ def run_job(args: tuple) -> dict:
             model, spec = load_backbone()
             tuning = apply_adapter(model, spec, *read_adapter(path), source=str(path))
         other, other_ref = _scan(data, job["cross_to"])
-        pred = array_ijk(predict(tuning, spec, other, cpu, value)) == value
+        pred = array_ijk(predict(tuning, spec, other, cpu, value).image) == value
         row["cross_dice"] = dice(pred, other_ref == value)
     return row
 

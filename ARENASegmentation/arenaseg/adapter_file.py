@@ -15,28 +15,34 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
 from .backbones import BackboneSpec, state_checksum
 from .errors import ArenaError
-from .imageio import atomic_write
 from .methods import Tuning, load_state, prepare
+from .outputs import Outputs, write_safetensors
 
 FORMAT = "arenaseg-adapter/2"
 
 
-def save_adapter(path: str | os.PathLike, tuning: Tuning, metadata: dict) -> Path:
-    """Write the trained tensors of ``tuning`` (:meth:`Tuning.state`) and ``metadata``
-    atomically. ``metadata`` must hold ``backbone``, ``backbone_checksum`` and ``settings``;
-    the ranks are added here."""
+def save_adapter(path: str | os.PathLike, tuning: Tuning, metadata: dict,
+                 outputs: Outputs | None = None) -> Path:
+    """Write the trained tensors of ``tuning`` (:meth:`Tuning.state`) and ``metadata``; the file
+    is re-opened and compared before it is published (:func:`~arenaseg.outputs.write_safetensors`),
+    with ``outputs``' other files when given. ``metadata`` must hold ``backbone``,
+    ``backbone_checksum`` and ``settings``; the ranks are added here.
+
+    Raises:
+        ArenaError: the write failed (file, cause, fix); nothing was published.
+    """
     tensors = tuning.state()
     meta = dict(metadata, format=FORMAT, arenaseg_version=__version__, method=tuning.method,
                 ranks=tuning.ranks(), initial_ranks=tuning.initial_ranks(),
                 stored_ranks=tuning.stored_ranks())
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp,
-                                                    metadata={"arenaseg": json.dumps(meta)}))
+    return write_safetensors(path, tensors, {"arenaseg": json.dumps(meta)}, what="adapter output",
+                             option="--adapter-out", outputs=outputs)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -84,7 +84,8 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
     if axis is None:
         axis = int(np.argmin(counts))
     if axis not in (0, 1, 2):
-        raise ArenaError(f"slice axis {axis} is not 0, 1 or 2 (i, j, k)")
+        raise ArenaError(f"slice axis {axis} is not 0, 1 or 2 (i, j, k): give --slice-axis "
+                         "auto, 0, 1 or 2")
     slices = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
     if background is not None and background == value:
         raise ArenaError(f"background label {background} equals the structure's label: give "

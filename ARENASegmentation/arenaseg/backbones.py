@@ -543,8 +543,8 @@ def get_spec(backbone_id: str) -> BackboneSpec:
         return REGISTRY[backbone_id]
     except KeyError:
         raise ArenaError(f"unknown backbone '{backbone_id}': choose one of "
-                         f"{', '.join(sorted(REGISTRY))}, or pass a checkpoint file with "
-                         "--weights") from None
+                         f"{', '.join(sorted(REGISTRY))} (--weights FILE gives a local copy of its "
+                         "checkpoint), or give the checkpoint file itself as --backbone") from None
 
 
 def weights_path(spec: BackboneSpec):
@@ -662,7 +662,8 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
         path = weights_path(spec)
         if not path.is_file():
             raise ArenaError(f"weights of backbone '{spec.id}' are missing at '{path}': "
-                             "reinstall arenaseg or run 'arenaseg pretrain'")
+                             "reinstall arenaseg, or pass weights of this backbone (e.g. made by "
+                             "'arenaseg pretrain') with --weights FILE")
         report = _load_file(model, spec, Path(str(path)), hint="reinstall arenaseg")
     elif spec.source is not None and not build_overrides:
         report = _load_file(model, spec, _locate_weights(spec, download, progress))

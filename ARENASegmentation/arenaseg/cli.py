@@ -56,9 +56,30 @@ def _progress_bar(steps: int):
     return update
 
 
-def print_status(phase: str, message: str) -> None:
-    """Phase lines on stderr (stdout keeps the results), so no phase of a run is silent."""
-    print(f"arenaseg: {message}", file=sys.stderr, flush=True)
+def _objects(count: int, ml: float) -> str:
+    return f"{count} object{'s' if count != 1 else ''} ({ml:.1f} mL)"
+
+
+class PhaseLines:
+    """``status`` callback of the pipeline: a line on stderr as each phase starts (stdout keeps
+    the results), and a tqdm bar for a phase that reports ``done`` of ``total``, so no phase of
+    a run is silent."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, phase: str, message: str, done: int | None = None,
+                 total: int | None = None) -> None:
+        from tqdm import tqdm
+
+        if total is None:
+            print(f"arenaseg: {message}", file=sys.stderr, flush=True)
+            return
+        if self.bar is None or self.bar.total != total or done < self.bar.n:
+            self.bar = tqdm(total=total, desc=phase, unit=message)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
 
 
 def print_ranks(ranks: dict[str, int], initial: dict[str, int] | int) -> None:
@@ -89,9 +110,12 @@ def cmd_adapt(args) -> None:
                    settings=settings, backbone=args.backbone, slice_axis=args.slice_axis,
                    structure=args.structure, device=args.device, warm_start=args.warm_start,
                    background_label=args.background_label, weights=args.weights,
-                   progress=_progress_bar(settings.steps), status=print_status)
+                   progress=_progress_bar(settings.steps), status=PhaseLines(),
+                   series=args.series)
     print(f"learned from {len(result.painted_slices)} painted slices across voxel axis "
           f"{'ijk'[result.slice_axis]}: {', '.join(map(str, result.painted_slices))}")
+    print(f"result: {_objects(result.objects, result.volume_ml)} connected to the paint; removed "
+          f"{_objects(result.removed_objects, result.removed_ml)} predicted away from it")
     if result.ranks:
         print_ranks(result.ranks, settings.rank)
     if result.zero_shot_dice is not None:
@@ -107,7 +131,16 @@ def cmd_segment(args) -> None:
     from .pipeline import segment
 
     result = segment(args.image, args.adapter, args.out, device=args.device, weights=args.weights,
-                     status=print_status)
+                     status=PhaseLines(), series=args.series)
+    if result["objects"] == 0:
+        print(f"no confident object: the structure seems absent from {args.image}; the "
+              f"segmentation is empty (removed {_objects(result['removed_objects'], result['removed_ml'])} "
+              "predicted without confidence)")
+    else:
+        painted = result["painted_objects"]
+        print(f"result: {_objects(result['objects'], result['volume_ml'])}"
+              + (f" (the structure had {painted} where it was adapted)" if painted not in (None, result["objects"]) else "")
+              + f"; removed {_objects(result['removed_objects'], result['removed_ml'])} predicted without confidence")
     print(f"wrote {result['segmentation']} ({result['structure'] or 'label ' + str(result['label'])}, "
           f"effective rank {sum(result['ranks'].values())}, {result['seconds']:.1f} s)")
 
@@ -135,7 +168,7 @@ def cmd_demo(args) -> None:
     result = adapt(str(image), str(annotations), args.label, str(out_dir / "segmentation.nii.gz"),
                    str(out_dir / "adapter.safetensors"), settings=settings,
                    structure=args.structure, device=args.device,
-                   progress=_progress_bar(settings.steps), status=print_status)
+                   progress=_progress_bar(settings.steps), status=PhaseLines())
     print_ranks(result.ranks, settings.rank)
     seg = array_ijk(sitk.ReadImage(result.segmentation)) > 0
     unpainted = ~find_annotation(painted, args.label, axis=2).known
@@ -169,6 +202,11 @@ def _add_adapt_options(p) -> None:
     p.add_argument("--checkpointing", action="store_true",
                    help="gradient checkpointing in the backbone (SwinUNETR): less GPU memory")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def _label(text: str) -> int | str:
+    """A label value, or a segment name (resolved against the annotations file)."""
+    return int(text) if text.strip().lstrip("+-").isdigit() else text
 
 
 def _axis(text: str) -> int | None:
@@ -206,9 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapt", help="adapt to a structure painted on a few slices, segment it in 3D")
     p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
+    p.add_argument("--series", metavar="UID",
+                   help="SeriesInstanceUID to read when --image is a DICOM folder holding several "
+                        "series (listed when needed)")
     p.add_argument("--annotations", required=True,
                    help="labelmap with a few painted slices (any grid overlapping the image)")
-    p.add_argument("--label", type=int, required=True, help="label value of the structure")
+    p.add_argument("--label", type=_label, required=True,
+                   help="label value of the structure, or its segment name in a 3D Slicer .seg.nrrd")
     p.add_argument("--out", required=True, help="segmentation to write (.nii.gz, .nrrd, .mha)")
     p.add_argument("--adapter-out", help="adapter to write (.safetensors)")
     p.add_argument("--structure", help="structure name stored in the adapter (e.g. liver)")
@@ -226,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment a scan with a saved adapter")
     p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
+    p.add_argument("--series", metavar="UID",
+                   help="SeriesInstanceUID to read when --image is a DICOM folder holding several "
+                        "series (listed when needed)")
     p.add_argument("--adapter", required=True, help="adapter file written by 'arenaseg adapt'")
     p.add_argument("--weights", help="local checkpoint file of the adapter's backbone (no download)")
     p.add_argument("--out", required=True, help="segmentation to write (.nii.gz, .nrrd, .mha)")

@@ -2,87 +2,96 @@
 
 Every image keeps SimpleITK's LPS world geometry (size, spacing in mm, origin, direction). Labels
 are brought onto an image's grid by nearest-neighbour resampling in world space, and every output
-is written atomically (temporary file, then rename) so a failure never leaves half a file.
+is written through :mod:`arenaseg.outputs`: verified by reading it back, then renamed into place,
+so a failure never leaves half a file nor looks like success.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import ArenaError
+from .outputs import Outputs, WriteMismatch, atomic_write  # noqa: F401 (atomic_write: public here too)
 
 # LPS (SimpleITK, DICOM) <-> RAS (NIfTI, MONAI, Slicer) flips the first two world axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+def read_image(path: str | os.PathLike, what: str = "image", series: str | None = None,
+               match: str | os.PathLike | None = None, warn=None) -> sitk.Image:
     """Read a 3D image: any file SimpleITK reads (NIfTI, NRRD, MHA, ...) or a DICOM series folder.
 
+    Args:
+        series: SeriesInstanceUID to read from a DICOM folder (``--series``).
+        match: annotations file; in a DICOM folder with several series, the one they lie on is
+            chosen (:func:`arenaseg.checks.choose_series`).
+        warn: ``warn(message)`` for one-line warnings (default: the ``arenaseg`` logger).
+
     Raises:
-        ArenaError: the path is missing, unreadable, not 3D (a single slice counts as 2D) or
-            has more than one component per voxel.
+        ArenaError: the path is missing or unreadable, a folder holds no or several series
+            (listed), the slices or the header do not form a regular grid
+            (:mod:`arenaseg.checks`), the image is not 3D (a single slice counts as 2D) or has
+            more than one component per voxel.
     """
+    from .checks import check_grid, explain_read_error, read_series, restore_nifti_non_finite
+
     path = Path(path)
     if not path.exists():
         raise ArenaError(f"{what} '{path}' does not exist: check the path")
+    if series is not None and not path.is_dir():
+        raise ArenaError(f"--series {series} chooses a series in a DICOM folder, but {what} "
+                         f"'{path}' is a file: drop --series")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-            sitk.ProcessObject.SetGlobalWarningDisplay(False)  # our message says it in one line
-            try:
-                files = reader.GetGDCMSeriesFileNames(str(path))
-            finally:
-                sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
-            if not files:
-                raise ArenaError(f"{what} folder '{path}' holds no DICOM series: "
-                                 "point to a folder of DICOM slices or to an image file")
-            reader.SetFileNames(files)
-            image = reader.Execute()
+            image = read_series(path, what, series, match, warn)
         else:
-            image = sitk.ReadImage(str(path))
+            image = restore_nifti_non_finite(sitk.ReadImage(str(path)), path)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
-        raise ArenaError(f"{what} '{path}' cannot be read ({first}): give a NIfTI, NRRD, MHA "
-                         "file or a DICOM series folder") from None
+        raise explain_read_error(err, path, what) from None
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:
         kind = "2D" if image.GetDimension() < 3 or min(image.GetSize()) < 2 else f"{image.GetDimension()}D"
         raise ArenaError(f"{what} '{path}' is {kind} (size {image.GetSize()}): ARENA needs a 3D "
                          "volume with at least 2 slices along every axis")
     if image.GetNumberOfComponentsPerPixel() != 1:
+        fix = ("give a labelmap with one label value per voxel (a Slicer .seg.nrrd is read with "
+               "its segments)" if what != "image" else "give the CT as a scalar (grey-level) "
+               "image in HU, not a colour or vector image")
         raise ArenaError(f"{what} '{path}' has {image.GetNumberOfComponentsPerPixel()} "
-                         "components per voxel: give a scalar (grey-level) image")
+                         f"components per voxel: {fix}")
+    check_grid(image, path, what)
     return image
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(temporary_path)`` next to ``path``, then rename it to ``path`` with the usual
-    permissions (umask); on any failure or interruption, remove the temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True, *,
+                what: str = "output image", option: str | None = None,
+                outputs: Outputs | None = None) -> Path:
+    """Write ``image`` to ``path`` (format from the extension) through
+    :func:`~arenaseg.outputs.atomic_write`: published only after it reads back with the same
+    voxels and geometry, because SimpleITK's NIfTI writer returns normally after a short write
+    (full disk), leaving a truncated file that still opens. With ``outputs``, it is published
+    with that job's other files.
 
+    Raises:
+        ArenaError: the write failed or the file read back differs (file, cause, fix);
+            nothing was published.
+    """
+    def verify(tmp: str) -> None:
+        back = sitk.ReadImage(tmp)
+        if back.GetSize() != image.GetSize() or not np.array_equal(
+                sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
+            raise WriteMismatch("the voxels read back differ from the image")
+        # NIfTI stores the geometry in float32: allow its rounding, nothing more.
+        if not (np.allclose(back.GetSpacing(), image.GetSpacing(), rtol=1e-6, atol=1e-4)
+                and np.allclose(back.GetOrigin(), image.GetOrigin(), rtol=1e-6, atol=1e-3)
+                and np.allclose(back.GetDirection(), image.GetDirection(), atol=1e-4)):
+            raise WriteMismatch("the geometry read back differs from the image")
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``image`` to ``path`` atomically; the format follows the file extension."""
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress), verify,
+                        what, option, outputs)
 
 
 def index_to_world_matrix(image: sitk.Image) -> np.ndarray:
@@ -159,16 +168,115 @@ def image_like(array_ijk_: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return out
 
 
-def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "annotations") -> sitk.Image:
+def _is_segmentation(path: Path) -> bool:
+    """True for a 3D Slicer segmentation file (NRRD with ``Segment<N>_`` fields)."""
+    if not path.is_file() or not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return False
+    try:
+        import slicerio
+
+        return bool(slicerio.read_segmentation(str(path), skip_voxels=True).get("segments"))
+    except Exception:  # not a segmentation header: read as a plain labelmap
+        return False
+
+
+def _segments(path: Path) -> list[dict]:
+    import slicerio
+
+    return slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]
+
+
+def read_label_layers(path: str | os.PathLike, what: str = "annotations") -> list[tuple[sitk.Image, list[dict]]]:
+    """Read a labelmap as ``[(layer image, its segments)]``: a 3D Slicer ``.seg.nrrd`` (read with
+    slicerio) gives one labelmap per layer with its segments (``name``, ``labelValue``), since
+    overlapping segments are stored in separate layers; any other file gives one labelmap and no
+    segment names."""
+    path = Path(path)
+    if not _is_segmentation(path):
+        return [(read_image(path, what), [])]
+    import slicerio
+
+    from .checks import check_grid
+
+    segmentation = slicerio.read_segmentation(str(path))
+    voxels = segmentation["voxels"]
+    layers = voxels if voxels.ndim == 4 else voxels[None]
+    matrix = np.asarray(segmentation["ijkToLPS"], float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    out = []
+    for index, layer in enumerate(layers):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(layer, (2, 1, 0))))
+        image.SetSpacing(spacing.tolist())
+        image.SetDirection((matrix[:3, :3] / spacing).flatten().tolist())
+        image.SetOrigin(matrix[:3, 3].tolist())
+        check_grid(image, path, what)
+        out.append((image, [s for s in segmentation["segments"] if s.get("layer", 0) == index]))
+    return out
+
+
+def _segment_list(segments: list[dict]) -> str:
+    return ", ".join(f"'{s['name']}' ({s.get('labelValue', 1)})" for s in segments)
+
+
+def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annotations") -> tuple[int, int]:
+    """``(label value, layer)`` of ``--label``: a whole number (a label value) or, in a 3D Slicer
+    ``.seg.nrrd``, a segment name. A value used in several layers picks the one non-empty
+    segment with it.
+
+    Raises:
+        ArenaError: a name in a file without segment names, an unknown name (the segments are
+            listed), or a value that stands for several non-empty segments.
+    """
+    path = Path(path)
+    text = str(label).strip()
+    number = int(text) if text.lstrip("+-").isdigit() else None
+    if not path.exists():
+        if number is not None:  # reading the file reports it, after the image
+            return number, 0
+        raise ArenaError(f"{what} '{path}' does not exist: check the path")
+    if not _is_segmentation(path):
+        if number is None:
+            raise ArenaError(f"--label '{label}' is a name, but {what} '{path}' is a plain "
+                             "labelmap without segment names: give its label value (a whole "
+                             "number), or a 3D Slicer .seg.nrrd that names its segments")
+        return number, 0
+    segments = _segments(path)
+    if number is None:
+        named = [s for s in segments if s["name"] == text]
+        named = named or [s for s in segments if s["name"].lower() == text.lower()]
+        if len(named) != 1:
+            why = "is not a segment of" if not named else "names several segments in"
+            raise ArenaError(f"--label '{label}' {why} {what} '{path}' (segments: "
+                             f"{_segment_list(segments)}): give one of these names or values")
+        return int(named[0].get("labelValue", 1)), int(named[0].get("layer", 0))
+    same = [s for s in segments if int(s.get("labelValue", 1)) == number]
+    if len(same) > 1:  # the same value in several layers: an empty segment cannot be the paint
+        import slicerio
+
+        segmentation = slicerio.read_segmentation(str(path))
+        filled = [s for s in same if slicerio.segment_mask(segmentation, s).any()]
+        if len(filled) > 1:
+            raise ArenaError(f"--label {number} stands for several segments of {what} '{path}' "
+                             f"(in different layers: {_segment_list(same)}): give the segment's "
+                             "name instead")
+        same = filled or same[:1]
+    return number, int(same[0].get("layer", 0)) if same else 0
+
+
+def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "annotations",
+                   label: int | str | None = None) -> sitk.Image:
     """Read a labelmap and bring it onto ``image``'s grid (nearest neighbour in world space).
 
-    The labelmap may have any grid or orientation; only world positions count.
+    The labelmap may have any grid or orientation; only world positions count. A 3D Slicer
+    ``.seg.nrrd`` with several layers gives the layer holding ``label`` (a value or a segment
+    name, :func:`resolve_label`; the first layer when None).
 
     Raises:
         ArenaError: unreadable file; values that are not labels (negative or fractional, e.g. a
             CT in HU given as annotations); no overlap with the image in world space.
     """
-    labels = read_image(path, what)
+    layer = resolve_label(path, label, what)[1] if label is not None else 0
+    labels = read_label_layers(path, what)[layer][0]
     values = sitk.GetArrayViewFromImage(labels)
     low = values.min()
     fractional = (values != np.round(values)) if np.issubdtype(values.dtype, np.floating) else None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
+from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -18,7 +20,8 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi_size, device: torch.device,
-                          overlap: float = 0.25) -> torch.Tensor:
+                          overlap: float = 0.25,
+                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Logits of ``model`` over a whole canonical volume.
 
     Args:
@@ -27,18 +30,37 @@ def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi_size, device: t
         roi_size: window size in voxels; windows overlap by ``overlap`` with Gaussian blending
             (MONAI ``sliding_window_inference``).
         device: where the windows run; the full-size result is kept on the CPU.
+        progress: called after each window with (windows done, windows in all).
 
     Returns:
         float32 logits ``(C, X, Y, Z)`` on the CPU.
     """
     was_training = model.training
     model.eval()
+    predictor = model
+    if progress:
+        total, done = window_count(x.shape[1:], roi_size, overlap), 0
+
+        def predictor(window):
+            nonlocal done
+            out = model(window)
+            done += 1
+            progress(min(done, total), total)
+            return out
     with autocast(device):
         out = sliding_window_inference(x[None], roi_size=roi_size, sw_batch_size=1,
-                                       predictor=model, overlap=overlap, mode="gaussian",
+                                       predictor=predictor, overlap=overlap, mode="gaussian",
                                        sw_device=device, device=torch.device("cpu"))
     model.train(was_training)
     return out[0].float()
+
+
+def window_count(size, roi_size, overlap: float) -> int:
+    """Number of windows MONAI's ``sliding_window_inference`` runs over a volume of ``size``
+    (it pads the volume to at least ``roi_size`` and steps by ``roi·(1 − overlap)``)."""
+    size = [max(s, r) for s, r in zip(size, roi_size)]
+    interval = [int(r * (1 - overlap)) if r < s else r for s, r in zip(size, roi_size)]
+    return len(dense_patch_slices(size, roi_size, [max(i, 1) for i in interval]))
 
 
 def pick_device(requested: str | torch.device = "auto") -> torch.device:

@@ -17,26 +17,43 @@ from .adapter_file import apply_adapter, read_adapter, save_adapter
 from .annotations import Annotation, dice, find_annotation
 from .backbones import DEFAULT_BACKBONE, load_backbone, state_checksum
 from .errors import ArenaError
-from .imageio import array_ijk, image_like, read_image, read_labels_on, write_image
+from .checks import (backbone_preprocessing, check_extent, check_intensities, check_paint,
+                     describe, fill_outside)
+from .imageio import array_ijk, image_like, read_image, read_labels_on, resolve_label, write_image
 from .inference import pick_device, sliding_window_logits
+from .outputs import Outputs, check_writable
 from .methods import Tuning, prepare
+from .postprocessing import Objects, select_objects
 from .preprocessing import canonical_axis, input_index_to_canonical, to_canonical, to_input_grid
 from .training import AdaptSettings, ProgressFn, train
 
-StatusFn = Callable[[str, str], None]
-"""``status(phase, message)``: called as each phase starts, ``phase`` one of :data:`PHASES`."""
+StatusFn = Callable[..., None]
+"""``status(phase, message, done=None, total=None)``: called as each phase starts, ``phase``
+one of :data:`PHASES`, and within a long phase with its progress (e.g. inference windows done
+of ``total``)."""
 PHASES = ("reading", "preprocessing", "training", "inference", "writing")
 
 
-def _quiet(phase: str, message: str) -> None:
+def _quiet(phase: str, message: str, done: int | None = None, total: int | None = None) -> None:
     pass
+
+
+def _warner(status: StatusFn):
+    """Input warnings as ``warning:`` lines of the reading phase (CLI: stderr; worker: a
+    ``warning`` event)."""
+    return lambda message: status("reading", f"warning: {message}")
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
 class AdaptResult:
-    """What one adaptation produced and measured."""
+    """What one adaptation produced and measured.
+
+    ``objects`` and ``volume_ml`` describe the result: the connected objects that touch the
+    paint. ``removed_objects`` and ``removed_ml`` are what the adapted backbone also predicted,
+    away from the paint, and post-processing removed: its false positives on this scan.
+    """
 
     segmentation: str
     adapter: str | None
@@ -52,6 +69,10 @@ class AdaptResult:
     device: str = "cpu"
     slice_axis: int = 2
     painted_slices: tuple[int, ...] = ()
+    objects: int = 0
+    volume_ml: float = 0.0
+    removed_objects: int = 0
+    removed_ml: float = 0.0
 
     @property
     def effective_rank(self) -> int:
@@ -61,9 +82,12 @@ class AdaptResult:
         return dict(asdict(self), effective_rank=self.effective_rank)
 
 
-def check_output(path, suffixes, what: str, inputs: dict | None = None) -> Path:
-    """Refuse an output path before any work: wrong suffix, missing folder, or one of the
-    ``inputs`` (name → path), which writing would replace."""
+def check_output(path, suffixes, what: str, inputs: dict | None = None,
+                 option: str = "--out") -> Path:
+    """Refuse an output path before any work: wrong suffix, missing folder, one of the
+    ``inputs`` (name → path), which writing would replace, or a place that cannot be written
+    (read-only, no permission, full disk: :func:`~arenaseg.outputs.check_writable`), which
+    would otherwise only show after the whole run."""
     path = Path(path)
     if not path.name.endswith(tuple(suffixes)):  # SimpleITK knows lower-case extensions only
         raise ArenaError(f"{what} '{path}' has an unsupported extension: use one of "
@@ -74,26 +98,7 @@ def check_output(path, suffixes, what: str, inputs: dict | None = None) -> Path:
         if given and Path(given).resolve() == path.resolve():
             raise ArenaError(f"{what} '{path}' is the {name} file: writing it would replace "
                              "your input; choose another output path")
-    return path
-
-
-def keep_connected(mask: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
-    """Keep the connected components of ``mask`` (face connectivity, SimpleITK
-    ``ConnectedComponent``) that contain a ``seeds`` voxel, or the largest one without seeds.
-
-    The loss only sees the painted slices, so look-alike tissue far from them (fluid for a
-    bladder, muscle for a psoas) is never shown as background; the structure the user painted is
-    the region connected to the paint."""
-    grid = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(mask, (2, 1, 0))).astype(np.uint8))
-    components = array_ijk(sitk.ConnectedComponent(grid))
-    if components.max() == 0:
-        return mask
-    if seeds is not None and seeds.any():
-        keep = np.unique(components[seeds & mask])
-        keep = keep[keep > 0]
-    else:
-        keep = [np.argmax(np.bincount(components.ravel())[1:]) + 1]
-    return np.isin(components, keep)
+    return check_writable(path, what, option)
 
 
 @dataclass
@@ -104,38 +109,58 @@ class Scan:
         image: the input CT (HU) with its world geometry.
         x: canonical CT ``(1, X, Y, Z)`` in [0, 1] (:func:`~arenaseg.preprocessing.to_canonical`).
         affine: 4×4 RAS affine of the canonical grid (mm).
+        outside: boolean ``(I, J, K)`` array of the input's NaN/inf voxels, or None: outside
+            the scan, filled with air for the network and never predicted
+            (:func:`~arenaseg.checks.fill_outside`).
     """
 
     image: sitk.Image
     x: torch.Tensor
     affine: np.ndarray
+    outside: np.ndarray | None = None
 
     @classmethod
     def from_image(cls, image: sitk.Image, spec) -> "Scan":
-        return cls(image, *to_canonical(image, spec.preprocessing))
+        image, outside = fill_outside(image)
+        return cls(image, *to_canonical(image, spec.preprocessing), outside)
 
 
 def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int = 1,
-            annotation: Annotation | None = None) -> sitk.Image:
-    """Segment ``scan`` with the adapted backbone: sliding-window logits, sigmoid > 0.5, back
-    onto the input grid; the painted slices are copied from ``annotation``; only the region
-    connected to the paint (or the largest one) is kept.
+            annotation: Annotation | None = None, status: StatusFn | None = None) -> Objects:
+    """Segment ``scan`` with the adapted backbone.
+
+    Sliding-window logits (MONAI) on the canonical grid, their sigmoid resampled (trilinear,
+    SimpleITK) onto the input grid, thresholded at 0.5; then the objects that make up the
+    structure are kept (:func:`~arenaseg.postprocessing.select_objects`): with ``annotation``,
+    the painted slices are copied from it and only objects connected to the paint are kept;
+    without, every confident object. Voxels outside the scan (``scan.outside``) stay empty.
+
+    Args:
+        tuning: the adapted backbone (merged for inference, unmerged after).
+        spec: its :class:`~arenaseg.backbones.BackboneSpec` (ROI size).
+        scan: the CT on both grids.
+        device: where the windows run.
+        label: value of the structure in the returned labelmap.
+        annotation: the painted slices on the input grid (adapt), or None (segment).
+        status: ``status("inference", message)`` after each window.
 
     Returns:
-        A labelmap on exactly the input grid, value ``label`` inside the structure."""
+        :class:`~arenaseg.postprocessing.Objects`: ``image`` is a labelmap on exactly the input
+        grid, ``label`` inside the structure; with the count and volume (mL) kept and removed.
+    """
     tuning.model.to(device)
     tuning.merge()
+    windows = (lambda done, total: status("inference", "windows", done, total)) if status else None
     try:
-        logits = sliding_window_logits(tuning.model, scan.x, spec.preprocessing.roi_size, device)
+        logits = sliding_window_logits(tuning.model, scan.x, spec.preprocessing.roi_size, device,
+                                       progress=windows)
     finally:
         tuning.unmerge()
-    seg = array_ijk(to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)) > 0.5
-    if annotation is not None:  # the painted slices are the user's ground truth
-        known = annotation.known
-        seg[known] = annotation.target[known]
-    seg = keep_connected(seg, annotation.target if annotation is not None else None)
-    dtype = np.min_scalar_type(label)
-    return image_like(seg.astype(dtype) * dtype.type(label), scan.image)
+    probability = to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)
+    del logits
+    if annotation is None:
+        return select_objects(probability, label, outside=scan.outside)
+    return select_objects(probability, label, annotation.known, annotation.target, scan.outside)
 
 
 @dataclass
@@ -183,7 +208,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         tuning = prepare(model, spec, settings, structure)
     zero_shot_dice = None
     if zero_shot and spec.pretrained_channel(structure) is not None and not warm:
-        seg = array_ijk(predict(tuning, spec, scan, dev)) > 0
+        seg = array_ijk(predict(tuning, spec, scan, dev).image) > 0
         zero_shot_dice = dice(seg, annotation.target, annotation.known)
     points, targets = annotation.points()
     coords = input_index_to_canonical(points, scan.image, scan.affine)
@@ -208,13 +233,14 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
           warm_start: str | None = None, background_label: int | None = None,
           weights: str | None = None, progress: ProgressFn | None = None,
           should_stop: Callable[[], bool] | None = None,
-          status: StatusFn | None = None) -> AdaptResult:
+          status: StatusFn | None = None, series: str | None = None) -> AdaptResult:
     """Adapt the backbone to the structure painted on a few slices and segment it in 3D.
 
     Args:
         image: CT file or DICOM folder (HU).
         annotations: labelmap with the painted slices, on any grid overlapping the image.
-        label: label value of the structure in ``annotations``.
+        label: label value of the structure in ``annotations``, or the segment's name in a 3D
+            Slicer ``.seg.nrrd`` (:func:`~arenaseg.imageio.resolve_label`).
         out: segmentation to write (labelmap with value ``label``, exactly on the image grid;
             the painted slices are copied from the annotations).
         adapter_out: adapter file to write (``.safetensors``), optional.
@@ -231,27 +257,36 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         progress: called after each training step with (step, loss, per-layer ranks).
         should_stop: polled every training step; True raises
             :class:`~arenaseg.training.Cancelled`.
-        status: ``status(phase, message)`` as each phase (:data:`PHASES`) starts.
+        status: ``status(phase, message)`` as each phase (:data:`PHASES`) starts; input
+            warnings come as ``warning: ...`` messages of the reading phase.
+        series: SeriesInstanceUID to read when ``image`` is a DICOM folder with several series
+            (default: the one the annotations lie on).
 
     Raises:
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
     """
     settings = settings or AdaptSettings()
+    label = resolve_label(annotations, label)[0]
     if label < 1:
         raise ArenaError(f"--label {label} is not a structure: 0 is background; give the "
                          "positive value the structure is painted with")
     out = check_output(out, IMAGE_SUFFIXES, "output segmentation",
                        {"image": image, "annotations": annotations})
     if adapter_out:
-        adapter_out = check_output(adapter_out, (".safetensors",), "adapter output")
+        adapter_out = check_output(adapter_out, (".safetensors",), "adapter output",
+                                   option="--adapter-out")
     status = status or _quiet
     dev = pick_device(device)
     start = time.perf_counter()
     status("reading", f"reading {image}")
-    ct = read_image(image, "image")
-    labels = read_labels_on(ct, annotations, "annotations")
+    warn = _warner(status)
+    ct = read_image(image, "image", series=series, match=annotations, warn=warn)
+    status("reading", describe(ct, image))
+    check_intensities(ct, image, warn)
+    labels = read_labels_on(ct, annotations, "annotations", label=label)
     annotation = find_annotation(array_ijk(labels), label, slice_axis, str(annotations),
                                  background_label)
+    check_paint(ct, annotation, annotations)
     warm = read_adapter(warm_start) if warm_start else None
     if warm:
         for option, given, saved in (("--method", settings.method, warm[1]["method"]),
@@ -260,11 +295,13 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                 raise ArenaError(f"--warm-start adapter '{warm_start}' was trained with {option} "
                                  f"{saved}, not {given}: give {option} {saved}, or start "
                                  "without --warm-start")
+    used = warm[1]["backbone"] if warm else backbone
+    check_extent(ct, image, backbone_preprocessing(used), str(used), warn)
     result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True,
                  weights=weights, progress=progress, should_stop=should_stop, status=status)
     tuning, spec = result.tuning, result.spec
     status("inference", "segmenting the whole volume")
-    result_image = predict(tuning, spec, result.scan, dev, label, annotation)
+    objects = predict(tuning, spec, result.scan, dev, label, annotation, status)
     initial = tuning.initial_ranks()
     adapt_result = AdaptResult(
         segmentation=str(out), adapter=str(adapter_out) if adapter_out else None,
@@ -273,34 +310,47 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         active_parameters=tuning.active_parameters(), zero_shot_dice=result.zero_shot_dice,
         loss=result.log.loss, total_rank=result.log.total_rank,
         seconds=time.perf_counter() - start, device=str(dev), slice_axis=annotation.axis,
-        painted_slices=tuple(int(i) for i in annotation.slices))
+        painted_slices=tuple(int(i) for i in annotation.slices), objects=objects.kept,
+        volume_ml=objects.kept_ml, removed_objects=objects.removed, removed_ml=objects.removed_ml)
     status("writing", f"writing {out}" + (f" and {adapter_out}" if adapter_out else ""))
-    written = []
-    try:  # an interruption while writing removes both files: a cancelled run leaves nothing
+    # Both files or neither: each is verified before either is published, so a failed or
+    # interrupted write (full disk, Ctrl-C, cancel) leaves no segmentation without its adapter,
+    # and never replaces an earlier adapter (e.g. the --warm-start one) with nothing to show.
+    with Outputs() as outputs:
         if adapter_out:
-            written.append(save_adapter(adapter_out, tuning, {
+            save_adapter(adapter_out, tuning, {
                 "backbone": spec.id, "backbone_checksum": result.checksum,
                 "targets": list(tuning.layers), "settings": settings.to_dict(),
                 "preprocessing": spec.preprocessing.to_dict(), "structure": structure,
                 "label": int(label), "annotated_axis": annotation.axis,
-                "annotated_slices": list(annotation.slices), "source_image": str(image)}))
-        written.append(write_image(result_image, out))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+                "annotated_slices": list(annotation.slices), "source_image": str(image),
+                "objects": objects.kept, "volume_ml": round(objects.kept_ml, 3)},
+                outputs=outputs)
+        write_image(objects.image, out, what="output segmentation", option="--out",
+                    outputs=outputs)
+        outputs.publish()
     return adapt_result
 
 
 def segment(image: str, adapter: str, out: str, device: str = "auto",
-            weights: str | None = None, status: StatusFn | None = None) -> dict:
+            weights: str | None = None, status: StatusFn | None = None,
+            series: str | None = None) -> dict:
     """Segment ``image`` with a saved adapter (e.g. on a new patient).
 
+    Args:
+        series: SeriesInstanceUID to read when ``image`` is a DICOM folder with several series.
+
     Returns:
-        ``{"segmentation", "structure", "label", "ranks", "seconds"}``.
+        ``{"segmentation", "structure", "label", "ranks", "seconds"}``, and what
+        post-processing kept: ``objects`` (confident objects kept; 0 when the structure is
+        absent), ``volume_ml``, ``removed_objects``, ``removed_ml`` (objects predicted without
+        confidence), ``painted_objects`` (objects the structure had where it was adapted, None
+        for older adapters).
 
     Raises:
-        ArenaError: unreadable image, corrupt adapter, adapter made for another backbone.
+        ArenaError: unreadable image, several DICOM series and no ``series``, geometry or
+            intensities that are not a CT on a regular grid (:mod:`arenaseg.checks`), corrupt
+            adapter, adapter made for another backbone.
     """
     status = status or _quiet
     out = check_output(out, IMAGE_SUFFIXES, "output segmentation", {"image": image})
@@ -308,15 +358,21 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
     start = time.perf_counter()
     status("reading", f"reading {adapter} and {image}")
     tensors, meta = read_adapter(adapter)
-    ct = read_image(image, "image")
+    warn = _warner(status)
+    ct = read_image(image, "image", series=series, warn=warn)
+    status("reading", describe(ct, image))
+    check_intensities(ct, image, warn)
     model, spec = load_backbone(meta["backbone"], weights)
+    check_extent(ct, image, spec.preprocessing, spec.id, warn)
     tuning = apply_adapter(model, spec, tensors, meta, source=str(adapter))
     status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
     scan = Scan.from_image(ct, spec)
     status("inference", "segmenting the whole volume")
-    result = predict(tuning, spec, scan, dev, meta.get("label", 1))
+    objects = predict(tuning, spec, scan, dev, meta.get("label", 1), status=status)
     status("writing", f"writing {out}")
-    write_image(result, out)
+    write_image(objects.image, out, what="output segmentation", option="--out")
     return {"segmentation": str(out), "structure": meta.get("structure"),
             "label": meta.get("label", 1), "ranks": meta["ranks"],
-            "seconds": time.perf_counter() - start}
+            "objects": objects.kept, "volume_ml": objects.kept_ml,
+            "removed_objects": objects.removed, "removed_ml": objects.removed_ml,
+            "painted_objects": meta.get("objects"), "seconds": time.perf_counter() - start}

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .backbones import DEFAULT_BACKBONE, get_spec, state_checksum
 from .imageio import array_ijk, image_like, read_image, read_labels_on
 from .inference import autocast, sliding_window_logits
+from .outputs import Outputs, check_writable, write_safetensors, write_text
 from .preprocessing import to_canonical, to_input_grid
 
 ATTRIBUTION = ("Training data: the TotalSegmentator test scans (Wasserthal et al., "
@@ -84,8 +85,11 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     Returns:
         A report: per-scan per-class Dice, seconds, checksums.
     """
-    from safetensors.torch import save_file
-
+    out = Path(out)
+    card_path = out.with_suffix(".md")
+    # Before hours of training: both files must be writable (read-only folder, full disk).
+    check_writable(out, "weights", "--out")
+    check_writable(card_path, "model card", "--out")
     spec = get_spec(DEFAULT_BACKBONE)
     prep = spec.preprocessing
     torch.manual_seed(seed)
@@ -99,7 +103,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
         model.load_state_dict(load_file(str(init)), strict=True)
         card = Path(init).with_suffix(".md")
         earlier = {"path": str(init), "sha256": file_checksum(Path(init)),
-                   "card": card.read_text() if card.is_file() else None}
+                   "card": card.read_text(encoding="utf-8") if card.is_file() else None}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -135,18 +139,22 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
                            "dice": dict(zip(names, dice))})
     model.cpu()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, str(tmp), metadata={"backbone": spec.id, "classes": json.dumps(["background"] + names)})
-    os.replace(tmp, out)
-    report = {"backbone": spec.id, "classes": names, "class_values": class_values,
-              "command": command, "init": earlier, "steps": steps, "lr": lr, "crops_per_step": crops_per_step, "seed": seed,
-              "seconds": round(seconds, 1), "device": str(device), "evaluation": evaluation,
-              "weights_sha256": file_checksum(out), "state_checksum": state_checksum(model),
-              "data": [{"path": str(p), "sha256": file_checksum(Path(p))}
-                       for pair in scans for p in pair]}
-    out.with_suffix(".md").write_text(model_card(report, prep))
+    # Weights and card together or neither: both are verified before either is published.
+    with Outputs() as outputs:
+        write_safetensors(out, state, {"backbone": spec.id,
+                                       "classes": json.dumps(["background"] + names)},
+                          what="weights", option="--out", outputs=outputs)
+        report = {"backbone": spec.id, "classes": names, "class_values": class_values,
+                  "command": command, "init": earlier, "steps": steps, "lr": lr,
+                  "crops_per_step": crops_per_step, "seed": seed,
+                  "seconds": round(seconds, 1), "device": str(device), "evaluation": evaluation,
+                  "weights_sha256": file_checksum(outputs.temporary(out)),
+                  "state_checksum": state_checksum(model),
+                  "data": [{"path": str(p), "sha256": file_checksum(Path(p))}
+                           for pair in scans for p in pair]}
+        write_text(card_path, model_card(report, prep), what="model card", option="--out",
+                   outputs=outputs)
+        outputs.publish()
     return report
 
 

@@ -2,11 +2,16 @@
 
 The job file is a JSON object: ``{"command": "adapt", "image": ..., "annotations": ...,
 "label": ..., "out": ..., "adapter_out": ..., "structure": ..., "slice_axis": ...,
-"warm_start": ..., "background_label": ..., "device": ..., "settings": {AdaptSettings fields}}`` or ``{"command":
-"segment", "image": ..., "adapter": ..., "out": ..., "device": ...}``.
+"warm_start": ..., "background_label": ..., "device": ..., "series": ..., "settings": {AdaptSettings fields}}`` or ``{"command":
+"segment", "image": ..., "adapter": ..., "out": ..., "device": ..., "series": ...}``. ``label``
+is a label value or, in a 3D Slicer ``.seg.nrrd``, a segment name; ``series`` (optional) is
+the SeriesInstanceUID to read when ``image`` is a DICOM folder holding several series.
 
 The worker prints one JSON object per line on stdout, flushed at once:
-``{"event": "started", ...}``, ``{"event": "progress", "step", "steps", "loss", "total_rank",
+``{"event": "started", ...}``, ``{"event": "phase", "phase", "message"}`` as each phase
+(reading, preprocessing, training, inference, writing) starts, ``{"event": "warning", "phase",
+"message"}`` for a doubtful input (one line: file, what was seen, what was done),
+``{"event": "progress", "step", "steps", "loss", "total_rank",
 "ranks"}``, then ``{"event": "done", ...}`` with output paths and the rank summary,
 ``{"event": "error", "message"}`` (exit 2) or ``{"event": "cancelled"}`` (exit 143 after
 SIGTERM, within about a training step; outputs are written atomically at the very end, so a
@@ -15,10 +20,12 @@ cancelled job leaves none). CUDA (bf16 autocast) is used when present, else the 
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import signal
 import sys
+import threading
 import traceback
 
 from .errors import ArenaError
@@ -30,8 +37,32 @@ def emit(event: str, **fields) -> None:
     sys.stdout.flush()
 
 
+def phase(name: str, message: str, done: int | None = None, total: int | None = None) -> None:
+    """A phase line, or a ``warning`` event for the engine's ``warning: ...`` input warnings
+    (e.g. which DICOM series was used, NaN voxels, a thin volume)."""
+    if message.startswith("warning: "):
+        emit("warning", phase=name, message=message[len("warning: "):])
+    else:
+        emit("phase", phase=name, message=message,
+             **({"done": done, "total": total} if total else {}))
+
+
 def _on_sigterm(signum, frame):
     raise Cancelled()
+
+
+def _stop_at_stdin_eof() -> None:
+    """Job field ``"stop_on_stdin_eof": true``: the end of stdin cancels the job like SIGTERM.
+
+    Slicer's PythonSlicer launcher forwards stdin to the interpreter it starts but no signal, so
+    a GUI client cancels by closing the worker's stdin; a client that dies closes it too.
+    """
+    try:  # the raw descriptor: a daemon thread blocked in sys.stdin's buffer aborts Python's exit
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    _thread.interrupt_main(signal.SIGTERM)  # runs _on_sigterm in the main thread
 
 
 def run_job(job: dict) -> dict:
@@ -43,10 +74,16 @@ def run_job(job: dict) -> dict:
     try:
         return _run(job)
     except KeyError as err:
-        raise ArenaError(f"job field {err} is missing: see 'python -m arenaseg.worker' docs") from None
+        raise ArenaError(f"job field {err} is missing: see the job format in "
+                         "arenaseg/worker.py") from None
     except (TypeError, ValueError) as err:
         raise ArenaError(f"job field has a wrong value or name ({err}): see the job format in "
                          "arenaseg/worker.py") from None
+
+
+def _label(value) -> int | str:
+    """A label value, or a segment name of a .seg.nrrd (resolved by the pipeline)."""
+    return value if isinstance(value, str) else int(value)
 
 
 def _run(job: dict) -> dict:
@@ -60,17 +97,17 @@ def _run(job: dict) -> dict:
             emit("progress", step=step, steps=settings.steps, loss=round(loss, 5),
                  total_rank=sum(ranks.values()), ranks=ranks)
 
-        result = adapt(job["image"], job["annotations"], int(job["label"]), job["out"],
+        result = adapt(job["image"], job["annotations"], _label(job["label"]), job["out"],
                        job.get("adapter_out"), settings=settings,
                        backbone=job.get("backbone", "arena-small-ct-unet"),
                        slice_axis=job.get("slice_axis"), structure=job.get("structure"),
                        device=job.get("device", "auto"), warm_start=job.get("warm_start"),
                        background_label=job.get("background_label"), weights=job.get("weights"),
-                       progress=progress)
+                       progress=progress, status=phase, series=job.get("series"))
         return result.to_dict()
     if command == "segment":
         return segment(job["image"], job["adapter"], job["out"], device=job.get("device", "auto"),
-                       weights=job.get("weights"))
+                       weights=job.get("weights"), status=phase, series=job.get("series"))
     raise ArenaError(f"job command '{command}' is not 'adapt' or 'segment'")
 
 
@@ -85,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 job = json.load(f)
         except (OSError, ValueError) as err:
             raise ArenaError(f"job file '{argv[0]}' cannot be read as JSON ({err})") from None
+        if job.get("stop_on_stdin_eof"):
+            threading.Thread(target=_stop_at_stdin_eof, daemon=True).start()
         from .inference import pick_device
 
         emit("started", pid=os.getpid(), command=job.get("command"),

@@ -1,0 +1,350 @@
+"""Output files: checked writable before any work, verified before they are published.
+
+A write that fails must never look like success. Writers do not all say when they fail:
+SimpleITK's NIfTI writer reports a short write (full disk) only on stderr and returns normally,
+leaving a truncated file that still opens as an image. So every output goes through
+:class:`Outputs`:
+
+- before any work, :func:`check_writable` creates, writes and removes a small file in the
+  output folder, the only test that sees read-only mounts, ACLs, immutable folders and full
+  disks exactly as the real write will;
+- each file is written into a hidden temporary folder beside its destination, flushed to disk,
+  and read back and compared with what was meant to be written (the caller's ``verify``);
+- only when every file of the job passed are they moved into place (atomic renames); on any
+  failure or interruption the temporary folders are removed and nothing is published.
+
+Every failure becomes one :class:`~arenaseg.errors.ArenaError` line naming the file, the cause
+(e.g. "no space left on device") and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import ArenaError
+
+
+class WriteMismatch(Exception):
+    """The file read back is not what was meant to be written (raised by ``verify`` functions)."""
+
+
+# Errors a failing write raises: the OS's own, SimpleITK's (RuntimeError), a verification's.
+WRITE_ERRORS = (OSError, RuntimeError, WriteMismatch)
+
+# OS causes a writer's message may name in words instead of an errno (SimpleITK, safetensors).
+_CAUSES = tuple(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG,
+                                  errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO) if code)
+_SPACE_FIX = {errno.ENOSPC: "free space on that disk",
+              getattr(errno, "EDQUOT", -1): "free space within your disk quota",
+              errno.EFBIG: "raise the file-size limit (ulimit -f)"}
+# Below this many free bytes after a failed write, the disk is taken as the cause: a short write
+# uses up what was left, so a full disk shows (almost) nothing free.
+_NEARLY_FULL = 1 << 20
+
+
+def _cause_code(err: BaseException | None) -> int | None:
+    """The OS error behind ``err``: its errno, or one its message names ("os error 28" from
+    safetensors, "No space left on device" from SimpleITK)."""
+    if isinstance(err, OSError) and err.errno:
+        return err.errno
+    text = str(err or "")
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return int(found.group(1))
+    return next((code for code in _CAUSES if os.strerror(code).lower() in text.lower()), None)
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _diagnose(err: BaseException, folder: Path, stage: Path | None, printed: str = "") -> int | None:
+    """The errno of a failed write: named by the error or by what the writer printed; for
+    writers that do not say (a short write only noticed by the verification), read from the
+    state the write left: a file at the file-size limit, or a disk with nothing left."""
+    code = _cause_code(err) or _cause_code(RuntimeError(printed))
+    if code:
+        return code
+    limit = _file_size_limit()
+    if limit is not None and stage is not None and stage.is_dir():
+        if any(f.stat().st_size >= limit for f in stage.iterdir() if f.is_file()):
+            return errno.EFBIG
+    try:
+        if shutil.disk_usage(folder).free < _NEARLY_FULL:
+            return errno.ENOSPC
+    except OSError:
+        pass
+    return None
+
+
+def _fix(code: int | None, option: str | None) -> str:
+    where = f"choose another folder for {option}" if option else "choose another folder"
+    if code in _SPACE_FIX:
+        return f"{_SPACE_FIX[code]} or {where}"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"make the folder writable or {where}"
+    return f"check the disk and the folder, or {where}"
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown reason"
+
+
+def check_writable(path: str | os.PathLike, what: str = "output", option: str | None = None) -> Path:
+    """Show before any work that ``path`` can be written: create a small temporary file in its
+    folder (the nearest existing one: missing folders are created when writing), write and flush
+    a byte, remove it.
+
+    Raises:
+        ArenaError: ``path`` is a folder, or the folder cannot be written (read-only, no
+            permission, full disk, ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ArenaError(f"{what} '{path}' is a folder: give a file name in it, e.g. "
+                         f"'{path / 'result'}' with the right extension")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        try:
+            os.write(fd, b"\0")
+            os.fsync(fd)  # some file systems (NFS, quotas) only refuse when data reaches the disk
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        cause = os.strerror(err.errno).lower() if err.errno else _one_line(err)
+        raise ArenaError(f"{what} '{path}' cannot be written ({cause} in '{folder}'): "
+                         f"{_fix(err.errno, option)}") from None
+    return path
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Collect what C/C++ libraries print on file descriptor 2 while writing (SimpleITK's NIfTI
+    writer reports a short write only there), so that a failure stays one line and the text can
+    explain it. Yields a list that receives the text; on success the caller prints it again."""
+    text: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (a GUI without a console)
+        yield text
+        return
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:  # no room for it either: let the library print as usual
+        os.close(saved)
+        yield text
+        return
+    with sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text.append(sink.read().decode(errors="replace"))
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """fsync every file in ``folder``: errors some file systems (NFS, ext4 delayed allocation)
+    only report when the data reaches the disk surface here, not after the rename."""
+    for f in folder.iterdir():
+        fd = os.open(f, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Outputs:
+    """The output files of one job, all or nothing (see the module doc).
+
+    Use as a context manager: :meth:`write` each file, then :meth:`publish`; leaving the block
+    without publishing (an error, Ctrl-C, SIGTERM) removes every temporary file.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path, str, str | None]] = []
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def write(self, path: str | os.PathLike, write: Callable[[str], None],
+              verify: Callable[[str], None] | None = None, what: str = "output",
+              option: str | None = None) -> Path:
+        """Call ``write(temporary_path)``, flush it to disk and ``verify(temporary_path)``
+        (raise :class:`WriteMismatch` when the file is not what was meant).
+
+        The temporary file has ``path``'s name, in a hidden folder beside it, so the format
+        follows the extension and formats with a separate data file (``.nhdr``, ``.mhd``) name
+        it right. Returns the temporary path (the file lies there until :meth:`publish`).
+
+        Raises:
+            ArenaError: the write or the verification failed (file, cause, fix); nothing of
+                this job will be published.
+        """
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        except OSError as err:
+            self.discard()
+            raise self._error(path, err, None, what, option) from None
+        self._staged.append((path, stage, what, option))
+        target = stage / path.name
+        with captured_stderr() as printed:
+            try:
+                write(str(target))
+                if not target.is_file():
+                    raise WriteMismatch("the writer made no file")
+                _flush_to_disk(stage)
+                if target.stat().st_size == 0:
+                    raise WriteMismatch("the file is empty")
+                if verify is not None:
+                    verify(str(target))
+                failure = None
+            except WRITE_ERRORS as err:
+                failure = err
+        if failure is None:
+            if printed and printed[0]:
+                sys.stderr.write(printed[0])  # warnings of a write that worked stay visible
+            return target
+        error = self._error(path, failure, stage, what, option, "".join(printed), target)
+        self.discard()
+        raise error from None
+
+    def _error(self, path: Path, err: BaseException, stage: Path | None, what: str,
+               option: str | None, printed: str = "", target: Path | None = None) -> ArenaError:
+        code = _diagnose(err, path.parent, stage, printed)
+        if code:
+            cause = os.strerror(code).lower()
+        else:
+            detail = _one_line(printed) if isinstance(err, WriteMismatch) and printed.strip() else ""
+            cause = _one_line(err) + (f"; {detail}" if detail else "")
+            if target is not None:  # name the file the user asked for, not our temporary one
+                cause = cause.replace(str(target), str(path))
+        return ArenaError(f"{what} '{path}' could not be written ({cause}), so nothing was "
+                          f"saved: {_fix(code, option)}")
+
+    def temporary(self, path: str | os.PathLike) -> Path:
+        """Where the written, verified file for ``path`` lies until :meth:`publish`."""
+        return next(stage / Path(path).name for dest, stage, _, _ in self._staged
+                    if dest == Path(path))
+
+    def publish(self) -> list[Path]:
+        """Move every verified file into place (atomic renames; a separate data file before the
+        header that names it) and return the destination paths."""
+        done: list[Path] = []
+        try:
+            for path, stage, what, option in self._staged:
+                files = sorted(stage.iterdir(), key=lambda f: f.name == path.name)
+                try:
+                    for f in files:
+                        os.replace(f, path.parent / f.name)
+                except OSError as err:
+                    # Renames within a folder we just wrote in fail only when something else
+                    # changed it meanwhile; take back what this job published, all or nothing.
+                    for p in done:
+                        p.unlink(missing_ok=True)
+                    raise self._error(path, err, None, what, option) from None
+                done.append(path)
+                shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            self.discard()
+        return done
+
+    def discard(self) -> None:
+        """Remove every temporary folder that was not published."""
+        for _, stage, _, _ in self._staged:
+            shutil.rmtree(stage, ignore_errors=True)
+        self._staged = []
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
+                 verify: Callable[[str], None] | None = None, what: str = "output",
+                 option: str | None = None, outputs: Outputs | None = None) -> Path:
+    """Write one file through :class:`Outputs`: into ``outputs`` when given (published with the
+    job's other files), else on its own and published at once. Returns ``path``.
+
+    Raises:
+        ArenaError: the write or its verification failed; nothing was published.
+    """
+    if outputs is not None:
+        outputs.write(path, write, verify, what, option)
+        return Path(path)
+    with Outputs() as single:
+        single.write(path, write, verify, what, option)
+        return single.publish()[0]
+
+
+def write_text(path: str | os.PathLike, text: str, what: str = "output",
+               option: str | None = None, outputs: Outputs | None = None) -> Path:
+    """Write ``text`` (UTF-8) and check it reads back the same."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    def verify(tmp: str) -> None:
+        with open(tmp, encoding="utf-8", newline="") as f:
+            if f.read() != text:
+                raise WriteMismatch("the text read back differs from what was written")
+
+    return atomic_write(path, write, verify, what, option, outputs)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str],
+                      what: str = "output", option: str | None = None,
+                      outputs: Outputs | None = None) -> Path:
+    """Write ``tensors`` and header ``metadata`` as safetensors, then re-open the file with
+    safetensors and check every tensor (name, dtype, shape, values) and the metadata."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file, save
+
+    # Serialise in memory and write the bytes here, so a failing write raises an OSError that
+    # names its errno (the library's own file writer reports it only inside its message).
+    data = save(tensors, metadata=metadata)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    def verify(tmp: str) -> None:
+        try:
+            with safe_open(tmp, framework="pt") as f:
+                meta = f.metadata() or {}
+            back = load_file(tmp)
+        except SafetensorError as err:
+            raise WriteMismatch(f"the file does not read back as safetensors ({err})") from None
+        if meta != metadata or back.keys() != tensors.keys() or not all(
+                back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t.cpu())
+                for k, t in tensors.items()):
+            raise WriteMismatch("the tensors read back differ from what was written")
+
+    return atomic_write(path, write, verify, what, option, outputs)
+
+
+__all__ = ["Outputs", "WriteMismatch", "atomic_write", "check_writable", "captured_stderr",
+           "write_safetensors", "write_text"]

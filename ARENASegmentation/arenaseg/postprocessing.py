@@ -1,0 +1,106 @@
+"""From the network's probability on the input grid to the structure: which objects to keep.
+
+The loss sees only the painted slices, so look-alike tissue far from them (fluid for a bladder,
+muscle for a psoas) is never shown as background. Two rules follow, one per job:
+
+- **adapt** (the paint is given): the structure is what is connected to the paint. Everything
+  else is removed, and its volume is reported: those are the adapter's false positives.
+- **segment** (a new scan, no paint): every object the model is confident about is kept, however
+  many there are (both kidneys painted as one structure stay two objects). An object is
+  confident when it holds a core of at least :data:`CORE_ML` mL at probability ≥
+  :data:`CORE_PROBABILITY`. When no object is, the result is empty: the structure is absent.
+
+Everything stays in SimpleITK images at one byte per voxel where it can (a uint32 object map is
+the largest): a thin-slice CT has 10⁸ voxels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+CORE_PROBABILITY = 0.9
+CORE_ML = 1.0
+
+
+@dataclass
+class Objects:
+    """The kept objects as a labelmap, and what was removed.
+
+    Attributes:
+        image: labelmap on the probability's grid: ``label`` in the kept objects, 0 elsewhere
+            (the smallest unsigned type that holds ``label``).
+        kept: number of kept connected objects (face connectivity).
+        kept_ml: their volume in mL.
+        removed: number of objects predicted (probability > 0.5) but not kept.
+        removed_ml: their volume in mL.
+    """
+
+    image: sitk.Image
+    kept: int
+    kept_ml: float
+    removed: int
+    removed_ml: float
+
+
+def _zyx(array_ijk: np.ndarray) -> np.ndarray:
+    return np.transpose(array_ijk, (2, 1, 0))
+
+
+def select_objects(probability: sitk.Image, label: int = 1, known: np.ndarray | None = None,
+                   target: np.ndarray | None = None, outside: np.ndarray | None = None) -> Objects:
+    """Threshold ``probability`` at 0.5 and keep the objects that make up the structure.
+
+    Args:
+        probability: float image of the structure's probability, on the input grid.
+        label: value written in the kept objects.
+        known: boolean ``(I, J, K)``: voxels whose answer the user painted, or None. There the
+            paint (``target``) replaces the prediction, and only objects connected to the paint
+            are kept (adapt). Without it, confident objects are kept (segment).
+        target: boolean ``(I, J, K)``: painted structure voxels (with ``known``).
+        outside: boolean ``(I, J, K)``: voxels with no image (NaN/inf in the CT), never predicted.
+
+    Returns:
+        :class:`Objects`.
+    """
+    voxel_ml = float(np.prod(probability.GetSpacing())) / 1000.0
+    mask = probability > 0.5
+    core = None if known is not None else probability >= CORE_PROBABILITY
+    if known is not None or outside is not None:
+        values = sitk.GetArrayFromImage(mask)
+        if outside is not None:
+            values[_zyx(outside)] = 0
+        if known is not None:
+            values[_zyx(known)] = _zyx(target)[_zyx(known)]
+        mask = _image(values, probability)
+        del values
+    objects = sitk.ConnectedComponent(mask)  # face connectivity, as ITK's default
+    del mask
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(objects)
+    sizes = np.zeros(shape.GetNumberOfLabels() + 1, np.int64)
+    for n in shape.GetLabels():
+        sizes[n] = shape.GetNumberOfPixels(n)
+    view = sitk.GetArrayViewFromImage(objects)
+    if known is not None:  # every painted voxel lies in an object: the paint was copied in
+        keep = np.unique(view[_zyx(target)])
+    else:
+        stats = sitk.LabelStatisticsImageFilter()
+        stats.Execute(core, objects)
+        keep = np.array([n for n in stats.GetLabels()
+                         if stats.GetSum(n) * voxel_ml >= CORE_ML], dtype=np.int64)
+    keep = keep[keep > 0]
+    lookup = np.zeros(len(sizes), np.min_scalar_type(label))
+    lookup[keep] = label
+    result = _image(lookup[view], probability)
+    kept_voxels = int(sizes[keep].sum())
+    return Objects(result, len(keep), kept_voxels * voxel_ml, len(shape.GetLabels()) - len(keep),
+                   (int(sizes.sum()) - kept_voxels) * voxel_ml)
+
+
+def _image(values_zyx: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(values_zyx.astype(np.uint8) if values_zyx.dtype == bool else values_zyx)
+    image.CopyInformation(reference)
+    return image

@@ -1,0 +1,80 @@
+"""The result is the structure, not "the largest piece": which objects post-processing keeps.
+
+Probability maps are built from the real reference labels of ``abdomen_ct`` (a confident
+structure at 0.95, a doubtful look-alike at 0.7), so each rule is checked on real anatomy."""
+
+import numpy as np
+import SimpleITK as sitk
+
+from arenaseg.imageio import array_ijk, image_like
+from arenaseg.postprocessing import select_objects
+
+from conftest import ABDOMEN, BLADDER
+
+KIDNEY_RIGHT, KIDNEY_LEFT, SPLEEN = 2, 3, 1
+
+
+def _probability(labels: np.ndarray, confident: list[int], doubtful: list[int], like) -> sitk.Image:
+    p = np.full(labels.shape, 0.02, np.float32)
+    p[np.isin(labels, confident)] = 0.95
+    p[np.isin(labels, doubtful)] = 0.7
+    return image_like(p, like)
+
+
+def _labels():
+    image = sitk.ReadImage(str(ABDOMEN / "labels.nii.gz"))
+    return array_ijk(image), image
+
+
+def test_every_confident_object_is_kept_and_doubtful_ones_are_removed():
+    labels, image = _labels()
+    both = np.isin(labels, [KIDNEY_RIGHT, KIDNEY_LEFT])
+    p = _probability(labels, [KIDNEY_RIGHT, KIDNEY_LEFT], [SPLEEN], image)
+    objects = select_objects(p, label=7)
+    result = array_ijk(objects.image)
+    assert objects.kept == 2  # both kidneys, not the larger one only
+    assert np.array_equal(result == 7, both)
+    assert set(np.unique(result)) == {0, 7}
+    voxel_ml = np.prod(image.GetSpacing()) / 1000
+    assert objects.kept_ml == both.sum() * voxel_ml
+    assert objects.removed == 1 and objects.removed_ml == (labels == SPLEEN).sum() * voxel_ml
+    assert objects.image.GetSize() == image.GetSize()
+    assert objects.image.GetDirection() == image.GetDirection()
+
+
+def test_an_absent_structure_gives_an_empty_result():
+    labels, image = _labels()
+    objects = select_objects(_probability(labels, [], [SPLEEN, BLADDER], image))
+    assert objects.kept == 0 and objects.kept_ml == 0
+    assert not array_ijk(objects.image).any()
+    assert objects.removed == 2
+
+
+def test_with_paint_only_objects_touching_it_are_kept_and_the_rest_is_reported():
+    labels, image = _labels()
+    p = _probability(labels, [KIDNEY_RIGHT, KIDNEY_LEFT, SPLEEN], [], image)
+    right = labels == KIDNEY_RIGHT
+    k = int(np.flatnonzero(right.any(axis=(0, 1))).mean())
+    known = np.zeros(labels.shape, bool)
+    known[:, :, k] = True
+    objects = select_objects(p, 1, known, right & known)
+    result = array_ijk(objects.image).astype(bool)
+    # the painted slice is the user's answer: the left kidney there is background
+    assert not result[:, :, k][labels[:, :, k] == KIDNEY_LEFT].any()
+    assert result[right].all() and not result[labels == SPLEEN].any()
+    assert objects.kept >= 1 and objects.removed >= 2
+    assert objects.removed_ml > (labels == SPLEEN).sum() * np.prod(image.GetSpacing()) / 1000 * 0.99
+
+
+def test_voxels_outside_the_scan_are_never_predicted():
+    labels, image = _labels()
+    liver = labels == 5
+    outside = np.zeros(labels.shape, bool)
+    k = int(np.flatnonzero(liver.any(axis=(0, 1))).mean())
+    outside[:, :, k - 1:k + 2] = True  # a NaN slab through the liver
+    objects = select_objects(_probability(labels, [5], [], image), 5, outside=outside)
+    result = array_ijk(objects.image)
+    assert not result[outside].any()
+    above, below = liver.copy(), liver.copy()
+    above[:, :, :k + 2], below[:, :, k - 1:] = False, False
+    assert result[above].mean() > 0.99 and result[below].mean() > 0.99  # both halves kept
