@@ -5,101 +5,42 @@ The module adapts a frozen, pretrained 3D CT backbone to the painted structure w
 whole volume. The work runs in a separate process (``python -m arenaseg.worker JOB.json``) that
 the Logic reads without blocking, so Slicer stays responsive and the run can be cancelled.
 
-Layout (Slicer's scripted-module conventions):
-
-- ``ARENASegmentation``: module description.
-- ``ARENASegmentationParameterNode``: every setting of the panel (saved with the scene).
-- ``ARENASegmentationWidget``: GUI wiring only.
-- ``ARENASegmentationLogic``: MRML <-> files <-> engine worker. It does not use Qt, so it also runs
-  with the Qt-free ``slicer-core`` wheel (batch scripts, the pytest suite in ``Testing/``).
-- ``ARENASegmentationTest``: self-test on a Slicer sample CT.
+This file holds Slicer's scripted-module template classes: ``ARENASegmentation`` (description),
+``ARENASegmentationParameterNode`` (panel settings, saved with the scene),
+``ARENASegmentationWidget`` (GUI wiring only), ``ARENASegmentationLogic`` (MRML <-> files <->
+worker, no Qt) and ``ARENASegmentationTest``. The worker process, dependency installer, MRML I/O,
+result display and the panel's decisions are in ``ARENASegmentationLib/``.
 """
 
 import atexit
 import json
 import logging
 import os
-import queue
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import unittest
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import numpy as np
+import qt
 import vtk
 
 import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import *  # noqa: F403
+from slicer.util import VTKObservationMixin
 
-try:  # Inside the Slicer application.
-    import qt
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-    from slicer.ScriptedLoadableModule import *  # noqa: F403
-    from slicer.util import VTKObservationMixin
-    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-    from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from ARENASegmentationLib import dependencies, mrmlio, panel, process, results
 
-    SLICER_APPLICATION = True
-except ImportError:
-    # Qt-free Slicer core (the slicer-core wheel): only the Logic is usable. These stand-ins keep
-    # the class definitions below importable; they are never used inside the application.
-    SLICER_APPLICATION = False
-    qt = None
-
-    def _(text):
-        return text
-
-    def translate(context, text):
-        return text
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class VTKObservationMixin:
-        def __init__(self):
-            pass
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-        def moduleName(self):
-            return type(self).__name__.removesuffix("Logic")
-
-        def getParameterNode(self):
-            """The module's singleton vtkMRMLScriptedModuleNode in slicer.mrmlScene."""
-            node = slicer.mrmlScene.GetSingletonNode(self.moduleName(), "vtkMRMLScriptedModuleNode")
-            if node is None:
-                node = slicer.vtkMRMLScriptedModuleNode()
-                node.SetSingletonTag(self.moduleName())
-                node.SetName(self.moduleName())
-                node.SetAttribute("ModuleName", self.moduleName())
-                node = slicer.mrmlScene.AddNode(node)
-            return node
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=0):
-            logging.info(message)
-
-    parameterNodeWrapper = None
-
-
-#: Engine package (shipped next to this file) and the Python packages it needs besides torch.
-#: SimpleITK and numpy are deliberately absent: Slicer ships them and they must not be replaced.
+#: Engine package (shipped next to this file); the worker imports it from here.
 ENGINE_DIR = Path(__file__).resolve().parent
-ENGINE_REQUIREMENTS = ["monai>=1.4", "nibabel>=5", "safetensors>=0.4", "tqdm>=4.66", "einops>=0.7",
-                       "peft>=0.21"]
-TORCH_REQUIREMENT = ">=2.4"
+#: Where the module is documented (a heading of the README; Testing checks that it exists).
+HELP_URL = "https://github.com/arenaseg/SlicerARENASegmentation#in-3d-slicer"
 
 #: Defaults of ``arenaseg.training.AdaptSettings`` (rank r0, λ, steps), repeated here because
 #: this file must import without torch (first start, before the dependencies are installed).
@@ -115,7 +56,17 @@ DEFAULT_STEPS = 60
 
 RESULT_SUFFIX = " (ARENA)"
 BACKGROUND_LABEL = 2  # value of the "known background" voxels in the annotation file sent to the worker
-TAG = "ARENASegmentation."  # prefix of the segment tags that record a result
+TAG = results.TAG
+segmentTag = results.segmentTag
+
+atexit.register(process.stopAll)  # no worker outlives Slicer
+
+
+def slicerVersionProblem() -> str:
+    """Why this Slicer cannot run ARENA ("" when supported); see ``dependencies.versionProblem``."""
+    app = getattr(slicer, "app", None)
+    version = (app.majorVersion, app.minorVersion) if app is not None else dependencies.SUPPORTED_SLICER
+    return dependencies.versionProblem(version, sys.version_info[:2])
 
 
 #
@@ -138,62 +89,62 @@ Segment Editor, choose the segment here and press <b>Adapt and segment</b>: a pr
 is adapted with sparse low-rank adapters (ARENA) in a background process and the 3D result is
 added to the same segmentation. Correct it with any Segment Editor effect and press the button
 again: the next run starts from the previous adapter.
-See <a href="https://github.com/arenaseg/ARENASegmentation#3d-slicer-module">the documentation</a>.
-""")
+See <a href="{url}">the documentation</a>.
+""").format(url=HELP_URL)
         self.parent.acknowledgementText = _("""
 Method: Baklouti et al., Regularized Low-Rank Adaptation for Few-Shot Organ Segmentation (ARENA).
 The default backbone was trained on the TotalSegmentator test scans (Wasserthal et al., Apache-2.0).
 """)
+        problem = slicerVersionProblem()
+        if problem:  # said once at load, shown again on the panel
+            logging.error(problem)
+            self.parent.helpText = f"<p><b>{problem}</b></p>" + self.parent.helpText
 
 
 #
 # ARENASegmentationParameterNode
 #
 
-if parameterNodeWrapper is not None:
 
-    @parameterNodeWrapper
-    class ARENASegmentationParameterNode:
-        """Settings of the panel, saved with the scene.
+@parameterNodeWrapper
+class ARENASegmentationParameterNode:
+    """Settings of the panel, saved with the scene.
 
-        inputVolume - the CT (HU).
-        segmentationNode - segmentation that holds the painted target segment; the result goes there.
-        targetSegmentID - segment painted on a few slices.
-        backgroundSegmentID - optional segment of voxels known not to be the structure.
-        backbone - pretrained network that is adapted.
-        method - "arena" (adapters find their rank), or a baseline: "lora" (fixed rank),
-            "adalora", "linear-probe", "bitfit", "affine-ln", "full" (fine-tuning) or
-            "zero-shot" (the backbone's own class, for an organ it knows).
-        initialRank - rank r0 of every adapted layer at the start.
-        lam - lambda, weight of the l1 penalty on the singular values (larger: smaller rank).
-        steps - optimizer steps.
-        device - "auto" (CUDA when present, else CPU), "cpu" or "cuda".
-        fillTarget - write the prediction into the target segment (outside the painted slices)
-            instead of a new "<name> (ARENA)" segment.
-        warmStart - start from the adapter of the previous run on this segment.
-        adapterPath - adapter of the last run (used by warm start and "Save adapter").
-        applyAdapterPath - saved adapter to apply to the current volume.
-        result - JSON summary of the last run (ranks, parameter counts).
-        """
+    inputVolume - the CT (HU).
+    segmentationNode - segmentation that holds the painted target segment; the result goes there.
+    targetSegmentID - segment painted on a few slices.
+    backgroundSegmentID - optional segment of voxels known not to be the structure.
+    backbone - pretrained network that is adapted.
+    method - "arena" (adapters find their rank), or a baseline: "lora" (fixed rank),
+        "adalora", "linear-probe", "bitfit", "affine-ln", "full" (fine-tuning) or
+        "zero-shot" (the backbone's own class, for an organ it knows).
+    initialRank - rank r0 of every adapted layer at the start.
+    lam - lambda, weight of the l1 penalty on the singular values (larger: smaller rank).
+    steps - optimizer steps.
+    device - "auto" (CUDA when present, else CPU), "cpu" or "cuda".
+    fillTarget - write the prediction into the target segment (outside the painted slices)
+        instead of a new "<name> (ARENA)" segment.
+    warmStart - start from the adapter of the previous run on this segment.
+    adapterPath - adapter of the last run (used by warm start and "Save adapter").
+    applyAdapterPath - saved adapter to apply to the current volume.
+    result - JSON summary of the last run (ranks, parameter counts).
+    """
 
-        inputVolume: vtkMRMLScalarVolumeNode
-        segmentationNode: vtkMRMLSegmentationNode
-        targetSegmentID: str = ""
-        backgroundSegmentID: str = ""
-        backbone: Annotated[str, Choice(BACKBONES)] = DEFAULT_BACKBONE
-        method: Annotated[str, Choice(METHODS)] = "arena"
-        initialRank: Annotated[int, WithinRange(1, 128)] = DEFAULT_RANK
-        lam: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULT_LAMBDA
-        steps: Annotated[int, WithinRange(1, 100000)] = DEFAULT_STEPS
-        device: Annotated[str, Choice(DEVICES)] = "auto"
-        fillTarget: bool = False
-        warmStart: bool = True
-        adapterPath: str = ""
-        applyAdapterPath: Path
-        result: str = ""
-
-else:
-    ARENASegmentationParameterNode = None
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentationNode: vtkMRMLSegmentationNode
+    targetSegmentID: str = ""
+    backgroundSegmentID: str = ""
+    backbone: Annotated[str, Choice(BACKBONES)] = DEFAULT_BACKBONE
+    method: Annotated[str, Choice(METHODS)] = "arena"
+    initialRank: Annotated[int, WithinRange(1, 128)] = DEFAULT_RANK
+    lam: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULT_LAMBDA
+    steps: Annotated[int, WithinRange(1, 100000)] = DEFAULT_STEPS
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    fillTarget: bool = False
+    warmStart: bool = True
+    adapterPath: str = ""
+    applyAdapterPath: Path
+    result: str = ""
 
 
 #
@@ -202,7 +153,7 @@ else:
 
 
 class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI wiring only: every computation is in :class:`ARENASegmentationLogic`."""
+    """GUI wiring only: decisions are in ``ARENASegmentationLib.panel``, work in the Logic."""
 
     #: Names of the .ui widgets this class uses (checked against the .ui file by the tests).
     UI_WIDGETS = (
@@ -210,9 +161,9 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         "backgroundSegmentSelector", "backboneComboBox", "methodComboBox", "fillTargetCheckBox",
         "warmStartCheckBox", "advancedCollapsibleButton", "initialRankSpinBox", "lambdaSpinBox",
         "stepsSpinBox", "deviceComboBox", "applyButton", "progressBar", "statusLabel",
-        "resultsCollapsibleButton", "rankSummaryLabel", "rankTableView", "rankPlotWidget",
-        "saveAdapterButton", "applyAdapterPathLineEdit", "applyAdapterButton",
-        "exportSegmentButton",
+        "show3DButton", "undoButton", "resultsCollapsibleButton", "rankSummaryLabel", "rankTableView",
+        "rankPlotWidget", "trainingPlotWidget", "logTextEdit", "saveAdapterButton",
+        "applyAdapterPathLineEdit", "applyAdapterButton", "exportSegmentButton",
     )
     POLL_INTERVAL_MS = 100
 
@@ -223,7 +174,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pollTimer = None
-        self._dependenciesChecked = False
+        self._shownEvents = 0
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -245,16 +196,19 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.targetSegmentSelector.connect("currentSegmentChanged(QString)", self.onTargetSegmentChanged)
         self.ui.backgroundSegmentSelector.connect("currentSegmentChanged(QString)", self.onBackgroundSegmentChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.show3DButton.connect("toggled(bool)", self.onShow3D)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.applyAdapterButton.connect("clicked(bool)", self.onApplyAdapter)
         self.ui.exportSegmentButton.connect("clicked(bool)", self.onExportSegment)
 
+        self.ui.statusLabel.text = slicerVersionProblem()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Application closing: stop a running worker, it would otherwise outlive Slicer."""
+        """Application closing: stop a running worker (and its process tree), or it outlives Slicer."""
         if self.logic:
-            self.logic.cancel()
+            self.logic.stop()
         if self._pollTimer:
             self._pollTimer.stop()
         self.removeObservers()
@@ -269,8 +223,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.logic:
-            self.logic.cancel()
+        # the Logic stops its own job on scene close (it observes the scene); here only the GUI
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -303,28 +256,33 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if not p:
             return
         segmentationNode = p.segmentationNode
-        for selector, segmentId in ((self.ui.targetSegmentSelector, p.targetSegmentID),
-                                    (self.ui.backgroundSegmentSelector, p.backgroundSegmentID)):
+        segmentation = segmentationNode.GetSegmentation() if segmentationNode else None
+
+        def exists(segmentId):
+            return bool(segmentation and segmentation.GetSegment(segmentId))
+
+        for selector, name in ((self.ui.targetSegmentSelector, "targetSegmentID"),
+                               (self.ui.backgroundSegmentSelector, "backgroundSegmentID")):
             wasBlocked = selector.blockSignals(True)
             selector.setCurrentNode(segmentationNode)
-            selector.setCurrentSegmentID(segmentId)
+            selector.setCurrentSegmentID(getattr(p, name))
             selector.blockSignals(wasBlocked)
+            if name == "targetSegmentID":  # the background segment stays optional
+                chosen = panel.segmentSelection(getattr(p, name), selector.currentSegmentID() or "", exists)
+                if chosen != getattr(p, name):
+                    setattr(p, name, chosen)  # re-enters this method once with the fixed value
+                    return
         running = self.logic.isRunning
-        if running:
-            self.ui.applyButton.text = _("Cancel")
-            self.ui.applyButton.toolTip = _("Stop the background process; the segmentation stays as it is")
-            self.ui.applyButton.enabled = True
-        else:
-            self.ui.applyButton.text = _("Adapt and segment")
-            ready = bool(p.inputVolume and segmentationNode and p.targetSegmentID)
-            self.ui.applyButton.enabled = ready
-            self.ui.applyButton.toolTip = (
-                _("Adapt the backbone to the painted slices and segment the whole volume") if ready
-                else _("Select the CT volume, the segmentation and the painted target segment"))
+        ready = bool(p.inputVolume and segmentationNode and p.targetSegmentID)
+        text, enabled, tip = panel.applyButtonState(running, dependencies.isInstalling(), ready,
+                                                    slicerVersionProblem())
+        self.ui.applyButton.text, self.ui.applyButton.enabled, self.ui.applyButton.toolTip = _(text), enabled, _(tip)
         self.ui.saveAdapterButton.enabled = not running and bool(p.adapterPath) and os.path.isfile(p.adapterPath)
         self.ui.applyAdapterButton.enabled = not running and bool(p.inputVolume) and os.path.isfile(
             str(p.applyAdapterPath or ""))
         self.ui.exportSegmentButton.enabled = bool(segmentationNode and p.targetSegmentID and p.inputVolume)
+        self.ui.undoButton.enabled = not running and self.logic.canUndoFill()
+        self.ui.show3DButton.enabled = bool(segmentationNode)
         self.showResult(p.result)
 
     def onSegmentationChanged(self, node) -> None:
@@ -346,27 +304,34 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._parameterNode:
             self._parameterNode.backgroundSegmentID = segmentId or ""
 
-    def ensureDependencies(self) -> bool:
-        """First use: torch through the PyTorch extension, the rest with pip, after asking."""
-        if self._dependenciesChecked:
+    def ensureDependencies(self, method: str) -> bool:
+        """First use: one question, then torch through PyTorchUtils and the rest with pip. The
+        button is disabled meanwhile, so a second click cannot start a second pip."""
+        if dependencies.isInstalling():
+            return False
+        if not dependencies.unmet(dependencies.requirementsFor(method), dependencies.installedVersions()):
             return True
-        # No wait cursor: the installers ask questions in dialogs.
-        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages ARENA needs failed.")):
-            ARENASegmentationLogic.installDependencies(askConfirmation=True)
-            self._dependenciesChecked = True
-            message = ARENASegmentationLogic.cudaMessage()
-            if message:
-                self.ui.statusLabel.text = message
-        return self._dependenciesChecked
+        self.ui.applyButton.enabled = False
+        self.ui.statusLabel.text = _("Installing the Python packages ARENA needs...")
+        slicer.app.processEvents()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing the Python packages ARENA needs failed."),
+                                                 waitCursor=True):
+                dependencies.install(method, askConfirmation=True)
+                self.ui.statusLabel.text = _("Python packages installed.")
+                return True
+            return False
+        finally:
+            self.updateGUIFromParameterNode()
 
     def onApplyButton(self) -> None:
         if self.logic.isRunning:
             self.logic.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
             return
-        if not self.ensureDependencies():
-            return
         p = self._parameterNode
+        if not self.ensureDependencies(p.method):
+            return
         with slicer.util.tryWithErrorDisplay(_("ARENA could not start."), waitCursor=True):
             self.logic.startAdapt(
                 p.inputVolume, p.segmentationNode, p.targetSegmentID,
@@ -376,12 +341,17 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 onProgress=self.onWorkerProgress, onFinished=self.onWorkerFinished)
             self.ui.progressBar.maximum = max(1, p.steps)
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Starting the background process...")
-            self._pollTimer.start()
-            self.updateGUIFromParameterNode()
+            self._started()
+
+    def _started(self) -> None:
+        self.ui.statusLabel.text = _("Starting the background process...")
+        self.ui.logTextEdit.clear()
+        self._shownEvents = 0
+        self._pollTimer.start()
+        self.updateGUIFromParameterNode()
 
     def onApplyAdapter(self) -> None:
-        if not self.ensureDependencies():
+        if not self.ensureDependencies("arena"):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("The adapter could not be applied."), waitCursor=True):
@@ -390,22 +360,32 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.logic.startApplyAdapter(p.inputVolume, str(p.applyAdapterPath), p.segmentationNode,
                                          device=p.device, onFinished=self.onWorkerFinished)
             self.ui.progressBar.maximum = 0  # busy indicator: segmenting has no steps
-            self.ui.statusLabel.text = _("Segmenting with the saved adapter...")
-            self._pollTimer.start()
-            self.updateGUIFromParameterNode()
+            self._started()
 
     def onPollWorker(self) -> None:
         """Timer slot: hands the worker's pending events to the Logic; never blocks."""
-        if not self.logic.processEvents():
+        running = self.logic.processEvents()
+        for line in self.logic.log[self._shownEvents:]:
+            self.ui.logTextEdit.appendPlainText(line)
+        self._shownEvents = len(self.logic.log)
+        if running and self.logic.lastProgress is None and self.logic.lastPhase:
+            self.ui.statusLabel.text = self.logic.lastPhase.get("message", "")
+            slicer.util.showStatusMessage("ARENA: " + self.ui.statusLabel.text, 2000)
+        if not running:
             self._pollTimer.stop()
             self.updateGUIFromParameterNode()
 
     def onWorkerProgress(self, event: dict) -> None:
         self.ui.progressBar.maximum = max(1, event["steps"])
         self.ui.progressBar.value = event["step"]
-        device = (self.logic.job or {}).get("device") or "?"
-        self.ui.statusLabel.text = _("Step {step}/{steps} on {device}: loss {loss:.3f}, effective rank {rank}").format(
-            step=event["step"], steps=event["steps"], device=device, loss=event["loss"], rank=event["total_rank"])
+        text = panel.progressText(event, self.logic.elapsed(), self.logic.device or "")
+        self.ui.statusLabel.text = text
+        slicer.util.showStatusMessage(text, 3000)
+        _, chart = results.updateTrainingNodes(self.logic.history)
+        self.ui.trainingPlotWidget.setMRMLPlotViewNode(self._plotViewNode("ARENASegmentationTraining", chart))
+        notice = panel.deviceNotice((self.logic.job or {}).get("job", {}).get("device", "auto"), self.logic.device or "")
+        if notice:
+            self.ui.statusLabel.text += "\n" + notice
 
     def onWorkerFinished(self, outcome: dict) -> None:
         self.ui.progressBar.maximum = 100
@@ -417,16 +397,33 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 if summary.get("adapter"):
                     self._parameterNode.adapterPath = summary["adapter"]
                 self._parameterNode.result = json.dumps(summary)
-            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: segment '{name}'").format(
-                seconds=summary.get("seconds", 0), name=outcome["segmentName"])
+            message = _("Done in {seconds:.0f} s: segment '{name}'").format(
+                seconds=summary.get("seconds") or 0, name=outcome["segmentName"])
             self.ui.resultsCollapsibleButton.collapsed = False
+            self.ui.show3DButton.checked = True
         elif status == "cancelled":
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Cancelled: the segmentation is unchanged")
+            message = _("Cancelled: the segmentation is unchanged")
         else:
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Failed: {message}").format(message=outcome["message"])
+            message = _("Failed: {message}").format(message=outcome["message"])
             slicer.util.errorDisplay(outcome["message"], windowTitle=_("ARENA Segmentation"))
+        self.ui.statusLabel.text = message
+        slicer.util.showStatusMessage("ARENA: " + message, 10000)
+        self.updateGUIFromParameterNode()
+
+    def onShow3D(self, checked: bool) -> None:
+        p = self._parameterNode
+        if p and p.segmentationNode:
+            if checked:
+                results.showSurface(p.segmentationNode)
+            else:
+                p.segmentationNode.RemoveClosedSurfaceRepresentation()
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
+            self.logic.undoFill()
+            self.ui.statusLabel.text = _("The painted segment is restored.")
         self.updateGUIFromParameterNode()
 
     def showResult(self, resultJson: str) -> None:
@@ -434,23 +431,22 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if not resultJson:
             self.ui.rankSummaryLabel.text = _("No result yet")
             return
-        summary = json.loads(resultJson)
-        self.ui.rankSummaryLabel.text = ARENASegmentationLogic.summaryText(summary)
-        tableNode, chartNode = self.logic.rankNodes()
+        self.ui.rankSummaryLabel.text = results.summaryText(json.loads(resultJson))
+        tableNode, chartNode = results.rankNodes()
         self.ui.rankTableView.setMRMLTableNode(tableNode)
         if chartNode:
-            viewNode = self._plotViewNode()
-            viewNode.SetPlotChartNodeID(chartNode.GetID())
-            self.ui.rankPlotWidget.setMRMLPlotViewNode(viewNode)
+            self.ui.rankPlotWidget.setMRMLPlotViewNode(self._plotViewNode("ARENASegmentation", chartNode))
 
-    def _plotViewNode(self):
-        """A plot view node of this panel's own (not in the view layout), showing the rank chart."""
-        viewNode = slicer.mrmlScene.GetSingletonNode("ARENASegmentation", "vtkMRMLPlotViewNode")
+    @staticmethod
+    def _plotViewNode(tag: str, chartNode):
+        """A plot view node of this panel's own (not in the view layout) showing ``chartNode``."""
+        viewNode = slicer.mrmlScene.GetSingletonNode(tag, "vtkMRMLPlotViewNode")
         if viewNode is None:
             viewNode = slicer.vtkMRMLPlotViewNode()
-            viewNode.SetSingletonTag("ARENASegmentation")
-            viewNode.SetName("ARENA rank plot view")
+            viewNode.SetSingletonTag(tag)
+            viewNode.SetName(f"{tag} plot view")
             viewNode = slicer.mrmlScene.AddNode(viewNode)
+        viewNode.SetPlotChartNodeID(chartNode.GetID())
         return viewNode
 
     def onSaveAdapter(self) -> None:
@@ -480,90 +476,6 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 #
 
 
-def segmentTag(segment, key: str) -> str:
-    """Value of the ARENA tag ``key`` of a vtkSegment ("" when absent)."""
-    value = vtk.reference("")
-    return str(value) if segment.GetTag(TAG + key, value) else ""
-
-
-_RUNNING = set()  # workers of this process, stopped when Python exits (no orphan process)
-
-
-@atexit.register
-def _stopWorkers() -> None:
-    for worker in list(_RUNNING):
-        if worker.process.poll() is None:
-            worker.process.terminate()
-
-
-class WorkerProcess:
-    """One ``python -m arenaseg.worker JOB.json`` process, read without blocking.
-
-    A daemon thread reads the JSON lines of the child's stdout into a queue (the same design as
-    ``slicer.util.launchConsoleProcess(blocking=False)``); :meth:`events` drains that queue and
-    never waits, so the caller (a Qt timer in the application, a loop in tests) stays in control.
-    stderr goes to a log file, whose tail explains a crash.
-    """
-
-    def __init__(self, args: list, env: dict, logPath: Path):
-        self.logPath = logPath
-        self._log = open(logPath, "wb")
-        popenArgs = {}
-        if os.name == "nt":  # hide the console window
-            info = subprocess.STARTUPINFO()
-            info.dwFlags = subprocess.STARTF_USESHOWWINDOW
-            popenArgs["startupinfo"] = info
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, env=env,
-                                        text=True, bufsize=1, **popenArgs)
-        self._queue = queue.Queue()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        self.cancelRequested = None  # time.monotonic() of the cancel request
-        _RUNNING.add(self)
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                self._queue.put(json.loads(line))
-            except ValueError:  # a stray print in the child: logged by the reading (main) thread
-                self._queue.put({"event": "log", "line": line})
-        self.process.wait()
-        self._queue.put({"event": "exit", "returncode": self.process.returncode})
-
-    def events(self) -> list:
-        """Every event received since the last call (possibly none); ends with ``exit``."""
-        out = []
-        while True:
-            try:
-                out.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        if self.cancelRequested and self.process.poll() is None and time.monotonic() - self.cancelRequested > 5:
-            self.process.kill()  # SIGTERM is honoured within a step; this is the safety net
-        return out
-
-    def cancel(self) -> None:
-        if self.process.poll() is None and self.cancelRequested is None:
-            self.cancelRequested = time.monotonic()
-            self.process.terminate()  # SIGTERM on POSIX: the worker stops after the current step
-
-    def logTail(self, lines: int = 15) -> str:
-        self._log.flush()
-        try:
-            return "\n".join(self.logPath.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        _RUNNING.discard(self)
-        self._log.close()
-        if self.process.stdout:
-            self.process.stdout.close()
-
-
 class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
     """MRML <-> files <-> ARENA engine worker, without Qt.
 
@@ -577,103 +489,38 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
     One job runs at a time. A job only changes the scene when it succeeds: the CT and the painted
     segment are exported to temporary files on the volume's exact geometry, the worker writes its
     labelmap on the same grid, and the labelmap is imported into the segmentation. Painted voxels
-    are always kept.
+    are always kept. Closing the scene stops the job.
     """
+
+    #: Seconds between a cancel and killing the worker's process tree (it stops within a step).
+    CANCEL_GRACE_SECONDS = 5.0
+
+    # MRML <-> arrays and files, result bookkeeping (ARENASegmentationLib), kept reachable here.
+    segmentArray = staticmethod(mrmlio.segmentArray)
+    createSegmentationNode = staticmethod(mrmlio.createSegmentationNode)
+    writeVolume = staticmethod(mrmlio.writeVolume)
+    writeLabelmap = staticmethod(mrmlio.writeLabelmap)
+    readLabelmap = staticmethod(mrmlio.readLabelmap)
+    resultSegmentId = staticmethod(results.resultSegmentId)
+    setResultTags = staticmethod(results.setResultTags)
+    summaryText = staticmethod(results.summaryText)
+    rankTable = staticmethod(results.rankTable)
+    rankNodes = staticmethod(results.rankNodes)
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.job = None  # dict describing the running job, or None
         self.lastOutcome = None
         self.lastProgress = None
+        self.lastPhase = None
+        self.device = None  # where the worker really runs, as it reports it
+        self.workerPid = None  # the interpreter's process id (PythonSlicer is only its launcher)
+        self.history = []  # (step, loss, total rank) of the current or last run
+        self.log = []  # lines for the panel's log view
+        self._undo = None  # the painted segment before a run filled it
 
-    if SLICER_APPLICATION:
-
-        def getParameterNode(self):
-            return ARENASegmentationParameterNode(super().getParameterNode())
-
-    # --- dependencies ---------------------------------------------------------------------
-
-    @staticmethod
-    def missingPythonPackages() -> list:
-        """Importable names the engine needs and that are absent (``torch`` first)."""
-        import importlib.util
-
-        names = ["torch", "monai", "nibabel", "safetensors", "tqdm", "einops", "SimpleITK", "numpy"]
-        return [name for name in names if importlib.util.find_spec(name) is None]
-
-    @staticmethod
-    def installDependencies(askConfirmation: bool = True) -> None:
-        """Install what the engine needs into Slicer's Python, after the user confirms.
-
-        torch comes from the PyTorch extension (``PyTorchUtils`` picks the CUDA build that fits
-        the GPU driver, or the CPU build); the other packages from pip with a constraints file
-        that pins the numpy, SimpleITK and torch already present, so that nothing Slicer ships
-        is replaced.
-
-        Raises:
-            RuntimeError: the PyTorch extension is missing, or the user declined.
-        """
-        missing = ARENASegmentationLogic.missingPythonPackages()
-        if not missing:
-            return
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(_("ARENA needs PyTorch: install the 'PyTorch' extension from the "
-                                     "Extensions Manager, restart Slicer and try again.")) from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                                torchVersionRequirement=TORCH_REQUIREMENT)
-                if torch is None:
-                    raise RuntimeError(_("PyTorch was not installed: ARENA cannot run without it."))
-        missing = [name for name in ARENASegmentationLogic.missingPythonPackages() if name != "torch"]
-        if not missing:
-            return
-        constraints = ARENASegmentationLogic._writeConstraints()
-        try:
-            import slicer.packaging as packaging  # Slicer >= 5.12
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(ENGINE_REQUIREMENTS, constraints=constraints, prompt_install=askConfirmation,
-                                 requester="ARENASegmentation")
-            return
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("ARENA needs these Python packages: {packages}. Install them now (a few minutes)?").format(
-                    packages=", ".join(ENGINE_REQUIREMENTS)), windowTitle=_("ARENA Segmentation")):
-            raise RuntimeError(_("The Python packages were not installed: ARENA cannot run without them."))
-        slicer.util.pip_install(["-c", str(constraints)] + ENGINE_REQUIREMENTS)
-
-    @staticmethod
-    def _writeConstraints() -> Path:
-        """A pip constraints file pinning the installed numpy, SimpleITK and torch."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        pins = []
-        for name in ("numpy", "SimpleITK", "torch"):
-            try:
-                pins.append(f"{name}=={version(name)}")
-            except PackageNotFoundError:
-                pass
-        path = Path(tempfile.gettempdir()) / "ARENASegmentation-constraints.txt"
-        path.write_text("\n".join(pins) + "\n")
-        return path
-
-    @staticmethod
-    def cudaMessage() -> str:
-        """A sentence for the panel when no CUDA GPU is usable; empty when one is."""
-        try:
-            import torch
-        except ImportError:
-            return ""
-        if torch.cuda.is_available():
-            return ""
-        if "+cpu" in torch.__version__ or torch.version.cuda is None:
-            return _("PyTorch is the CPU build: ARENA runs on the CPU (slower). For a GPU, reinstall "
-                     "PyTorch from the PyTorch Utils module.")
-        return _("No CUDA GPU is usable (driver or device missing): ARENA runs on the CPU (slower).")
+    def getParameterNode(self):
+        return ARENASegmentationParameterNode(super().getParameterNode())
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -681,30 +528,29 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
     def isRunning(self) -> bool:
         return self.job is not None
 
-    @staticmethod
-    def pythonExecutable() -> str:
-        """The Python that runs the worker: PythonSlicer inside Slicer, else this Python."""
-        if SLICER_APPLICATION:
+    def pythonCommand(self) -> list:
+        """How to start Python for the worker: PythonSlicer (a launcher) in Slicer, else this Python."""
+        if getattr(slicer, "app", None) is not None:
             found = shutil.which("PythonSlicer")
             if not found:
-                raise RuntimeError(_("PythonSlicer was not found: reinstall Slicer."))
-            return found
-        return sys.executable
+                raise RuntimeError(_("PythonSlicer was not found next to Slicer: reinstall Slicer."))
+            return [found]
+        return [sys.executable]
 
     @staticmethod
     def workerEnvironment() -> dict:
-        """Environment of the worker: Slicer's startup environment inside the application (the
-        PythonSlicer launcher sets up the rest), this process's environment otherwise; the engine
-        folder is put first on PYTHONPATH."""
-        env = slicer.util.startupEnvironment() if SLICER_APPLICATION else os.environ.copy()
+        """Slicer's startup environment in the application (the PythonSlicer launcher sets up the
+        rest), this process's environment otherwise; the engine folder first on PYTHONPATH."""
+        env = slicer.util.startupEnvironment() if getattr(slicer, "app", None) is not None else os.environ.copy()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_DIR), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
         return env
 
     @staticmethod
     def _newRunDirectory() -> Path:
         base = None
-        if SLICER_APPLICATION:
+        if getattr(slicer, "app", None) is not None:
             base = Path(slicer.app.temporaryPath) / "ARENASegmentation"
             base.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix="ARENASegmentation-run-", dir=base))
@@ -729,7 +575,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                 fields method, rank, lam, steps); ``settings`` adds or overrides any other field.
             device: "auto", "cpu" or "cuda".
             fillTarget: write the result into the target segment instead of a new segment
-                "<target name> (ARENA)".
+                "<target name> (ARENA)"; :meth:`undoFill` restores the painting.
             warmStart: start from the adapter that the previous run on this target segment
                 recorded (segment tag), when its file still exists; otherwise start fresh.
             warmStartAdapter: an adapter file to start from instead (overrides ``warmStart``).
@@ -739,7 +585,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             onFinished: called once with the outcome dict (see :meth:`processEvents`).
 
         Raises:
-            RuntimeError: a job is running, or an input is missing or empty.
+            RuntimeError: a job is running, or an input is missing, empty, or on another grid.
         """
         if self.job is not None:
             raise RuntimeError(_("An ARENA job is already running: cancel it or wait for it to end."))
@@ -747,15 +593,22 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Select a CT volume that holds an image."))
         if not segmentationNode:
             raise RuntimeError(_("Select the segmentation that holds the painted slices."))
-        segment = segmentationNode.GetSegmentation().GetSegment(targetSegmentId) if targetSegmentId else None
+        segmentation = segmentationNode.GetSegmentation()
+        segment = segmentation.GetSegment(targetSegmentId) if targetSegmentId else None
         if segment is None:
             raise RuntimeError(_("Select the painted target segment."))
+        if backgroundSegmentId and not segmentation.GetSegment(backgroundSegmentId):
+            backgroundSegmentId = ""
+        problem = mrmlio.gridProblem(segmentationNode, [i for i in (targetSegmentId, backgroundSegmentId) if i],
+                                     volumeNode)
+        if problem:
+            raise RuntimeError(problem)
         painted = self.segmentArray(segmentationNode, targetSegmentId, volumeNode)
         if not painted.any():
             raise RuntimeError(_("Segment '{name}' has no voxel inside volume '{volume}': paint the structure "
                                  "on a few slices first.").format(name=segment.GetName(), volume=volumeNode.GetName()))
         background = None
-        if backgroundSegmentId and segmentationNode.GetSegmentation().GetSegment(backgroundSegmentId):
+        if backgroundSegmentId:
             background = self.segmentArray(segmentationNode, backgroundSegmentId, volumeNode) > 0
             background = background if background.any() else None  # an empty segment says nothing
 
@@ -819,20 +672,41 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             raise
 
     def _launch(self, job: dict, runDir: Path, onProgress, onFinished, context: dict) -> None:
+        job["stop_on_stdin_eof"] = True  # cancel through the launcher: see ARENASegmentationLib.process
         jobPath = runDir / "job.json"
         jobPath.write_text(json.dumps(job, indent=1))
-        worker = WorkerProcess([self.pythonExecutable(), "-m", "arenaseg.worker", str(jobPath)],
-                               self.workerEnvironment(), runDir / "worker.log")
+        worker = process.WorkerProcess(self.pythonCommand() + ["-m", "arenaseg.worker", str(jobPath)],
+                                       self.workerEnvironment(), runDir / "worker.log",
+                                       graceSeconds=self.CANCEL_GRACE_SECONDS)
+        scene = context["volumeNode"].GetScene() or slicer.mrmlScene
+        observer = scene.AddObserver(scene.StartCloseEvent, lambda caller, event: self.stop())
         self.job = dict(job=job, runDir=runDir, worker=worker, onProgress=onProgress, onFinished=onFinished,
-                        context=context, final=None, history=[])
-        self.lastProgress = None
+                        context=context, final=None, started=time.monotonic(), sceneObserver=(scene, observer))
+        self.lastProgress = self.lastPhase = self.device = self.workerPid = None
+        self.history, self.log = [], []
         logging.info(f"ARENA: {job['command']} started (process {worker.process.pid}, folder {runDir})")
 
+    def elapsed(self) -> float:
+        """Seconds since the running job started (0 when idle)."""
+        return time.monotonic() - self.job["started"] if self.job else 0.0
+
     def cancel(self) -> None:
-        """Ask the running job to stop (SIGTERM: the worker stops within about one step and
-        writes nothing); :meth:`processEvents` then reports ``cancelled``. No-op when idle."""
+        """Ask the running job to stop: the worker stops after its current step and writes
+        nothing; :meth:`processEvents` then reports ``cancelled``. No-op when idle."""
         if self.job is not None:
             self.job["worker"].cancel()
+
+    def stop(self) -> None:
+        """Cancel and wait until the worker and its process tree are gone (killed after
+        :attr:`CANCEL_GRACE_SECONDS`); for scene close and application exit. No-op when idle."""
+        if self.job is None:
+            return
+        worker = self.job["worker"]
+        worker.stop()
+        worker.readerThread.join(timeout=self.CANCEL_GRACE_SECONDS)
+        self.processEvents()
+        if self.job is not None:  # the reader is stuck: nothing more will come
+            self._finish(worker.process.returncode)
 
     def processEvents(self) -> bool:
         """Handle the worker's pending events without waiting (call it from a timer or a loop).
@@ -852,25 +726,36 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             kind = event.get("event")
             if kind == "progress":
                 self.lastProgress = event
-                job["history"].append((event["step"], event["loss"], event["total_rank"]))
+                self.history.append((event["step"], event["loss"], event["total_rank"]))
+                self.log.append(f"step {event['step']}/{event['steps']}: loss {event['loss']:.4f}, "
+                                f"effective rank {event['total_rank']}")
                 if job["onProgress"]:
                     job["onProgress"](event)
             elif kind in ("done", "error", "cancelled"):
                 job["final"] = event
+                self.log.append(event.get("message") or kind)
             elif kind == "started":
-                job["device"] = event.get("device")  # where the worker really runs
+                self.device = event.get("device")  # the worker says where it runs: no torch here
+                self.workerPid = event.get("pid")
+                self.log.append(f"started on {self.device}")
+            elif kind == "phase":
+                self.lastPhase = event
+                self.log.append(event.get("message") or event.get("phase", ""))
+            elif kind == "warning":  # a doubtful input: shown in the log and Slicer's log
+                logging.warning(f"ARENA: {event.get('message')}")
+                self.log.append("warning: " + str(event.get("message")))
             elif kind == "log":
                 logging.info(f"ARENA worker: {event['line']}")
+                self.log.append(event["line"])
             elif kind == "exit":
                 self._finish(event["returncode"])
                 return False
         return True
 
-    def waitForCompletion(self, timeout: Optional[float] = None, pollInterval: float = 0.1) -> dict:
-        """Block until the running job ends (for scripts and tests; the GUI uses a timer).
-
-        Returns:
-            The outcome dict (see :meth:`processEvents`).
+    def waitForCompletion(self, timeout: Optional[float] = None, pollInterval: float = 0.1,
+                          idle: Optional[Callable] = None) -> dict:
+        """Block until the running job ends (scripts, tests; the GUI uses a timer). ``idle`` is
+        called while waiting (e.g. ``slicer.app.processEvents`` keeps the GUI responsive).
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds (the job is left running).
@@ -879,23 +764,27 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         while self.processEvents():
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"ARENA job still running after {timeout} s")
+            if idle:
+                idle()
             time.sleep(pollInterval)
         return self.lastOutcome
 
     def _finish(self, returnCode: int) -> None:
         job, self.job = self.job, None
+        scene, observer = job["sceneObserver"]
+        scene.RemoveObserver(observer)
         worker = job["worker"]
         final = job["final"] or {}
         outcome = {"status": "error", "message": "", "segmentId": None, "segmentName": None, "summary": None}
         try:
-            if final.get("event") == "done" and returnCode == 0:
+            if worker.cancelRequested and not (final.get("event") == "done" and returnCode == 0):
+                outcome.update(status="cancelled", message=_("Cancelled"))
+            elif final.get("event") == "done" and returnCode == 0:
                 if job["job"]["command"] == "adapt":
                     outcome.update(self._importAdaptResult(job, final))
                 else:
                     outcome.update(self._importSegmentResult(job, final))
                 outcome["status"] = "done"
-            elif final.get("event") == "cancelled" or (worker.cancelRequested and not final):
-                outcome.update(status="cancelled", message=_("Cancelled"))
             else:
                 message = final.get("message") or _("the background process stopped (exit code {code}).").format(
                     code=returnCode)
@@ -909,20 +798,10 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             outcome.update(status="error", message=str(err))
         finally:
             worker.close()
-            self._cleanRunDirectory(job["runDir"], keepAdapter=outcome["status"] == "done")
+            shutil.rmtree(job["runDir"], ignore_errors=True)
         self.lastOutcome = outcome
         if job["onFinished"]:
             job["onFinished"](outcome)
-
-    @staticmethod
-    def _cleanRunDirectory(runDir: Path, keepAdapter: bool) -> None:
-        """Remove the run's files; keep the adapter of a successful run (warm start, saving)."""
-        if not keepAdapter or not (runDir / "adapter.safetensors").is_file():
-            shutil.rmtree(runDir, ignore_errors=True)
-            return
-        for path in runDir.iterdir():
-            if path.name != "adapter.safetensors":
-                path.unlink(missing_ok=True) if path.is_file() else shutil.rmtree(path, ignore_errors=True)
 
     def _importAdaptResult(self, job: dict, done: dict) -> dict:
         ctx = job["context"]
@@ -943,31 +822,39 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             segmentId = self.resultSegmentId(segmentationNode, ctx["targetSegmentId"])
             if segmentId is None:
                 name = ctx["targetName"] + RESULT_SUFFIX
-                color = [0.5 + 0.5 * c for c in target.GetColor()]  # lighter shade of the target
+                color = [0.5 + 0.5 * c for c in target.GetColor()]  # lighter shade of the target's colour
                 segmentId = created = segmentation.AddEmptySegment(
                     segmentation.GenerateUniqueSegmentID(name), name, color)
-        adapter = str(job["runDir"] / "adapter.safetensors")
+                results.copyTerminology(target, segmentation.GetSegment(created))
+        adapter = results.keepAdapter(job["runDir"] / "adapter.safetensors", job["job"]["structure"])
         summary = {key: done.get(key) for key in (
             "ranks", "effective_rank", "initial_rank", "trainable_parameters", "active_parameters",
             "seconds", "device")}
         settings = job["job"]["settings"]
         summary.update(adapter=adapter, method=settings.get("method"), backbone=job["job"].get("backbone"),
-                       steps=settings.get("steps"),
-                       lam=settings.get("lam"), rank=settings.get("rank"), warm_start=ctx["warmStart"],
-                       structure=job["job"]["structure"], loss=(done.get("loss") or [None])[-1])
+                       steps=settings.get("steps"), lam=settings.get("lam"), rank=settings.get("rank"),
+                       warm_start=ctx["warmStart"], structure=job["job"]["structure"],
+                       loss=(done.get("loss") or [None])[-1])
         segment = segmentation.GetSegment(segmentId)
+        before = self.segmentArray(segmentationNode, segmentId, volumeNode) if ctx["fillTarget"] else None
         try:
-            self.updateRankNodes(summary, segment.GetName(), job["history"])
+            results.updateRankNodes(summary, segment.GetName())
+            if self.history:
+                results.updateTrainingNodes(self.history)
             slicer.util.updateSegmentBinaryLabelmapFromArray(result.astype(np.uint8), segmentationNode, segmentId,
                                                              volumeNode)
         except Exception:
             if created:  # leave the segmentation as it was
                 segmentation.RemoveSegment(created)
             raise
+        if before is not None:  # the painting, restorable with undoFill()
+            self._undo = dict(segmentationNode=segmentationNode, segmentId=segmentId, volumeNode=volumeNode,
+                              array=before)
         segment = segmentation.GetSegment(segmentId)
         self.setResultTags(segment, summary, ctx["targetSegmentId"])
         for key, value in (("Adapter", adapter), ("Method", summary["method"]), ("Backbone", summary["backbone"])):
             target.SetTag(TAG + key, str(value))  # the next run on this segment can warm-start
+        results.showSurface(segmentationNode)
         return {"segmentId": segmentId, "segmentName": segment.GetName(), "summary": summary}
 
     def _importSegmentResult(self, job: dict, done: dict) -> dict:
@@ -985,135 +872,33 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         ranks = done.get("ranks") or {}
         summary = {"ranks": ranks, "effective_rank": sum(ranks.values()), "adapter": ctx["adapterPath"],
                    "seconds": done.get("seconds"), "structure": structure}
-        self.updateRankNodes(summary, name, [])
+        results.updateRankNodes(summary, name)
         slicer.util.updateSegmentBinaryLabelmapFromArray(result.astype(np.uint8), segmentationNode, segmentId,
                                                          volumeNode)
         self.setResultTags(segmentation.GetSegment(segmentId), summary, "")
+        results.showSurface(segmentationNode)
         return {"segmentId": segmentId, "segmentName": name, "summary": summary}
 
     # --- results --------------------------------------------------------------------------
 
-    @staticmethod
-    def resultSegmentId(segmentationNode, targetSegmentId: str) -> Optional[str]:
-        """ID of the segment that holds ARENA's result for ``targetSegmentId``, or None."""
-        if not segmentationNode or not targetSegmentId:
-            return None
-        segmentation = segmentationNode.GetSegmentation()
-        for index in range(segmentation.GetNumberOfSegments()):
-            segmentId = segmentation.GetNthSegmentID(index)
-            if segmentId != targetSegmentId and \
-                    segmentTag(segmentation.GetSegment(segmentId), "SourceSegment") == targetSegmentId:
-                return segmentId
-        return None
+    def canUndoFill(self) -> bool:
+        undo = self._undo
+        return bool(undo and undo["segmentationNode"].GetScene() and
+                    undo["segmentationNode"].GetSegmentation().GetSegment(undo["segmentId"]))
 
-    @staticmethod
-    def setResultTags(segment, summary: dict, sourceSegmentId: str) -> None:
-        """Record the result on the segment (tags are saved in the scene and in .seg.nrrd)."""
-        tags = {"SourceSegment": sourceSegmentId, "Adapter": summary.get("adapter") or "",
-                "EffectiveRank": summary.get("effective_rank"), "InitialRank": summary.get("initial_rank"),
-                "Ranks": json.dumps(summary.get("ranks") or {}),
-                "TrainableParameters": summary.get("trainable_parameters"),
-                "ActiveParameters": summary.get("active_parameters"), "Method": summary.get("method"),
-                "Backbone": summary.get("backbone"),
-                "Steps": summary.get("steps"), "Lambda": summary.get("lam"), "Device": summary.get("device")}
-        for key, value in tags.items():
-            if value is not None and value != "" or key == "SourceSegment":
-                segment.SetTag(TAG + key, str(value))
+    def undoFill(self) -> None:
+        """Restore the painted segment as it was before the last run filled it (fill mode)."""
+        if not self.canUndoFill():
+            raise RuntimeError(_("Nothing to undo: only a run with 'Fill the painted segment' can be undone."))
+        undo, self._undo = self._undo, None
+        slicer.util.updateSegmentBinaryLabelmapFromArray(undo["array"], undo["segmentationNode"], undo["segmentId"],
+                                                         undo["volumeNode"])
 
-    @staticmethod
-    def summaryText(summary: dict) -> str:
-        """One line for the panel: total rank, initial rank, parameter counts."""
-        parts = [_("Effective rank {rank}").format(rank=summary.get("effective_rank"))]
-        if summary.get("initial_rank"):
-            parts[0] += _(" of {initial}").format(initial=summary["initial_rank"])
-        if summary.get("trainable_parameters"):
-            parts.append(_("{active:,} of {trainable:,} adapter+head parameters active").format(
-                active=summary.get("active_parameters") or 0, trainable=summary["trainable_parameters"]))
-        if summary.get("seconds"):
-            parts.append(_("{seconds:.0f} s on {device}").format(seconds=summary["seconds"],
-                                                                  device=summary.get("device") or "?"))
-        return "; ".join(parts)
-
-    RANK_TABLE_NAME = "ARENA ranks"
-    RANK_CHART_NAME = "ARENA ranks"
-
-    def rankNodes(self):
-        """The table (per-layer effective rank) and chart nodes of the last result, or (None, None)."""
-        table = slicer.mrmlScene.GetFirstNode(self.RANK_TABLE_NAME, "vtkMRMLTableNode")
-        chart = slicer.mrmlScene.GetFirstNode(self.RANK_CHART_NAME, "vtkMRMLPlotChartNode")
-        return table, chart
-
-    def updateRankNodes(self, summary: dict, resultName: str, history: list):
-        """Fill the rank table (index, layer, effective rank) and a bar chart of it; the training
-        curve (step, loss, total rank) goes to the table "ARENA training".
-
-        Returns:
-            (tableNode, chartNode)
-        """
-        table, chart = self.rankNodes()
-        if table is None:
-            table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", self.RANK_TABLE_NAME)
-        ranks = summary.get("ranks") or {}
-        layers, values = list(ranks), list(ranks.values())
-        vtable = table.GetTable()
-        vtable.Initialize()
-        index = vtk.vtkIntArray()
-        index.SetName("index")
-        layer = vtk.vtkStringArray()
-        layer.SetName("layer")
-        rank = vtk.vtkIntArray()
-        rank.SetName("effective rank")
-        for i, (name, value) in enumerate(zip(layers, values)):
-            index.InsertNextValue(i)
-            layer.InsertNextValue(name)
-            rank.InsertNextValue(int(value))
-        for column in (index, layer, rank):
-            vtable.AddColumn(column)
-        table.SetAttribute(TAG + "Result", resultName)
-        table.SetAttribute(TAG + "Summary", json.dumps(summary))
-        table.Modified()
-
-        if chart is None:
-            chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", self.RANK_CHART_NAME)
-        series = chart.GetNthPlotSeriesNode(0) if chart.GetNumberOfPlotSeriesNodes() else None
-        if series is None:
-            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "ARENA effective rank per layer")
-            chart.AddAndObservePlotSeriesNodeID(series.GetID())
-        series.SetAndObserveTableNodeID(table.GetID())
-        series.SetXColumnName("index")
-        series.SetYColumnName("effective rank")
-        series.SetLabelColumnName("layer")
-        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
-        chart.SetTitle(_("Effective rank per layer: {name}").format(name=resultName))
-        chart.SetXAxisTitle(_("layer"))
-        chart.SetYAxisTitle(_("effective rank"))
-        chart.SetLegendVisibility(False)
-        chart.Modified()
-
+    def updateRankNodes(self, summary: dict, resultName: str, history: Optional[list] = None):
+        """Rank table and chart (and the training curve when ``history`` is given)."""
         if history:
-            curve = slicer.mrmlScene.GetFirstNode("ARENA training", "vtkMRMLTableNode") or \
-                slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "ARENA training")
-            arrays = {}
-            curve.GetTable().Initialize()
-            for name, kind in (("step", vtk.vtkIntArray), ("loss", vtk.vtkDoubleArray), ("total rank", vtk.vtkIntArray)):
-                arrays[name] = kind()
-                arrays[name].SetName(name)
-                curve.GetTable().AddColumn(arrays[name])
-            for step, loss, total in history:
-                curve.GetTable().InsertNextBlankRow()
-                row = curve.GetTable().GetNumberOfRows() - 1
-                curve.GetTable().SetValue(row, 0, vtk.vtkVariant(int(step)))
-                curve.GetTable().SetValue(row, 1, vtk.vtkVariant(float(loss)))
-                curve.GetTable().SetValue(row, 2, vtk.vtkVariant(int(total)))
-            curve.Modified()
-        return table, chart
-
-    @staticmethod
-    def rankTable(tableNode) -> dict:
-        """The rank table back as ``{layer: effective rank}``."""
-        vtable = tableNode.GetTable()
-        layer, rank = vtable.GetColumnByName("layer"), vtable.GetColumnByName("effective rank")
-        return {layer.GetValue(i): int(rank.GetValue(i)) for i in range(vtable.GetNumberOfRows())}
+            results.updateTrainingNodes(history)
+        return results.updateRankNodes(summary, resultName)
 
     def saveAdapter(self, adapterPath: str, path: str) -> Path:
         """Copy the adapter of a run (``adapterPath``, e.g. the segment tag) to ``path``."""
@@ -1125,108 +910,9 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         shutil.copyfile(adapterPath, path)
         return path
 
-    # --- MRML <-> arrays and files ---------------------------------------------------------
-
-    @staticmethod
-    def segmentArray(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
-        """Segment voxels on the volume's grid, uint8 array indexed (k, j, i) like the volume."""
-        return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode),
-                          dtype=np.uint8)
-
-    @staticmethod
-    def createSegmentationNode(volumeNode, name: Optional[str] = None):
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                  name or f"{volumeNode.GetName()} segmentation")
-        node.CreateDefaultDisplayNodes()
-        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        return node
-
-    @staticmethod
-    def writeVolume(volumeNode, path: Path) -> None:
-        """Write the volume's voxels with its exact geometry (IJK-to-RAS incl. directions) using
-        Slicer's own volume writer; the scene is not modified."""
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(str(path))
-        storage.SetUseCompression(False)  # a temporary file: speed over size
-        if not storage.WriteData(volumeNode):
-            raise RuntimeError(_("Writing volume '{name}' to '{path}' failed.").format(name=volumeNode.GetName(),
-                                                                                    path=path))
-
-    @staticmethod
-    def _labelmapNode(array: np.ndarray, volumeNode):
-        """A labelmap node outside the scene holding ``array`` (k, j, i) on the volume's grid."""
-        node = slicer.vtkMRMLLabelMapVolumeNode()
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        node.SetIJKToRASMatrix(ijkToRas)
-        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
-        return node
-
-    @classmethod
-    def writeLabelmap(cls, array: np.ndarray, volumeNode, path: Path, compress: bool = False) -> None:
-        """Write a (k, j, i) label array on the volume's grid (NRRD or NIfTI by extension)."""
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(str(path))
-        storage.SetUseCompression(compress)
-        if not storage.WriteData(cls._labelmapNode(array, volumeNode)):
-            raise RuntimeError(_("Writing labelmap '{path}' failed.").format(path=path))
-
-    @staticmethod
-    def readLabelmap(path: str, volumeNode) -> np.ndarray:
-        """Read a labelmap the worker wrote on the volume's grid; (k, j, i) array.
-
-        Raises:
-            RuntimeError: unreadable, or not exactly on the volume's grid (size, IJK-to-RAS).
-        """
-        node = slicer.vtkMRMLLabelMapVolumeNode()
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(str(path))
-        if not storage.ReadData(node):
-            raise RuntimeError(_("The result '{path}' cannot be read.").format(path=path))
-        got, want = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        node.GetIJKToRASMatrix(got)
-        volumeNode.GetIJKToRASMatrix(want)
-        same = node.GetImageData().GetDimensions() == volumeNode.GetImageData().GetDimensions() and np.allclose(
-            slicer.util.arrayFromVTKMatrix(got), slicer.util.arrayFromVTKMatrix(want), atol=1e-3)
-        if not same:
-            raise RuntimeError(_("The result '{path}' is not on the grid of volume '{name}'.").format(
-                path=path, name=volumeNode.GetName()))
-        return np.array(slicer.util.arrayFromVolume(node))
-
     def exportSegment(self, segmentationNode, segmentId: str, volumeNode, path: str) -> Path:
-        """Export one segment on the volume's grid.
-
-        ``.nii``/``.nii.gz``/``.nrrd``: a labelmap (1 inside, 0 outside) on the volume's exact
-        grid; ``.seg.nrrd``: a Slicer segmentation file with this segment only (name, color and
-        the ARENA tags kept), readable with ``slicerio``.
-        """
-        path = Path(path)
-        name = path.name.lower()
-        array = self.segmentArray(segmentationNode, segmentId, volumeNode)
-        if name.endswith(".seg.nrrd"):
-            source = segmentationNode.GetSegmentation().GetSegment(segmentId)
-            node = slicer.vtkMRMLSegmentationNode()
-            labelmap = self._labelmapNode(array, volumeNode)
-            image = slicer.vtkOrientedImageData()
-            image.ShallowCopy(labelmap.GetImageData())
-            ijkToRas = vtk.vtkMatrix4x4()
-            volumeNode.GetIJKToRASMatrix(ijkToRas)
-            image.SetImageToWorldMatrix(ijkToRas)
-            segment = slicer.vtkSegment()
-            segment.DeepCopyMetadata(source)
-            segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
-            node.GetSegmentation().SetSourceRepresentationName(
-                slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
-            node.GetSegmentation().AddSegment(segment, segmentId)
-            storage = slicer.vtkMRMLSegmentationStorageNode()
-            storage.SetFileName(str(path))
-            if not storage.WriteData(node):
-                raise RuntimeError(_("Writing '{path}' failed.").format(path=path))
-        elif name.endswith((".nii", ".nii.gz", ".nrrd")):
-            self.writeLabelmap(array, volumeNode, path, compress=True)
-        else:
-            raise RuntimeError(_("Export to '{name}': use .nii.gz, .nii, .nrrd or .seg.nrrd.").format(name=path.name))
-        return path
+        """Export one segment on the volume's grid (see ``ARENASegmentationLib.mrmlio.exportSegment``)."""
+        return mrmlio.exportSegment(segmentationNode, segmentId, volumeNode, path)
 
 
 #
@@ -1236,21 +922,37 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
 
 class ARENASegmentationTest(ScriptedLoadableModuleTest):
     """Self-test inside Slicer: paint 3 slices of a bright structure of a sample CT, adapt for a
-    few steps, check the new segment, cancel a run, export .seg.nrrd."""
+    few steps, check the new segment, cancel a run, export .seg.nrrd. The GUI stays responsive
+    while it waits; missing packages are installed after confirmation, or named, never a failure."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_AdaptSegmentCancelExport()
+        if self.ensurePackages():
+            self.test_AdaptSegmentCancelExport()
+
+    def ensurePackages(self) -> bool:
+        """True when the engine's packages are there (installed now after confirmation, if needed)."""
+        missing = dependencies.unmet(dependencies.requirementsFor("arena"), dependencies.installedVersions())
+        if not missing:
+            return True
+        problem = slicerVersionProblem()
+        if not problem:
+            try:
+                dependencies.install("arena", askConfirmation=True)
+                return True
+            except RuntimeError as err:
+                problem = str(err)
+        self.delayDisplay(f"ARENA self-test not run: {problem} Missing: {', '.join(missing)}.", 3000)
+        return False
+
+    def wait(self, logic, timeout):
+        return logic.waitForCompletion(timeout=timeout, idle=slicer.app.processEvents)
 
     def test_AdaptSegmentCancelExport(self):
         self.delayDisplay("Starting the test")
-        missing = ARENASegmentationLogic.missingPythonPackages()
-        if missing:  # the self-test must not install packages (nor ask to)
-            self.skipTest(f"Python packages missing for ARENA: {', '.join(missing)}")
-
         import SampleData
 
         volumeNode = SampleData.SampleDataLogic().downloadSample("CTACardio")
@@ -1269,13 +971,14 @@ class ARENASegmentationTest(ScriptedLoadableModuleTest):
         logic = ARENASegmentationLogic()
         logic.startAdapt(volumeNode, segmentationNode, targetId, steps=1000, device="auto")
         while logic.lastProgress is None and logic.processEvents():
+            slicer.app.processEvents()
             time.sleep(0.1)
         logic.cancel()
-        self.assertEqual(logic.waitForCompletion(timeout=30)["status"], "cancelled")
+        self.assertEqual(self.wait(logic, 30)["status"], "cancelled")
         self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 1)
 
         logic.startAdapt(volumeNode, segmentationNode, targetId, steps=5, device="auto")
-        outcome = logic.waitForCompletion(timeout=1800)
+        outcome = self.wait(logic, 1800)
         self.assertEqual(outcome["status"], "done", outcome["message"])
         result = ARENASegmentationLogic.segmentArray(segmentationNode, outcome["segmentId"], volumeNode)
         self.assertEqual(result.shape, ct.shape)

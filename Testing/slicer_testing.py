@@ -20,7 +20,11 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "ARENASegmentation.ui"
 
 
 def import_module():
-    """``ARENASegmentation.py`` imported the way Slicer does: from its own folder."""
+    """``ARENASegmentation.py`` imported the way Slicer does: from its own folder (which also
+    makes ``ARENASegmentationLib`` importable), with stand-ins for the application-only parts."""
+    import slicer_stand_ins
+
+    slicer_stand_ins.install()
     if str(MODULE_DIR) not in sys.path:
         sys.path.insert(0, str(MODULE_DIR))
     import ARENASegmentation

@@ -78,3 +78,64 @@ def test_voxels_outside_the_scan_are_never_predicted():
     above, below = liver.copy(), liver.copy()
     above[:, :, :k + 2], below[:, :, k - 1:] = False, False
     assert result[above].mean() > 0.99 and result[below].mean() > 0.99  # both halves kept
+
+
+# End to end, as a user runs it: both kidneys painted as one structure on 3 axial slices.
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from arenaseg.adapter_file import read_adapter  # noqa: E402
+from arenaseg.annotations import paint_slices  # noqa: E402
+
+
+def _arenaseg(*args):
+    return subprocess.run([sys.executable, "-m", "arenaseg", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def kidneys(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kidneys")
+    labels, image = _labels()
+    both = np.where(np.isin(labels, [KIDNEY_RIGHT, KIDNEY_LEFT]), 7, 0).astype(np.uint8)
+    sitk.WriteImage(image_like(paint_slices(both, 7, 3, axis=2), image), str(tmp / "painted.nii.gz"))
+    run = _arenaseg("adapt", "--image", ABDOMEN / "ct.nii.gz", "--annotations", tmp / "painted.nii.gz",
+                    "--label", 7, "--steps", 30, "--out", tmp / "adapt.nii.gz",
+                    "--adapter-out", tmp / "kidneys.safetensors")
+    assert run.returncode == 0, run.stderr
+    return tmp, both, run
+
+
+def test_adapt_reports_what_it_removed_and_records_the_structure(kidneys):
+    tmp, both, run = kidneys
+    assert "connected to the paint; removed" in run.stdout
+    _, meta = read_adapter(tmp / "kidneys.safetensors")
+    assert meta["objects"] == 2  # two kidneys, painted as one structure
+    assert set(meta["profile"]) >= {"kidney_right", "kidney_left"}  # the frozen backbone's reading
+
+
+def test_segment_keeps_both_kidneys(kidneys):
+    tmp, both, _ = kidneys
+    run = _arenaseg("segment", "--image", ABDOMEN / "ct.nii.gz", "--adapter",
+                    tmp / "kidneys.safetensors", "--out", tmp / "segment.nii.gz")
+    assert run.returncode == 0, run.stderr
+    assert "result: 2 objects" in run.stdout
+    result = array_ijk(sitk.ReadImage(str(tmp / "segment.nii.gz"))) == 7
+    for kidney in (KIDNEY_RIGHT, KIDNEY_LEFT):  # each kidney mostly found, not only the larger
+        _, labels_image = _labels()
+        assert result[array_ijk(labels_image) == kidney].mean() > 0.6
+
+
+def test_segment_of_a_scan_without_the_structure_is_empty_and_says_so(kidneys):
+    tmp, _, _ = kidneys
+    pelvis = sitk.ReadImage(str(ABDOMEN / "ct.nii.gz"))[:, :, :45]  # kidneys start at slice 66
+    sitk.WriteImage(pelvis, str(tmp / "pelvis.nii.gz"))
+    run = _arenaseg("segment", "--image", tmp / "pelvis.nii.gz", "--adapter",
+                    tmp / "kidneys.safetensors", "--out", tmp / "pelvis_seg.nii.gz")
+    assert run.returncode == 0, run.stderr
+    assert "no confident object: the structure seems absent" in run.stdout
+    out = sitk.ReadImage(str(tmp / "pelvis_seg.nii.gz"))
+    assert out.GetSize() == pelvis.GetSize() and not array_ijk(out).any()

@@ -14,11 +14,18 @@ from conftest import ABDOMEN, LIVER
 from slicer_testing import import_module, load_volume, slicer_app  # noqa: F401 (fixture)
 
 SHORT = {"steps": 3}  # runs that check plumbing, not accuracy
+TERMINOLOGY_TAG = "TerminologyEntry"
+LIVER_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
+                     "Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
 
 
 @pytest.fixture(scope="module")
-def module():
-    return import_module()
+def module(tmp_path_factory):
+    """The module; kept adapters go to a per-user folder, here a temporary one (ARENASEG_ADAPTERS)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ARENASEG_ADAPTERS", str(tmp_path_factory.mktemp("adapters")))
+    yield import_module()
+    patch.undo()
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +89,7 @@ def axial_run(module, abdomen):
     """The full default adaptation on 3 painted axial liver slices (new segment mode)."""
     volume, reference = abdomen
     node, target, painted = paint(module, volume, reference, axis_ijk=2, node_name="axial")
+    node.GetSegmentation().GetSegment(target).SetTag(TERMINOLOGY_TAG, LIVER_TERMINOLOGY)
     logic = module.ARENASegmentationLogic()
     events = []
     logic.startAdapt(volume, node, target, device="cpu", onProgress=events.append)
@@ -128,6 +136,66 @@ def test_three_painted_axial_slices_give_the_liver_in_a_new_segment(module, abdo
     assert module.segmentTag(segment, "EffectiveRank") == str(summary["effective_rank"])
     assert module.segmentTag(segment, "SourceSegment") == target
     assert module.segmentTag(seg.GetSegment(target), "Adapter") == summary["adapter"]
+
+
+def test_result_is_shown_in_3d_named_like_the_target_and_its_adapter_is_kept_per_user(module, axial_run):
+    """A surface at the end of the run, the target's terminology entry on the result, the live
+    training curve, and the adapter in the documented per-user folder, not the temporary one."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import slicer
+
+    logic, node, target, painted, outcome, events = axial_run
+    seg = node.GetSegmentation()
+    assert seg.ContainsRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    value = vtk.reference("")
+    assert seg.GetSegment(outcome["segmentId"]).GetTag(TERMINOLOGY_TAG, value) and str(value) == LIVER_TERMINOLOGY
+    adapter = Path(outcome["summary"]["adapter"])
+    assert adapter.is_file() and adapter.parent == Path(os.environ["ARENASEG_ADAPTERS"])
+    assert not str(adapter).startswith(tempfile.gettempdir() + os.sep + "arena-runs")
+    table = slicer.mrmlScene.GetFirstNode("ARENA training", "vtkMRMLTableNode")
+    chart = slicer.mrmlScene.GetFirstNode("ARENA training", "vtkMRMLPlotChartNode")
+    assert table.GetTable().GetNumberOfRows() == len(events) == outcome["summary"]["steps"]
+    assert chart.GetNumberOfPlotSeriesNodes() == 2  # loss and total effective rank per step
+    assert logic.history == [(e["step"], e["loss"], e["total_rank"]) for e in events]
+
+
+def test_paint_that_would_move_is_refused_before_any_process(module, abdomen):
+    """A segmentation stored as surfaces, or painted on another grid, is refused at once."""
+    import slicer
+
+    volume, reference = abdomen
+    logic = module.ARENASegmentationLogic()
+    node, target, painted = paint(module, volume, reference, axis_ijk=2, node_name="surfaces")
+    node.CreateClosedSurfaceRepresentation()
+    node.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    with pytest.raises(RuntimeError, match="source representation to 'Binary labelmap'"):
+        logic.startAdapt(volume, node, target)
+    assert not logic.isRunning
+
+    # Half a voxel off the CT's grid: resampling would move strokes to other slices.
+    shifted = slicer.vtkOrientedImageData()
+    shifted.SetDimensions(*volume.GetImageData().GetDimensions())
+    shifted.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    spacing = volume.GetSpacing()
+    matrix.SetElement(2, 3, matrix.GetElement(2, 3) + spacing[2] / 2)
+    shifted.SetImageToWorldMatrix(matrix)
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    vtk_to_numpy(shifted.GetPointData().GetScalars())[:] = painted.ravel()
+    other = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "off grid")
+    other.AddSegmentFromBinaryLabelmapRepresentation(shifted, "liver")
+    segment_id = other.GetSegmentation().GetNthSegmentID(0)
+    with pytest.raises(RuntimeError, match="another voxel grid"):
+        logic.startAdapt(volume, other, segment_id)
+    assert not logic.isRunning
+    for n in (node, other):
+        slicer.mrmlScene.RemoveNode(n)
 
 
 def test_seg_nrrd_and_labelmap_exports_read_back_with_the_same_voxels(module, abdomen, axial_run, tmp_path):
@@ -235,6 +303,14 @@ def test_sagittal_painting_fills_the_target_segment(module, abdomen):
     dice = unpainted_dice(result, reference, painted, axis_kji=2)
     print(f"sagittal: Dice {dice:.3f} on unpainted slices, effective rank {outcome['summary']['effective_rank']}")
     assert dice >= 0.85
+
+    # Undo: the painting comes back exactly, and only once.
+    assert logic.canUndoFill()
+    logic.undoFill()
+    assert np.array_equal(module.ARENASegmentationLogic.segmentArray(node, target, volume), painted)
+    assert not logic.canUndoFill()
+    with pytest.raises(RuntimeError, match="Nothing to undo"):
+        logic.undoFill()
 
 
 def test_input_problems_are_refused_before_any_process_and_worker_errors_change_nothing(module, abdomen):

@@ -67,9 +67,25 @@ def test_panel_defaults_are_the_engine_defaults():
 
 
 def test_logic_imports_without_qt_and_the_engine_is_found_next_to_the_module():
+    from ARENASegmentationLib import dependencies
+
     module = import_module()
     assert module.ENGINE_DIR == MODULE_DIR and (module.ENGINE_DIR / "arenaseg" / "worker.py").is_file()
-    assert not module.ARENASegmentationLogic.missingPythonPackages()
+    assert not dependencies.unmet(dependencies.requirementsFor("lora"), dependencies.installedVersions())
+
+
+def test_module_file_holds_the_template_classes_and_the_library_the_rest():
+    """Module, parameter node, Widget, Logic, Test in the module file; no test stand-ins there;
+    the worker process, installer, MRML I/O and result display in ARENASegmentationLib."""
+    tree = ast.parse(SOURCE)
+    classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    assert classes == ["ARENASegmentation", "ARENASegmentationParameterNode", "ARENASegmentationWidget",
+                       "ARENASegmentationLogic", "ARENASegmentationTest"]
+    assert "except ImportError" not in SOURCE and "Popen" not in SOURCE and "pip_install" not in SOURCE
+    library = {p.stem for p in (MODULE_DIR / "ARENASegmentationLib").glob("*.py")}
+    assert {"process", "dependencies", "mrmlio", "results", "panel"} <= library
+    for path in (MODULE_DIR / "ARENASegmentationLib").glob("*.py"):
+        assert not re.search(r"^\s*import qt\b", path.read_text(), re.M), path  # Qt-free
 
 
 def test_files_for_the_worker_keep_an_oblique_volume_geometry_exactly(slicer_app, tmp_path):  # noqa: F811
@@ -116,9 +132,11 @@ def test_cmake_lists_every_script_and_resource_of_the_module():
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     listed = set(re.findall(r"^\s+([\w/.${}-]+\.(?:py|ui|png|safetensors|md))\s*$", text, re.M))
     listed = {p.replace("${MODULE_NAME}", "ARENASegmentation") for p in listed}
+    assert "ARENASegmentationLib/process.py" in listed
     optional = set(re.findall(r"APPEND MODULE_PYTHON_RESOURCES ([\w/.-]+)", text))  # if(EXISTS ...)
     listed |= optional
-    package = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "arenaseg").rglob("*")
+    package = {str(p.relative_to(MODULE_DIR)) for folder in ("arenaseg", "ARENASegmentationLib")
+               for p in (MODULE_DIR / folder).rglob("*")
                if p.suffix in (".py", ".safetensors", ".md") and "__pycache__" not in p.parts}
     assert package <= listed, f"not listed: {sorted(package - listed)}"
     for path in ("ARENASegmentation.py", "Resources/UI/ARENASegmentation.ui",
@@ -136,12 +154,70 @@ def test_icon_is_a_128_pixel_png():
     assert int.from_bytes(data[16:20], "big") == int.from_bytes(data[20:24], "big") == 128
 
 
+def cmake_set(name: str) -> str:
+    match = re.search(rf'^set\({name} "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text(), re.M)
+    assert match, name
+    return match.group(1)
+
+
 def test_extension_catalog_entry_follows_the_index_schema():
+    """Validated against the index's schema (a copy of Slicer's Schemas/ file, v1.0.2)."""
+    import jsonschema
+
     entry = json.loads((ROOT / "ARENASegmentation.json").read_text())
-    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
-               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}  # schema v1.0.2
-    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
-    assert entry["$schema"].startswith(
-        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json")
-    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
-    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+    schema = json.loads((ROOT / "Testing" / "schemas" / "slicer-extension-catalog-entry-schema-v1.0.2.json").read_text())
+    assert entry["$schema"] == schema["$id"]
+    jsonschema.validate(entry, schema)
+    assert entry["category"] == cmake_set("EXTENSION_CATEGORY") == "Segmentation"
+    assert entry["build_dependencies"] == cmake_set("EXTENSION_DEPENDS").split()
+
+
+def test_every_address_is_the_one_homepage_whose_repository_name_starts_with_slicer():
+    """README, CMake metadata, catalog entry and help link agree; the index wants 'Slicer...'."""
+    homepage = cmake_set("EXTENSION_HOMEPAGE")
+    owner, name = re.fullmatch(r"https://github\.com/([\w.-]+)/([\w.-]+)", homepage).groups()
+    assert name.startswith("Slicer")
+    entry = json.loads((ROOT / "ARENASegmentation.json").read_text())
+    assert entry["scm_url"] == homepage + ".git"
+    raw = f"https://raw.githubusercontent.com/{owner}/{name}/{entry['scm_revision']}/"
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in cmake_set(key).split():
+            assert url.startswith(raw) and (ROOT / url[len(raw):]).is_file(), url
+    module = import_module()
+    assert module.HELP_URL.startswith(homepage + "#")
+    readme = (ROOT / "README.md").read_text()
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", readme, re.M)}
+    assert module.HELP_URL.split("#", 1)[1] in anchors
+    assert 'href="{url}"' in SOURCE and ".format(url=HELP_URL)" in SOURCE
+    mentioned = set(re.findall(r"github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?\b", readme))
+    ours = {m for m in mentioned if "ARENASegmentation" in m}
+    assert ours <= {f"{owner}/{name}"}, ours
+    assert "git clone https://github.com" not in readme  # no promise of a published repository
+
+
+def test_license_and_screenshot_are_there():
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+    shot = (ROOT / "Resources" / "Screenshots" / "ARENASegmentation-1.png").read_bytes()
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(shot[16:20], "big") >= 800
+
+
+def test_self_test_reports_missing_packages_instead_of_failing(monkeypatch):
+    """*Reload and Test* without the engine's packages: it says what is missing and stops; it
+    neither raises nor skips (Slicer would report either as a failure). The packages' absence
+    is simulated: this environment has them all."""
+    import slicer
+
+    from ARENASegmentationLib import dependencies
+
+    module = import_module()
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)  # setUp clears it
+    monkeypatch.setattr(dependencies, "installedVersions", lambda: {})
+    shown = []
+    test = module.ARENASegmentationTest()
+    monkeypatch.setattr(test, "delayDisplay", lambda message, msec=0: shown.append(message))
+    test.runTest()
+    assert len(shown) == 1 and shown[0].startswith("ARENA self-test not run")
+    assert "monai>=1.4" in shown[0] and "torch>=2.4" in shown[0]

@@ -56,6 +56,9 @@ def _progress_bar(steps: int):
     return update
 
 
+NOT_KEPT = "that were not confident, or that the frozen backbone does not read as the painted structure"
+
+
 def _objects(count: int, ml: float) -> str:
     return f"{count} object{'s' if count != 1 else ''} ({ml:.1f} mL)"
 
@@ -116,6 +119,9 @@ def cmd_adapt(args) -> None:
           f"{'ijk'[result.slice_axis]}: {', '.join(map(str, result.painted_slices))}")
     print(f"result: {_objects(result.objects, result.volume_ml)} connected to the paint; removed "
           f"{_objects(result.removed_objects, result.removed_ml)} predicted away from it")
+    if result.profile:
+        print("the frozen backbone reads the painted structure as "
+              + ", ".join(f"{name} {share:.0%}" for name, share in result.profile.items()))
     if result.ranks:
         print_ranks(result.ranks, settings.rank)
     if result.zero_shot_dice is not None:
@@ -135,12 +141,12 @@ def cmd_segment(args) -> None:
     if result["objects"] == 0:
         print(f"no confident object: the structure seems absent from {args.image}; the "
               f"segmentation is empty (removed {_objects(result['removed_objects'], result['removed_ml'])} "
-              "predicted without confidence)")
+              f"{NOT_KEPT})")
     else:
         painted = result["painted_objects"]
         print(f"result: {_objects(result['objects'], result['volume_ml'])}"
               + (f" (the structure had {painted} where it was adapted)" if painted not in (None, result["objects"]) else "")
-              + f"; removed {_objects(result['removed_objects'], result['removed_ml'])} predicted without confidence")
+              + f"; removed {_objects(result['removed_objects'], result['removed_ml'])} {NOT_KEPT}")
     print(f"wrote {result['segmentation']} ({result['structure'] or 'label ' + str(result['label'])}, "
           f"effective rank {sum(result['ranks'].values())}, {result['seconds']:.1f} s)")
 

@@ -24,6 +24,7 @@ from .inference import pick_device, sliding_window_logits
 from .outputs import Outputs, check_writable
 from .methods import Tuning, prepare
 from .postprocessing import Objects, select_objects
+from .postprocessing import profile as read_profile
 from .preprocessing import canonical_axis, input_index_to_canonical, to_canonical, to_input_grid
 from .training import AdaptSettings, ProgressFn, train
 
@@ -53,6 +54,8 @@ class AdaptResult:
     ``objects`` and ``volume_ml`` describe the result: the connected objects that touch the
     paint. ``removed_objects`` and ``removed_ml`` are what the adapted backbone also predicted,
     away from the paint, and post-processing removed: its false positives on this scan.
+    ``profile`` is how the frozen backbone reads the painted structure (class → share, see
+    :func:`~arenaseg.postprocessing.profile`), saved in the adapter for ``segment``.
     """
 
     segmentation: str
@@ -73,6 +76,7 @@ class AdaptResult:
     volume_ml: float = 0.0
     removed_objects: int = 0
     removed_ml: float = 0.0
+    profile: dict[str, float] = field(default_factory=dict)
 
     @property
     def effective_rank(self) -> int:
@@ -125,8 +129,32 @@ class Scan:
         return cls(image, *to_canonical(image, spec.preprocessing), outside)
 
 
+def recognise(model: torch.nn.Module, spec, scan: Scan, device: torch.device):
+    """The frozen backbone's own reading of every voxel, before any adaptation.
+
+    Args:
+        model: the backbone with its pretrained head (call before adapters are injected).
+
+    Returns:
+        ``(classes, names)``: a uint8 image on the input grid holding the index of the class
+        each voxel is read as (argmax; for a sigmoid head the most likely class above 0.5, else
+        background), and the name of each index; or ``(None, ())`` for a backbone without
+        pretrained classes.
+    """
+    if not spec.classes:
+        return None, ()
+    logits = sliding_window_logits(model, scan.x, spec.preprocessing.roi_size, device)
+    if spec.multilabel:
+        top = logits.max(0)
+        index, names = torch.where(top.values > 0, top.indices + 1, 0), ("background", *spec.classes)
+    else:
+        index, names = logits.argmax(0), spec.classes
+    return to_input_grid(index.numpy().astype(np.uint8), scan.affine, scan.image, linear=False), names
+
+
 def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int = 1,
-            annotation: Annotation | None = None, status: StatusFn | None = None) -> Objects:
+            annotation: Annotation | None = None, status: StatusFn | None = None,
+            classes: sitk.Image | None = None, expected: list[int] | None = None) -> Objects:
     """Segment ``scan`` with the adapted backbone.
 
     Sliding-window logits (MONAI) on the canonical grid, their sigmoid resampled (trilinear,
@@ -143,6 +171,9 @@ def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int =
         label: value of the structure in the returned labelmap.
         annotation: the painted slices on the input grid (adapt), or None (segment).
         status: ``status("inference", message)`` after each window.
+        classes, expected: the backbone's reading of the scan (:func:`recognise`) and the class
+            indices of the painted structure: without ``annotation``, only objects the backbone
+            reads as the structure are kept.
 
     Returns:
         :class:`~arenaseg.postprocessing.Objects`: ``image`` is a labelmap on exactly the input
@@ -159,7 +190,8 @@ def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int =
     probability = to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)
     del logits
     if annotation is None:
-        return select_objects(probability, label, outside=scan.outside)
+        return select_objects(probability, label, outside=scan.outside, classes=classes,
+                              expected=expected)
     return select_objects(probability, label, annotation.known, annotation.target, scan.outside)
 
 
@@ -173,11 +205,13 @@ class Fit:
     log: object
     checksum: str
     zero_shot_dice: float | None = None
+    profile: dict[str, float] = field(default_factory=dict)
 
 
 def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings,
         backbone: str = DEFAULT_BACKBONE, structure: str | None = None, device: str = "cpu",
         warm: tuple[dict, dict] | None = None, zero_shot: bool = False, weights: str | None = None,
+        profile: bool = False,
         progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
         status: StatusFn | None = None) -> Fit:
     """Adapt a backbone to ``annotation`` (painted slices on ``scan``'s input grid), in memory.
@@ -190,6 +224,9 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
             downloaded one).
         zero_shot: also measure the Dice, on the painted slices, of the backbone's own output
             row for ``structure`` before training (None when the backbone does not know it).
+        profile: also record how the frozen backbone reads the painted structure
+            (:func:`~arenaseg.postprocessing.profile`; one more sliding-window pass), which
+            ``segment`` uses to tell the structure from look-alikes.
 
     Raises:
         ArenaError: see :func:`arenaseg.methods.prepare`.
@@ -202,6 +239,12 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
         scan = Scan.from_image(scan, spec)
     checksum = state_checksum(model)
+    painted_profile = {}
+    if profile:
+        status("preprocessing", f"reading the scan with the frozen backbone ({spec.id})")
+        classes, names = recognise(model, spec, scan, dev)
+        if classes is not None:
+            painted_profile = read_profile(classes, names, annotation.target)
     if warm:
         tuning = apply_adapter(model, spec, *warm, source="--warm-start adapter")
     else:
@@ -224,7 +267,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     status("training", f"training {settings.steps} steps ({tuning.method})")
     log = train(tuning, scan.x, coords, targets, crop, settings, dev,
                 progress=progress, should_stop=should_stop)
-    return Fit(tuning, spec, scan, log, checksum, zero_shot_dice)
+    return Fit(tuning, spec, scan, log, checksum, zero_shot_dice, painted_profile)
 
 
 def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str | None = None,
@@ -297,7 +340,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                                  "without --warm-start")
     used = warm[1]["backbone"] if warm else backbone
     check_extent(ct, image, backbone_preprocessing(used), str(used), warn)
-    result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True,
+    result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True, profile=True,
                  weights=weights, progress=progress, should_stop=should_stop, status=status)
     tuning, spec = result.tuning, result.spec
     status("inference", "segmenting the whole volume")
@@ -311,7 +354,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         loss=result.log.loss, total_rank=result.log.total_rank,
         seconds=time.perf_counter() - start, device=str(dev), slice_axis=annotation.axis,
         painted_slices=tuple(int(i) for i in annotation.slices), objects=objects.kept,
-        volume_ml=objects.kept_ml, removed_objects=objects.removed, removed_ml=objects.removed_ml)
+        volume_ml=objects.kept_ml, removed_objects=objects.removed, removed_ml=objects.removed_ml,
+        profile=result.profile)
     status("writing", f"writing {out}" + (f" and {adapter_out}" if adapter_out else ""))
     # Both files or neither: each is verified before either is published, so a failed or
     # interrupted write (full disk, Ctrl-C, cancel) leaves no segmentation without its adapter,
@@ -324,7 +368,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                 "preprocessing": spec.preprocessing.to_dict(), "structure": structure,
                 "label": int(label), "annotated_axis": annotation.axis,
                 "annotated_slices": list(annotation.slices), "source_image": str(image),
-                "objects": objects.kept, "volume_ml": round(objects.kept_ml, 3)},
+                "objects": objects.kept, "volume_ml": round(objects.kept_ml, 3),
+                "profile": result.profile},
                 outputs=outputs)
         write_image(objects.image, out, what="output segmentation", option="--out",
                     outputs=outputs)
@@ -364,11 +409,17 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
     check_intensities(ct, image, warn)
     model, spec = load_backbone(meta["backbone"], weights)
     check_extent(ct, image, spec.preprocessing, spec.id, warn)
-    tuning = apply_adapter(model, spec, tensors, meta, source=str(adapter))
     status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
     scan = Scan.from_image(ct, spec)
+    classes, names = (None, ())
+    if meta.get("profile"):
+        status("preprocessing", f"reading the scan with the frozen backbone ({spec.id})")
+        classes, names = recognise(model, spec, scan, dev)
+    tuning = apply_adapter(model, spec, tensors, meta, source=str(adapter))
     status("inference", "segmenting the whole volume")
-    objects = predict(tuning, spec, scan, dev, meta.get("label", 1), status=status)
+    expected = [names.index(n) for n in meta.get("profile") or {} if n in names]
+    objects = predict(tuning, spec, scan, dev, meta.get("label", 1), status=status,
+                      classes=classes, expected=expected)
     status("writing", f"writing {out}")
     write_image(objects.image, out, what="output segmentation", option="--out")
     return {"segmentation": str(out), "structure": meta.get("structure"),

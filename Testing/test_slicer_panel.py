@@ -1,0 +1,155 @@
+"""The module's decisions without Qt or Slicer: the panel's selection and button logic, the
+supported Slicer versions, the dependency check and install plan, and that the engine's
+requirements resolve on every supported Slicer's Python (pip's own resolver)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+
+from slicer_testing import MODULE_DIR
+
+sys.path.insert(0, str(MODULE_DIR))
+from ARENASegmentationLib import dependencies, panel  # noqa: E402
+
+ROOT = MODULE_DIR.parent
+#: Python of each Slicer release, from Slicer's SuperBuild/External_python.cmake at tags v5.8.1,
+#: v5.10.0, v5.12.0 and main (5.13).
+SLICER_PYTHON = {(5, 8): (3, 9), (5, 10): (3, 12), (5, 12): (3, 12), (5, 13): (3, 12)}
+
+
+# --- the panel ----------------------------------------------------------------------------
+
+def test_painting_before_opening_the_module_selects_the_shown_segment():
+    """The selector shows the first segment but emits nothing: the parameter must take it."""
+    segments = {"Segment_1", "Segment_2"}
+    assert panel.segmentSelection("", "Segment_1", segments.__contains__) == "Segment_1"
+    assert panel.segmentSelection("Segment_2", "Segment_1", segments.__contains__) == "Segment_2"
+    assert panel.segmentSelection("deleted", "Segment_1", segments.__contains__) == "Segment_1"
+    assert panel.segmentSelection("", "", segments.__contains__) == ""
+    assert panel.segmentSelection("", "other segmentation's", segments.__contains__) == ""
+
+
+def test_apply_button_states():
+    assert panel.applyButtonState(False, False, True)[:2] == ("Adapt and segment", True)
+    assert panel.applyButtonState(False, False, False)[1] is False
+    assert panel.applyButtonState(True, False, True)[:2] == ("Cancel", True)
+    text, enabled, _ = panel.applyButtonState(False, True, True)
+    assert not enabled and text.startswith("Installing")  # no second pip from a second click
+    problem = dependencies.versionProblem((5, 8), (3, 9))
+    assert panel.applyButtonState(False, False, True, problem) == ("Adapt and segment", False, problem)
+
+
+def test_status_bar_progress_has_step_loss_rank_elapsed_and_time_left():
+    event = {"step": 10, "steps": 60, "loss": 0.3141, "total_rank": 23}
+    text = panel.progressText(event, 20.0, "cpu")
+    assert text == ("ARENA step 10/60 on cpu: loss 0.314, effective rank 23, 0:20 elapsed, "
+                    "about 1:40 left")
+    assert "left" not in panel.progressText({**event, "step": 60}, 120.0)
+
+
+def test_the_worker_reported_device_drives_the_cpu_notice():
+    assert "CPU" in panel.deviceNotice("auto", "cpu")
+    assert panel.deviceNotice("cpu", "cpu") == "" and panel.deviceNotice("auto", "cuda:0") == ""
+
+
+# --- supported Slicer versions --------------------------------------------------------------
+
+def test_supported_slicer_versions_are_checked_and_stated():
+    for version, python in SLICER_PYTHON.items():
+        problem = dependencies.versionProblem(version, python)
+        assert bool(problem) == (version < dependencies.SUPPORTED_SLICER), (version, problem)
+        assert not problem or "5.10 or later" in problem
+    assert dependencies.versionProblem((5, 12), (3, 9))  # a Python too old, whatever the Slicer
+    floor = "{}.{}".format(*dependencies.SUPPORTED_SLICER)
+    readme = (ROOT / "README.md").read_text()
+    assert f"Slicer {floor} or later" in readme
+    assert f"Slicer {floor} or later" in (ROOT / "CMakeLists.txt").read_text()
+    python = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert python == ">={}.{}".format(*dependencies.MIN_PYTHON)
+
+
+def test_module_requirements_are_the_engine_requirements():
+    """Same packages and floors as pyproject.toml; PEFT only for the methods that use it."""
+    engine = {Requirement(r).name.lower(): str(Requirement(r).specifier)
+              for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    everything = set(dependencies.requirementsFor("lora")) | set(dependencies.requirementsFor("adalora"))
+    module = {Requirement(r).name.lower(): str(Requirement(r).specifier) for r in everything}
+    assert module == engine
+    assert not any(r.startswith("peft") for r in dependencies.requirementsFor("arena"))
+
+
+def _resolve(python: tuple, requirements: list, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+         "--target", str(tmp_path / "target"), "--python-version", "{}.{}".format(*python),
+         "--only-binary=:all:", "--report", str(tmp_path / "report.json")] + requirements,
+        capture_output=True, text=True, timeout=600)
+
+
+def test_requirements_resolve_on_every_supported_slicers_python(tmp_path):
+    """pip's resolver, for the Python of each supported Slicer, with every method's packages."""
+    everything = sorted(set(dependencies.requirementsFor("lora")) | set(dependencies.requirementsFor("arena")))
+    pythons = {p for v, p in SLICER_PYTHON.items() if v >= dependencies.SUPPORTED_SLICER}
+    for python in sorted(pythons):
+        done = _resolve(python, everything, tmp_path)
+        if done.returncode and re.search(r"NewConnectionError|Could not fetch URL|ProxyError", done.stderr):
+            pytest.skip(f"no package index reachable: {done.stderr.strip().splitlines()[-1]}")
+        assert done.returncode == 0, f"Python {python}: {done.stderr[-2000:]}"
+        names = {i["metadata"]["name"].lower() for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+        assert {"torch", "monai", "peft", "nibabel"} <= names
+
+
+# --- dependency check and install plan ----------------------------------------------------
+
+def test_dependency_check_reads_version_floors_not_only_presence():
+    versions = dependencies.installedVersions()
+    assert dependencies.unmet(dependencies.requirementsFor("lora"), versions) == []
+    old = {**versions, "monai": "1.3.2", "peft": "0.13.0"}
+    assert dependencies.unmet(dependencies.requirementsFor("arena"), old) == ["monai>=1.4"]
+    assert dependencies.unmet(dependencies.requirementsFor("lora"), old) == ["monai>=1.4", "peft>=0.21"]
+    plan = dependencies.installPlan("adalora", {k: v for k, v in old.items() if k != "torch"})
+    assert plan == {"torch": True, "pip": ["monai>=1.4", "peft>=0.21"], "blocked": ""}
+    question = dependencies.planText(plan)  # the single confirmation names everything
+    assert "PyTorch" in question and "monai>=1.4" in question and "peft>=0.21" in question
+    assert dependencies.installPlan("arena", {k: v for k, v in versions.items() if k != "numpy"})["blocked"]
+
+
+def test_constraints_pin_everything_installed_except_what_is_installed():
+    versions = dependencies.installedVersions()
+    text = dependencies.constraintsText(versions, ["monai>=1.4", "peft>=0.21"])
+    pins = dict(line.split("==") for line in text.splitlines())
+    for name in ("numpy", "simpleitk", "torch", "requests", "urllib3", "certifi", "packaging", "typing-extensions"):
+        assert pins[name] == versions[name], name
+    assert "monai" not in pins and "peft" not in pins
+
+
+def test_a_second_install_is_refused_while_one_runs(monkeypatch):
+    monkeypatch.setattr(dependencies, "_installing", True)
+    assert dependencies.isInstalling()
+    with pytest.raises(RuntimeError, match="already installing"):
+        dependencies.install("arena", askConfirmation=False)
+
+
+def test_the_gui_process_never_imports_torch():
+    """Checking the packages, planning, the panel and importing the module load no torch."""
+    code = f"""
+import sys
+sys.path[:0] = [{str(ROOT / 'Testing')!r}, {str(MODULE_DIR)!r}]
+from slicer_testing import import_module
+module = import_module()
+from ARENASegmentationLib import dependencies, panel
+dependencies.unmet(dependencies.requirementsFor('lora'), dependencies.installedVersions())
+module.ARENASegmentationLogic()
+assert 'torch' not in sys.modules, 'torch imported'
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for path in [MODULE_DIR / "ARENASegmentation.py", *(MODULE_DIR / "ARENASegmentationLib").glob("*.py")]:
+        assert not re.search(r"^\s*(import|from)\s+torch\b", path.read_text(), re.M), path
