@@ -315,11 +315,16 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.statusLabel.text = _("Installing the Python packages ARENA needs...")
         slicer.app.processEvents()
         try:
+            # tryWithErrorDisplay shows the error and then re-raises it (Slicer's util.py): catch it
+            # here, or a declined or failed install escapes the button's slot as a traceback.
             with slicer.util.tryWithErrorDisplay(_("Installing the Python packages ARENA needs failed."),
                                                  waitCursor=True):
                 dependencies.install(method, askConfirmation=True)
                 self.ui.statusLabel.text = _("Python packages installed.")
                 return True
+        except Exception as err:  # already shown by tryWithErrorDisplay
+            logging.info(f"ARENA: packages not installed: {err}")
+            self.ui.statusLabel.text = str(err)
             return False
         finally:
             self.updateGUIFromParameterNode()
@@ -381,7 +386,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         text = panel.progressText(event, self.logic.elapsed(), self.logic.device or "")
         self.ui.statusLabel.text = text
         slicer.util.showStatusMessage(text, 3000)
-        _, chart = results.updateTrainingNodes(self.logic.history)
+        chart = results.updateTrainingNodes(self.logic.history)[1]  # no "_ =": _ is the translation function
         self.ui.trainingPlotWidget.setMRMLPlotViewNode(self._plotViewNode("ARENASegmentationTraining", chart))
         notice = panel.deviceNotice((self.logic.job or {}).get("job", {}).get("device", "auto"), self.logic.device or "")
         if notice:

@@ -221,3 +221,73 @@ def test_self_test_reports_missing_packages_instead_of_failing(monkeypatch):
     test.runTest()
     assert len(shown) == 1 and shown[0].startswith("ARENA self-test not run")
     assert "monai>=1.4" in shown[0] and "torch>=2.4" in shown[0]
+
+
+def test_every_mrml_widget_of_the_ui_gets_the_scene():
+    """Slicer's template: each MRML widget's setMRMLScene slot is connected to the top-level
+    qMRMLWidget's mrmlSceneChanged signal. A qMRMLPlotWidget without a scene draws nothing
+    (qMRMLPlotViewPrivate::updateWidgetFromMRML returns at once when MRMLScene is null)."""
+    tree = ET.parse(UI_FILE)
+    root = tree.getroot().find("widget").get("name")
+    mrml = {name for name, cls in ui_widgets().items() if cls.startswith("qMRML") and name != root}
+    assert {"trainingPlotWidget", "rankPlotWidget", "rankTableView"} <= mrml
+    connected = {c.findtext("receiver") for c in tree.iter("connection")
+                 if c.findtext("sender") == root and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert mrml <= connected, f"no scene: {sorted(mrml - connected)}"
+
+
+def test_a_declined_install_returns_false_instead_of_raising_from_the_slot(monkeypatch):
+    """Slicer's tryWithErrorDisplay shows the error and re-raises it (Base/Python/slicer/util.py):
+    ensureDependencies must still return False, with the reason on the panel."""
+    import types
+
+    module = import_module()  # first: it puts the qt stand-in in place outside Slicer
+    import qt
+    import slicer
+
+    from ARENASegmentationLib import dependencies
+
+    app = types.SimpleNamespace(processEvents=lambda: None, testingEnabled=lambda: True,
+                                setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(qt, "Qt", types.SimpleNamespace(WaitCursor=3), raising=False)
+    monkeypatch.setattr(dependencies, "installedVersions", lambda: {})
+
+    def declined(method, askConfirmation=True):
+        raise RuntimeError("The Python packages were not installed: ARENA cannot run without them.")
+
+    monkeypatch.setattr(dependencies, "install", declined)
+    widget = module.ARENASegmentationWidget()
+    widget.ui = types.SimpleNamespace(applyButton=types.SimpleNamespace(enabled=True),
+                                      statusLabel=types.SimpleNamespace(text=""))
+    refreshed = []
+    monkeypatch.setattr(widget, "updateGUIFromParameterNode", lambda *args: refreshed.append(1))
+    assert widget.ensureDependencies("arena") is False
+    assert "not installed" in widget.ui.statusLabel.text and refreshed
+
+
+def test_training_curve_uses_the_step_column_and_two_colours(slicer_app):  # noqa: F811
+    """A PlotTypeLine series ignores its X column (qMRMLPlotView: index for X unless
+    IsXColumnRequired); a new series is black, so two curves must get their own colours."""
+    import slicer
+
+    from ARENASegmentationLib import results
+
+    table, chart = results.updateTrainingNodes([(1, 0.9, 40), (2, 0.7, 35), (3, 0.5, 30)])
+    try:
+        series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+        assert len(series) == 2
+        for s in series:
+            assert s.GetPlotType() == slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter and s.IsXColumnRequired()
+            assert s.GetXColumnName() == "step"
+        assert len({tuple(s.GetColor()) for s in series}) == 2 and (0, 0, 0) not in {tuple(s.GetColor()) for s in series}
+    finally:
+        for node in [table, chart] + series:
+            slicer.mrmlScene.RemoveNode(node)
+
+
+def test_extension_cmake_minimum_is_slicer_510s():
+    """Slicer 5.10's SlicerConfig.cmake and extension template require CMake 3.20.6...3.22.6."""
+    top = (ROOT / "CMakeLists.txt").read_text()
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in top

@@ -153,3 +153,33 @@ assert 'torch' not in sys.modules, 'torch imported'
     assert done.returncode == 0, done.stderr[-2000:]
     for path in [MODULE_DIR / "ARENASegmentation.py", *(MODULE_DIR / "ARENASegmentationLib").glob("*.py")]:
         assert not re.search(r"^\s*(import|from)\s+torch\b", path.read_text(), re.M), path
+
+
+def test_constraints_skip_versions_pip_cannot_pin():
+    """A distribution with a legacy (non-PEP 440) version cannot be written as ``name==version``:
+    the packaging library in Slicer's pip (25.x) rejects the line, and with it the whole file."""
+    text = dependencies.constraintsText({"odd": "1.0-custom", "torch": "2.4.0+cu121", "vtk": "9.5.2"}, [])
+    assert text == "torch==2.4.0+cu121\nvtk==9.5.2\n"
+    for line in text.splitlines():
+        Requirement(line)  # every line parses
+
+
+def test_worker_log_tail_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """The worker writes UTF-8 (PYTHONIOENCODING); on Windows the locale encoding is cp1252, so
+    the error dialog's log tail must not be decoded with it. Checked under an ASCII locale."""
+    log = tmp_path / "worker.log"
+    log.write_bytes("Größe 5 µm: écart\n".encode("utf-8"))
+    code = f"""
+import sys
+sys.path.insert(0, {str(MODULE_DIR)!r})
+from pathlib import Path
+from ARENASegmentationLib import process
+worker = process.WorkerProcess.__new__(process.WorkerProcess)
+worker.logPath = Path({str(log)!r})
+worker._log = open(worker.logPath, "ab")
+sys.stdout.buffer.write(worker.logTail().encode("utf-8"))
+"""
+    env = {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], capture_output=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert done.stdout.decode("utf-8") == "Größe 5 µm: écart"

@@ -13,6 +13,7 @@ from importlib.metadata import distributions
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.version import InvalidVersion, Version
 
 #: Oldest supported Slicer: 5.10 is the first release with Python >= 3.10 (3.12), which the engine
 #: needs; Slicer 5.8 ships Python 3.9.
@@ -73,11 +74,23 @@ def unmet(requirements: list, versions: dict) -> list:
     return out
 
 
+def _pinnable(version: str) -> bool:
+    """A version pip accepts after ``==`` (PEP 440): a distribution installed with a legacy
+    version string (e.g. ``1.0-custom``) cannot be pinned, and one such line makes pip reject
+    the whole constraints file."""
+    try:
+        Version(version)
+    except InvalidVersion:
+        return False
+    return True
+
+
 def constraintsText(versions: dict, installing: list) -> str:
     """A pip constraints file pinning every installed distribution except those being installed,
     so that pip never replaces a package Slicer (or another extension) depends on."""
     skip = {_normalise(Requirement(r).name) for r in installing}
-    return "".join(f"{name}=={ver}\n" for name, ver in sorted(versions.items()) if name not in skip)
+    return "".join(f"{name}=={ver}\n" for name, ver in sorted(versions.items())
+                   if name not in skip and _pinnable(ver))
 
 
 def installPlan(method: str, versions: dict) -> dict:

@@ -54,7 +54,7 @@ def progressText(event: dict, elapsed: float, device: str = "") -> str:
 
 def deviceNotice(requested: str, device: str) -> str:
     """A sentence when the worker runs on the CPU although a GPU may have been wanted ("" else).
-    The worker reports its device: Slicer's GUI process never imports torch."""
+    The worker reports its device: the module never imports torch in Slicer's process."""
     if device and device.startswith("cpu") and requested == "auto":
         return ("No usable CUDA GPU (or the CPU build of PyTorch): ARENA runs on the CPU, slower. "
                 "See Troubleshooting, 'CUDA', in the README.")

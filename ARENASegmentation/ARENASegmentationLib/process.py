@@ -121,9 +121,11 @@ class WorkerProcess:
             return self.process.wait()
 
     def logTail(self, lines: int = 15) -> str:
+        """The last lines of the worker's stderr, which is UTF-8 (PYTHONIOENCODING): not the
+        locale's encoding, which is cp1252 or similar on Windows."""
         self._log.flush()
         try:
-            return "\n".join(self.logPath.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.logPath.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
 

@@ -134,6 +134,11 @@ def _fillTable(tableNode, columns: list, rows: list) -> None:
     tableNode.Modified()
 
 
+#: Series colours: a new vtkMRMLPlotSeriesNode is black, so two curves of one chart look alike.
+SERIES_COLORS = {"ARENA effective rank per layer": (0.2, 0.4, 0.8), "ARENA loss": (0.85, 0.33, 0.1),
+                 "ARENA total rank": (0.2, 0.4, 0.8)}
+
+
 def _series(chart, name: str, table, x: str, y: str, plotType):
     for i in range(chart.GetNumberOfPlotSeriesNodes()):
         if chart.GetNthPlotSeriesNode(i).GetName() == name:
@@ -146,6 +151,7 @@ def _series(chart, name: str, table, x: str, y: str, plotType):
     series.SetXColumnName(x)
     series.SetYColumnName(y)
     series.SetPlotType(plotType)
+    series.SetColor(*SERIES_COLORS.get(name, (0.2, 0.4, 0.8)))
     return series
 
 
@@ -181,8 +187,8 @@ def updateTrainingNodes(history: list):
     _fillTable(table, [("step", vtk.vtkIntArray), ("loss", vtk.vtkDoubleArray), ("total rank", vtk.vtkIntArray)],
                [(int(s), float(loss), int(rank)) for s, loss, rank in history])
     chart = _node("vtkMRMLPlotChartNode", TRAINING_CHART_NAME)
-    for column in ("loss", "total rank"):
-        _series(chart, f"ARENA {column}", table, "step", column, slicer.vtkMRMLPlotSeriesNode.PlotTypeLine)
+    for column in ("loss", "total rank"):  # scatter: the "step" column is the X axis (a line plot ignores X)
+        _series(chart, f"ARENA {column}", table, "step", column, slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
     chart.SetTitle("Loss and total effective rank per step")
     chart.SetXAxisTitle("step")
     return table, chart
