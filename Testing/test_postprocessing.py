@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from arenaseg.imageio import array_ijk, image_like
-from arenaseg.postprocessing import select_objects
+from arenaseg.postprocessing import select_objects, threshold
 
 from conftest import ABDOMEN, BLADDER
 
@@ -30,7 +30,7 @@ def test_every_confident_object_is_kept_and_doubtful_ones_are_removed():
     labels, image = _labels()
     both = np.isin(labels, [KIDNEY_RIGHT, KIDNEY_LEFT])
     p = _probability(labels, [KIDNEY_RIGHT, KIDNEY_LEFT], [SPLEEN], image)
-    objects = select_objects(p, label=7)
+    objects = select_objects(*threshold(p), label=7)
     result = array_ijk(objects.image)
     assert objects.kept == 2  # both kidneys, not the larger one only
     assert np.array_equal(result == 7, both)
@@ -44,7 +44,7 @@ def test_every_confident_object_is_kept_and_doubtful_ones_are_removed():
 
 def test_an_absent_structure_gives_an_empty_result():
     labels, image = _labels()
-    objects = select_objects(_probability(labels, [], [SPLEEN, BLADDER], image))
+    objects = select_objects(*threshold(_probability(labels, [], [SPLEEN, BLADDER], image)))
     assert objects.kept == 0 and objects.kept_ml == 0
     assert not array_ijk(objects.image).any()
     assert objects.removed == 2
@@ -57,7 +57,7 @@ def test_with_paint_only_objects_touching_it_are_kept_and_the_rest_is_reported()
     k = int(np.flatnonzero(right.any(axis=(0, 1))).mean())
     known = np.zeros(labels.shape, bool)
     known[:, :, k] = True
-    objects = select_objects(p, 1, known, right & known)
+    objects = select_objects(*threshold(p), 1, known, right & known)
     result = array_ijk(objects.image).astype(bool)
     # the painted slice is the user's answer: the left kidney there is background
     assert not result[:, :, k][labels[:, :, k] == KIDNEY_LEFT].any()
@@ -72,7 +72,7 @@ def test_voxels_outside_the_scan_are_never_predicted():
     outside = np.zeros(labels.shape, bool)
     k = int(np.flatnonzero(liver.any(axis=(0, 1))).mean())
     outside[:, :, k - 1:k + 2] = True  # a NaN slab through the liver
-    objects = select_objects(_probability(labels, [5], [], image), 5, outside=outside)
+    objects = select_objects(*threshold(_probability(labels, [5], [], image)), 5, outside=outside)
     result = array_ijk(objects.image)
     assert not result[outside].any()
     above, below = liver.copy(), liver.copy()

@@ -23,7 +23,7 @@ from .imageio import array_ijk, image_like, read_image, read_labels_on, resolve_
 from .inference import pick_device, sliding_window_logits
 from .outputs import Outputs, check_writable
 from .methods import Tuning, prepare
-from .postprocessing import Objects, select_objects
+from .postprocessing import Objects, select_objects, threshold
 from .postprocessing import profile as read_profile
 from .preprocessing import canonical_axis, input_index_to_canonical, to_canonical, to_input_grid
 from .training import AdaptSettings, ProgressFn, train
@@ -187,12 +187,12 @@ def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int =
                                        progress=windows)
     finally:
         tuning.unmerge()
-    probability = to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)
+    mask, core = threshold(to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image))
     del logits
     if annotation is None:
-        return select_objects(probability, label, outside=scan.outside, classes=classes,
+        return select_objects(mask, core, label, outside=scan.outside, classes=classes,
                               expected=expected)
-    return select_objects(probability, label, annotation.known, annotation.target, scan.outside)
+    return select_objects(mask, core, label, annotation.known, annotation.target, scan.outside)
 
 
 @dataclass

@@ -15,8 +15,9 @@ muscle for a psoas) is never shown as background. Two rules follow, one per job:
   probability 0.94), but the frozen backbone still tells bladder from liver. When no object is
   kept, the result is empty: the structure is absent.
 
-Everything stays in SimpleITK images at one byte per voxel where it can (a uint32 object map is
-the largest): a thin-slice CT has 10⁸ voxels.
+Everything stays in SimpleITK images at one byte per voxel where it can: a thin-slice CT has 10⁸
+voxels. The float probability is thresholded (:func:`threshold`) and dropped before the objects
+are labelled (a uint32 map, the largest image here).
 """
 
 from __future__ import annotations
@@ -77,13 +78,19 @@ def profile(classes: sitk.Image, names: tuple[str, ...], where: np.ndarray) -> d
             if shares[i] >= PROFILE_SHARE}
 
 
-def select_objects(probability: sitk.Image, label: int = 1, known: np.ndarray | None = None,
-                   target: np.ndarray | None = None, outside: np.ndarray | None = None,
-                   classes: sitk.Image | None = None, expected: list[int] | None = None) -> Objects:
-    """Threshold ``probability`` at 0.5 and keep the objects that make up the structure.
+def threshold(probability: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """``(mask, core)``: uint8 images of probability > 0.5 and ≥ :data:`CORE_PROBABILITY`."""
+    return probability > 0.5, probability >= CORE_PROBABILITY
+
+
+def select_objects(mask: sitk.Image, core: sitk.Image, label: int = 1,
+                   known: np.ndarray | None = None, target: np.ndarray | None = None,
+                   outside: np.ndarray | None = None, classes: sitk.Image | None = None,
+                   expected: list[int] | None = None) -> Objects:
+    """Keep the objects of ``mask`` that make up the structure.
 
     Args:
-        probability: float image of the structure's probability, on the input grid.
+        mask, core: the thresholded probability on the input grid (:func:`threshold`).
         label: value written in the kept objects.
         known: boolean ``(I, J, K)``: voxels whose answer the user painted, or None. There the
             paint (``target``) replaces the prediction, and only objects connected to the paint
@@ -97,16 +104,15 @@ def select_objects(probability: sitk.Image, label: int = 1, known: np.ndarray | 
     Returns:
         :class:`Objects`.
     """
-    voxel_ml = float(np.prod(probability.GetSpacing())) / 1000.0
-    mask = probability > 0.5
-    core = None if known is not None else probability >= CORE_PROBABILITY
+    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
+    reference = mask
     if known is not None or outside is not None:
         values = sitk.GetArrayFromImage(mask)
         if outside is not None:
             values[_zyx(outside)] = 0
         if known is not None:
             values[_zyx(known)] = _zyx(target)[_zyx(known)]
-        mask = _image(values, probability)
+        mask = _image(values, reference)
         del values
     objects = sitk.ConnectedComponent(mask)  # face connectivity, as ITK's default
     del mask
@@ -123,14 +129,14 @@ def select_objects(probability: sitk.Image, label: int = 1, known: np.ndarray | 
         stats.Execute(core, objects)
         keep = [n for n in stats.GetLabels() if stats.GetSum(n) * voxel_ml >= CORE_ML]
         if classes is not None and expected:
-            match = _image(np.isin(sitk.GetArrayViewFromImage(classes), expected), probability)
+            match = _image(np.isin(sitk.GetArrayViewFromImage(classes), expected), reference)
             stats.Execute(match, objects)
             keep = [n for n in keep if stats.GetMean(n) >= MATCH_SHARE]
         keep = np.array(keep, dtype=np.int64)
     keep = keep[keep > 0]
     lookup = np.zeros(len(sizes), np.min_scalar_type(label))
     lookup[keep] = label
-    result = _image(lookup[view], probability)
+    result = _image(lookup[view], reference)
     kept_voxels = int(sizes[keep].sum())
     return Objects(result, len(keep), kept_voxels * voxel_ml, len(shape.GetLabels()) - len(keep),
                    (int(sizes.sum()) - kept_voxels) * voxel_ml)

@@ -23,7 +23,9 @@ RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 def _regrid(t: MetaTensor, prep: Preprocessing, mode: str) -> MetaTensor:
     t = Orientation(axcodes=prep.orientation, labels=RAS_LABELS)(t)
-    return Spacing(pixdim=prep.spacing_mm, mode=mode)(t)
+    # float32 resampling: MONAI's float64 default copies the whole input at 8 bytes per voxel
+    # (1 GB for a thin-slice CT); values on an unchanged grid are identical either way.
+    return Spacing(pixdim=prep.spacing_mm, mode=mode, dtype=torch.float32)(t)
 
 
 def to_canonical(image: sitk.Image, prep: Preprocessing, labels: sitk.Image | None = None):
@@ -39,7 +41,10 @@ def to_canonical(image: sitk.Image, prep: Preprocessing, labels: sitk.Image | No
         int64 ``(1, X, Y, Z)``, ``affine`` the 4×4 RAS affine of the canonical grid (numpy).
     """
     affine = torch.as_tensor(ras_affine(image), dtype=torch.float64)
-    x = MetaTensor(torch.from_numpy(array_ijk(image).astype(np.float32))[None], affine=affine)
+    # SimpleITK's own (k, j, i) voxel order with the affine's columns swapped to match: no
+    # transposed copy of the whole volume; Orientation brings it to the canonical order.
+    voxels = sitk.GetArrayViewFromImage(image).astype(np.float32)
+    x = MetaTensor(torch.from_numpy(voxels)[None], affine=affine[:, [2, 1, 0, 3]])
     x = _regrid(x, prep, "bilinear")
     x = prep.intensity_transform()(x)
     canon_affine = np.asarray(x.affine, dtype=float)
