@@ -114,32 +114,37 @@ def select_objects(mask: sitk.Image, core: sitk.Image, label: int = 1,
             values[_zyx(known)] = _zyx(target)[_zyx(known)]
         mask = _image(values, reference)
         del values
+    # SimpleITK filters throughout: a NumPy view of the uint32 object map costs a copy of it, and
+    # indexing with it an int64 copy (8 bytes per voxel).
     objects = sitk.ConnectedComponent(mask)  # face connectivity, as ITK's default
     del mask
-    shape = sitk.LabelShapeStatisticsImageFilter()
-    shape.Execute(objects)
-    sizes = np.zeros(shape.GetNumberOfLabels() + 1, np.int64)
-    for n in shape.GetLabels():
-        sizes[n] = shape.GetNumberOfPixels(n)
-    view = sitk.GetArrayViewFromImage(objects)
+    stats = sitk.LabelStatisticsImageFilter()
     if known is not None:  # every painted voxel lies in an object: the paint was copied in
-        keep = np.unique(view[_zyx(target)])
+        stats.Execute(_image(_zyx(target), reference), objects)
+        keep = [n for n in stats.GetLabels() if n and stats.GetSum(n) > 0]
     else:
-        stats = sitk.LabelStatisticsImageFilter()
         stats.Execute(core, objects)
-        keep = [n for n in stats.GetLabels() if stats.GetSum(n) * voxel_ml >= CORE_ML]
+        keep = [n for n in stats.GetLabels() if n and stats.GetSum(n) * voxel_ml >= CORE_ML]
         if classes is not None and expected:
-            match = _image(np.isin(sitk.GetArrayViewFromImage(classes), expected), reference)
-            stats.Execute(match, objects)
+            stats.Execute(_any_of(classes, expected), objects)
             keep = [n for n in keep if stats.GetMean(n) >= MATCH_SHARE]
-        keep = np.array(keep, dtype=np.int64)
-    keep = keep[keep > 0]
-    lookup = np.zeros(len(sizes), np.min_scalar_type(label))
-    lookup[keep] = label
-    result = _image(lookup[view], reference)
-    kept_voxels = int(sizes[keep].sum())
-    return Objects(result, len(keep), kept_voxels * voxel_ml, len(shape.GetLabels()) - len(keep),
-                   (int(sizes.sum()) - kept_voxels) * voxel_ml)
+    sizes = {n: stats.GetCount(n) for n in stats.GetLabels() if n}
+    result = _any_of(objects, keep)
+    del objects
+    pixel = {1: sitk.sitkUInt8, 2: sitk.sitkUInt16}.get(np.min_scalar_type(label).itemsize, sitk.sitkUInt32)
+    result = sitk.Cast(result, pixel) * label
+    kept_voxels = sum(sizes[n] for n in keep)
+    return Objects(result, len(keep), kept_voxels * voxel_ml, len(sizes) - len(keep),
+                   (sum(sizes.values()) - kept_voxels) * voxel_ml)
+
+
+def _any_of(image: sitk.Image, values) -> sitk.Image:
+    """uint8 image, 1 where ``image`` holds one of ``values``."""
+    out = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    out.CopyInformation(image)
+    for value in values:
+        out = out | sitk.BinaryThreshold(image, float(value), float(value), 1, 0)
+    return out
 
 
 def _image(values_zyx: np.ndarray, reference: sitk.Image) -> sitk.Image:
