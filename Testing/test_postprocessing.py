@@ -57,7 +57,7 @@ def test_with_paint_only_objects_touching_it_are_kept_and_the_rest_is_reported()
     k = int(np.flatnonzero(right.any(axis=(0, 1))).mean())
     known = np.zeros(labels.shape, bool)
     known[:, :, k] = True
-    objects = select_objects(*threshold(p), 1, known, right & known)
+    objects = select_objects(*threshold(p, known, right & known), 1, right & known)
     result = array_ijk(objects.image).astype(bool)
     # the painted slice is the user's answer: the left kidney there is background
     assert not result[:, :, k][labels[:, :, k] == KIDNEY_LEFT].any()
@@ -72,7 +72,7 @@ def test_voxels_outside_the_scan_are_never_predicted():
     outside = np.zeros(labels.shape, bool)
     k = int(np.flatnonzero(liver.any(axis=(0, 1))).mean())
     outside[:, :, k - 1:k + 2] = True  # a NaN slab through the liver
-    objects = select_objects(*threshold(_probability(labels, [5], [], image)), 5, outside=outside)
+    objects = select_objects(*threshold(_probability(labels, [5], [], image), outside=outside), 5)
     result = array_ijk(objects.image)
     assert not result[outside].any()
     above, below = liver.copy(), liver.copy()

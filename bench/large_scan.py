@@ -1,9 +1,9 @@
 """Large-scan benchmark: peak memory (bytes per voxel) and the longest silence of ``arenaseg adapt``
 and ``arenaseg segment`` on a CT the size of a thin-slice clinical scan.
 
-The scan is ``abdomen_ct`` resampled (linear, SimpleITK) to 0.7 × 0.7 × 0.56 mm, int16 HU like a
-DICOM series (523 × 433 × 600 voxels); 3 axial liver slices are painted from its resampled
-reference labels. Each command runs as its own process: wall time, peak resident memory
+The scan is ``abdomen_ct`` resampled (linear, SimpleITK) onto a 512 × 512 × 600 grid of
+0.7 × 0.7 × 0.56 mm centred on it (air outside), int16 HU like a DICOM series: the size of a
+thin-slice clinical CT. 3 axial liver slices are painted from its resampled reference labels. Each command runs as its own process: wall time, peak resident memory
 (``os.wait4``) and the timestamps of every line it prints, from which the longest silent stretch
 is taken. The report goes to a Markdown file with the machine and the load average.
 
@@ -31,7 +31,7 @@ from arenaseg.imageio import array_ijk, image_like
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine  # noqa: E402
 
-SPACING = (0.7, 0.7, 0.56)
+SIZE, SPACING = (512, 512, 600), (0.7, 0.7, 0.56)
 LIVER = 5
 
 
@@ -39,11 +39,12 @@ def build(data: Path, folder: Path) -> tuple[Path, Path, int]:
     """Write the large CT (int16 HU) and its painted liver slices; return paths and voxel count."""
     ct = sitk.ReadImage(str(data / "abdomen_ct" / "ct.nii.gz"))
     labels = sitk.ReadImage(str(data / "abdomen_ct" / "labels.nii.gz"))
-    size = [int(round(n * s / t)) for n, s, t in zip(ct.GetSize(), ct.GetSpacing(), SPACING)]
-    grid = sitk.Image(size, sitk.sitkInt16)
+    grid = sitk.Image(SIZE, sitk.sitkInt16)
     grid.SetSpacing(SPACING)
-    grid.SetOrigin(ct.GetOrigin())
     grid.SetDirection(ct.GetDirection())
+    centre = np.array(ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in ct.GetSize()]))
+    half = np.array(ct.GetDirection()).reshape(3, 3) @ (np.array(SPACING) * (np.array(SIZE) - 1) / 2)
+    grid.SetOrigin((centre - half).tolist())
     big = sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkInt16)
     ref = sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     paint = paint_slices(array_ijk(ref), LIVER, 3, axis=2)
@@ -51,7 +52,7 @@ def build(data: Path, folder: Path) -> tuple[Path, Path, int]:
     image, painted = folder / "ct.nii", folder / "painted.nii.gz"
     sitk.WriteImage(big, str(image))
     sitk.WriteImage(image_like(paint, big), str(painted))
-    return image, painted, int(np.prod(size))
+    return image, painted, int(np.prod(SIZE))
 
 
 def run(cmd: list[str]) -> dict:

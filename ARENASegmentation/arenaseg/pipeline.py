@@ -187,12 +187,15 @@ def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int =
                                        progress=windows)
     finally:
         tuning.unmerge()
-    mask, core = threshold(to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image))
+    probability = to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)
     del logits
     if annotation is None:
-        return select_objects(mask, core, label, outside=scan.outside, classes=classes,
-                              expected=expected)
-    return select_objects(mask, core, label, annotation.known, annotation.target, scan.outside)
+        mask, core = threshold(probability, outside=scan.outside)
+        del probability
+        return select_objects(mask, core, label, classes=classes, expected=expected)
+    mask, core = threshold(probability, annotation.known, annotation.target, scan.outside)
+    del probability
+    return select_objects(mask, core, label, annotation.target)
 
 
 @dataclass
@@ -326,9 +329,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     ct = read_image(image, "image", series=series, match=annotations, warn=warn)
     status("reading", describe(ct, image))
     check_intensities(ct, image, warn)
-    labels = read_labels_on(ct, annotations, "annotations", label=label)
-    annotation = find_annotation(array_ijk(labels), label, slice_axis, str(annotations),
-                                 background_label)
+    annotation = find_annotation(array_ijk(read_labels_on(ct, annotations, "annotations", label=label)),
+                                 label, slice_axis, str(annotations), background_label)
     check_paint(ct, annotation, annotations)
     warm = read_adapter(warm_start) if warm_start else None
     if warm:

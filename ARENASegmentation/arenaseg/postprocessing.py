@@ -78,25 +78,42 @@ def profile(classes: sitk.Image, names: tuple[str, ...], where: np.ndarray) -> d
             if shares[i] >= PROFILE_SHARE}
 
 
-def threshold(probability: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
-    """``(mask, core)``: uint8 images of probability > 0.5 and ≥ :data:`CORE_PROBABILITY`."""
-    return probability > 0.5, probability >= CORE_PROBABILITY
+def threshold(probability: sitk.Image, known: np.ndarray | None = None,
+              target: np.ndarray | None = None,
+              outside: np.ndarray | None = None) -> tuple[sitk.Image, sitk.Image | None]:
+    """Threshold the probability on the input grid: ``(mask, core)``.
+
+    Args:
+        probability: float image of the structure's probability, on the input grid.
+        known: boolean ``(I, J, K)``: voxels whose answer the user painted, or None. There the
+            paint (``target``, boolean ``(I, J, K)``) replaces the prediction (adapt).
+        outside: boolean ``(I, J, K)``: voxels with no image (NaN/inf in the CT), never predicted.
+
+    Returns:
+        uint8 images: ``mask`` (probability > 0.5, with the paint and ``outside`` applied) and,
+        without ``known``, ``core`` (probability ≥ :data:`CORE_PROBABILITY`), else None.
+    """
+    core = probability >= CORE_PROBABILITY if known is None else None
+    if known is None and outside is None:
+        return probability > 0.5, core
+    values = sitk.GetArrayFromImage(probability > 0.5)
+    if outside is not None:
+        values[_zyx(outside)] = 0
+    if known is not None:
+        values[_zyx(known)] = _zyx(target)[_zyx(known)]
+    return _image(values, probability), core
 
 
-def select_objects(mask: sitk.Image, core: sitk.Image, label: int = 1,
-                   known: np.ndarray | None = None, target: np.ndarray | None = None,
-                   outside: np.ndarray | None = None, classes: sitk.Image | None = None,
+def select_objects(mask: sitk.Image, core: sitk.Image | None, label: int = 1,
+                   target: np.ndarray | None = None, classes: sitk.Image | None = None,
                    expected: list[int] | None = None) -> Objects:
     """Keep the objects of ``mask`` that make up the structure.
 
     Args:
         mask, core: the thresholded probability on the input grid (:func:`threshold`).
         label: value written in the kept objects.
-        known: boolean ``(I, J, K)``: voxels whose answer the user painted, or None. There the
-            paint (``target``) replaces the prediction, and only objects connected to the paint
-            are kept (adapt). Without it, confident objects are kept (segment).
-        target: boolean ``(I, J, K)``: painted structure voxels (with ``known``).
-        outside: boolean ``(I, J, K)``: voxels with no image (NaN/inf in the CT), never predicted.
+        target: boolean ``(I, J, K)``: painted structure voxels (adapt): only objects connected
+            to the paint are kept. Without it (segment), confident objects are kept.
         classes: the backbone's class index per voxel (uint8 image on the input grid), or None.
         expected: the class indices of the painted structure's :func:`profile`; without paint,
             an object is kept only when it matches them (ignored when None or empty).
@@ -105,22 +122,12 @@ def select_objects(mask: sitk.Image, core: sitk.Image, label: int = 1,
         :class:`Objects`.
     """
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    reference = mask
-    if known is not None or outside is not None:
-        values = sitk.GetArrayFromImage(mask)
-        if outside is not None:
-            values[_zyx(outside)] = 0
-        if known is not None:
-            values[_zyx(known)] = _zyx(target)[_zyx(known)]
-        mask = _image(values, reference)
-        del values
     # SimpleITK filters throughout: a NumPy view of the uint32 object map costs a copy of it, and
     # indexing with it an int64 copy (8 bytes per voxel).
     objects = sitk.ConnectedComponent(mask)  # face connectivity, as ITK's default
-    del mask
     stats = sitk.LabelStatisticsImageFilter()
-    if known is not None:  # every painted voxel lies in an object: the paint was copied in
-        stats.Execute(_image(_zyx(target), reference), objects)
+    if target is not None:  # every painted voxel lies in an object: the paint was copied in
+        stats.Execute(_image(_zyx(target), mask), objects)
         keep = [n for n in stats.GetLabels() if n and stats.GetSum(n) > 0]
     else:
         stats.Execute(core, objects)
@@ -129,21 +136,26 @@ def select_objects(mask: sitk.Image, core: sitk.Image, label: int = 1,
             stats.Execute(_any_of(classes, expected), objects)
             keep = [n for n in keep if stats.GetMean(n) >= MATCH_SHARE]
     sizes = {n: stats.GetCount(n) for n in stats.GetLabels() if n}
-    result = _any_of(objects, keep)
+    del stats
+    if label <= 255:  # written straight as the label: no cast, no product image
+        result = _any_of(objects, keep, label)
+    else:
+        pixel = sitk.sitkUInt16 if label <= 65535 else sitk.sitkUInt32
+        result = sitk.Cast(_any_of(objects, keep), pixel) * label
     del objects
-    pixel = {1: sitk.sitkUInt8, 2: sitk.sitkUInt16}.get(np.min_scalar_type(label).itemsize, sitk.sitkUInt32)
-    result = sitk.Cast(result, pixel) * label
     kept_voxels = sum(sizes[n] for n in keep)
     return Objects(result, len(keep), kept_voxels * voxel_ml, len(sizes) - len(keep),
                    (sum(sizes.values()) - kept_voxels) * voxel_ml)
 
 
-def _any_of(image: sitk.Image, values) -> sitk.Image:
-    """uint8 image, 1 where ``image`` holds one of ``values``."""
-    out = sitk.Image(image.GetSize(), sitk.sitkUInt8)
-    out.CopyInformation(image)
+def _any_of(image: sitk.Image, values, inside: int = 1) -> sitk.Image:
+    """uint8 image: ``inside`` where ``image`` holds one of ``values``, 0 elsewhere."""
+    out = sitk.Image(image.GetSize(), sitk.sitkUInt8) if len(values) == 0 else None
+    if out is not None:
+        out.CopyInformation(image)
     for value in values:
-        out = out | sitk.BinaryThreshold(image, float(value), float(value), 1, 0)
+        hit = sitk.BinaryThreshold(image, float(value), float(value), inside, 0)
+        out = hit if out is None else out | hit
     return out
 
 
