@@ -19,7 +19,7 @@ from arenaseg.imageio import (array_ijk, image_like, index_to_world_matrix, read
                               read_labels_on, resolve_label)
 from arenaseg.training import AdaptSettings
 
-from conftest import ABDOMEN_SMALL, DATA, DICOM, LIVER, painted, read_ijk
+from conftest import ABDOMEN_SMALL, DATA, DICOM, LIVER, SPLEEN, painted, read_ijk
 
 CT = ABDOMEN_SMALL / "ct.nii.gz"
 THREE_SLICES = DATA / "dcmqi_ct3slice"
@@ -305,3 +305,37 @@ def test_two_layer_seg_nrrd_with_a_segment_name_as_label(capsys, two_layer_seg, 
                  "--out", str(out), "--steps", "2"]) == 0
     seg = read_ijk(out)
     assert set(np.unique(seg)) <= {0, 1} and np.all(seg[paint] == 1)
+
+
+def test_a_segment_name_picks_its_own_layer_when_values_repeat(capsys, small_liver, tmp_path):
+    """Slicer stores overlapping segments in layers, each numbered from 1: the name decides."""
+    import slicerio
+
+    ann = sitk.ReadImage(str(small_liver[0]))
+    paint, ref = array_ijk(ann) == LIVER, small_liver[2]
+    other = (ref == SPLEEN) & np.any(paint, axis=(0, 1))[None, None, :]  # spleen, same slices
+    voxels = np.zeros((2, *paint.shape), np.uint8)
+    voxels[0][paint], voxels[1][other] = 1, 1
+    path = tmp_path / "layers.seg.nrrd"
+    slicerio.write_segmentation(str(path), {"voxels": voxels, "ijkToLPS": index_to_world_matrix(ann),
+                                            "segments": [{"id": "a", "name": "liver", "labelValue": 1, "layer": 0},
+                                                         {"id": "b", "name": "spleen", "labelValue": 1, "layer": 1}]})
+    out = tmp_path / "seg.nii.gz"
+    assert main(["adapt", "--image", str(CT), "--annotations", str(path), "--label", "spleen",
+                 "--out", str(out), "--steps", "2"]) == 0, capsys.readouterr().err
+    seg = read_ijk(out)
+    assert np.all(seg[other] == 1) and not seg[paint & ~other].any()  # the spleen, not the liver
+
+
+def test_a_truncated_nifti_is_refused_not_read_as_zeros(tmp_path):
+    for name in ("ct.nii.gz", "ct.nii"):
+        whole = tmp_path / f"whole_{name}"
+        sitk.WriteImage(sitk.ReadImage(str(CT)), str(whole))
+        data = whole.read_bytes()
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(data[:len(data) // 2])
+        assert read_image(whole).GetSize() == sitk.ReadImage(str(CT)).GetSize()
+        with pytest.raises(ArenaError, match=f"image '{cut}' is truncated or corrupt.*copy or export it again"):
+            read_image(cut)
+        with pytest.raises(ArenaError, match="annotations .* is truncated or corrupt"):
+            read_image(cut, "annotations")

@@ -367,6 +367,26 @@ def non_finite(image: sitk.Image) -> np.ndarray | None:
     return np.transpose(bad, (2, 1, 0)) if bad.any() else None
 
 
+def check_nifti_complete(path, what: str = "image") -> None:
+    """Refuse a truncated NIfTI file. ITK's NIfTI reader fills the missing end of a cut-off file
+    (an interrupted copy or download) with zeros and raises nothing, so the scan would silently
+    lose its last slices; nibabel stops at the end of the file. Reading the last slice reads (for
+    ``.nii.gz``: decompresses) the file to the end of its data.
+
+    Raises:
+        ArenaError: the file ends before its voxel data does, or its compression is corrupt.
+    """
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        np.asarray(nib.load(str(path)).dataobj[..., -1])
+    except (EOFError, ValueError, OSError) as err:  # gzip/zlib errors are OSError subclasses
+        raise ArenaError(f"{what} '{path}' is truncated or corrupt ({err}): the file ends before "
+                         "its voxel data does; copy or export it again") from None
+
+
 def restore_nifti_non_finite(image: sitk.Image, path) -> sitk.Image:
     """Put back the NaN/inf voxels of a float NIfTI file, which ITK's NIfTI reader turns into 0
     (indistinguishable from water, 0 HU): read with nibabel, whose voxel order (i, j, k) is

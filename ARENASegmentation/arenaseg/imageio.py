@@ -37,7 +37,8 @@ def read_image(path: str | os.PathLike, what: str = "image", series: str | None 
             (:mod:`arenaseg.checks`), the image is not 3D (a single slice counts as 2D) or has
             more than one component per voxel.
     """
-    from .checks import check_grid, explain_read_error, read_series, restore_nifti_non_finite
+    from .checks import (check_grid, check_nifti_complete, explain_read_error, read_series,
+                         restore_nifti_non_finite)
 
     path = Path(path)
     if not path.exists():
@@ -50,6 +51,7 @@ def read_image(path: str | os.PathLike, what: str = "image", series: str | None 
             image = read_series(path, what, series, match, warn)
         else:
             image = restore_nifti_non_finite(sitk.ReadImage(str(path)), path)
+            check_nifti_complete(path, what)
     except RuntimeError as err:
         raise explain_read_error(err, path, what) from None
     if image.GetDimension() != 3 or min(image.GetSize()) < 2:

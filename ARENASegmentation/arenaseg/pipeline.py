@@ -312,7 +312,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
     """
     settings = settings or AdaptSettings()
-    label = resolve_label(annotations, label)[0]
+    segment, label = label, resolve_label(annotations, label)[0]  # a name keeps its own layer
     if label < 1:
         raise ArenaError(f"--label {label} is not a structure: 0 is background; give the "
                          "positive value the structure is painted with")
@@ -329,7 +329,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     ct = read_image(image, "image", series=series, match=annotations, warn=warn)
     status("reading", describe(ct, image))
     check_intensities(ct, image, warn)
-    annotation = find_annotation(array_ijk(read_labels_on(ct, annotations, "annotations", label=label)),
+    annotation = find_annotation(array_ijk(read_labels_on(ct, annotations, "annotations", label=segment)),
                                  label, slice_axis, str(annotations), background_label)
     check_paint(ct, annotation, annotations)
     warm = read_adapter(warm_start) if warm_start else None
