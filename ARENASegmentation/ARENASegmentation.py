@@ -35,6 +35,7 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.ScriptedLoadableModule import *  # noqa: F403
 from slicer.util import VTKObservationMixin
 
+from arenaseg import config as engine
 from ARENASegmentationLib import dependencies, mrmlio, panel, process, results
 
 #: Engine package (shipped next to this file); the worker imports it from here.
@@ -42,17 +43,17 @@ ENGINE_DIR = Path(__file__).resolve().parent
 #: Where the module is documented (a heading of the README; Testing checks that it exists).
 HELP_URL = "https://github.com/arenaseg/SlicerARENASegmentation#in-3d-slicer"
 
-#: Defaults of ``arenaseg.training.AdaptSettings`` (rank r0, λ, steps), repeated here because
-#: this file must import without torch (first start, before the dependencies are installed).
-#: ``Testing/test_slicer_module.py`` checks that they stay equal.
-DEFAULT_BACKBONE = "arena-small-ct-unet"
-BACKBONES = [DEFAULT_BACKBONE, "fseft-swinunetr", "swinunetr-btcv", "suprem-swinunetr", "suprem-unet",
-             "monai-bundle-swin-unetr-btcv", "monai-bundle-wholebody-ct"]
-METHODS = ["arena", "lora", "adalora", "linear-probe", "bitfit", "affine-ln", "full", "zero-shot"]
-DEVICES = ["auto", "cpu", "cuda"]
-DEFAULT_RANK = 8
-DEFAULT_LAMBDA = 4.0
-DEFAULT_STEPS = 60
+#: The engine's names and defaults come from ``arenaseg.config``, which imports no torch (this
+#: file loads before the dependencies are installed): backbones a GUI offers, methods (the
+#: default first), devices, and the defaults of ``AdaptSettings`` (rank r0, λ, steps).
+DEFAULT_BACKBONE = engine.DEFAULT_BACKBONE
+BACKBONES = list(engine.OFFERED_BACKBONES)
+DEFAULT_METHOD = engine.DEFAULT_METHOD
+METHODS = [DEFAULT_METHOD] + [m for m in reversed(engine.METHODS) if m != DEFAULT_METHOD]  # ARENA, the adapter methods, the rest
+DEVICES = list(engine.DEVICES)
+DEFAULT_RANK = engine.AdaptSettings.rank
+DEFAULT_LAMBDA = engine.AdaptSettings.lam
+DEFAULT_STEPS = engine.AdaptSettings.steps
 
 RESULT_SUFFIX = " (ARENA)"
 BACKGROUND_LABEL = 2  # value of the "known background" voxels in the annotation file sent to the worker
@@ -135,7 +136,7 @@ class ARENASegmentationParameterNode:
     targetSegmentID: str = ""
     backgroundSegmentID: str = ""
     backbone: Annotated[str, Choice(BACKBONES)] = DEFAULT_BACKBONE
-    method: Annotated[str, Choice(METHODS)] = "arena"
+    method: Annotated[str, Choice(METHODS)] = DEFAULT_METHOD
     initialRank: Annotated[int, WithinRange(1, 128)] = DEFAULT_RANK
     lam: Annotated[float, WithinRange(0.0, 100.0)] = DEFAULT_LAMBDA
     steps: Annotated[int, WithinRange(1, 100000)] = DEFAULT_STEPS
@@ -561,7 +562,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         return Path(tempfile.mkdtemp(prefix="ARENASegmentation-run-", dir=base))
 
     def startAdapt(self, volumeNode, segmentationNode, targetSegmentId: str, backgroundSegmentId: str = "",
-                   backbone: str = DEFAULT_BACKBONE, method: str = "arena", initialRank: int = DEFAULT_RANK,
+                   backbone: str = DEFAULT_BACKBONE, method: str = DEFAULT_METHOD, initialRank: int = DEFAULT_RANK,
                    lam: float = DEFAULT_LAMBDA, steps: int = DEFAULT_STEPS, device: str = "auto",
                    fillTarget: bool = False, warmStart: bool = True, warmStartAdapter: Optional[str] = None,
                    structure: Optional[str] = None,
@@ -576,7 +577,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                 other voxels of those slices count as background).
             backgroundSegmentId: optional segment of voxels known not to be the structure: the
                 result is cleared there (painted voxels excepted).
-            method, initialRank, lam, steps: ARENA settings (``arenaseg.training.AdaptSettings``
+            method, initialRank, lam, steps: ARENA settings (``arenaseg.config.AdaptSettings``
                 fields method, rank, lam, steps); ``settings`` adds or overrides any other field.
             device: "auto", "cpu" or "cuda".
             fillTarget: write the result into the target segment instead of a new segment
@@ -634,15 +635,17 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             jobSettings = dict(method=method, rank=int(initialRank), lam=float(lam), steps=int(steps))
             jobSettings.update(settings or {})
             name = segment.GetName()
-            job = {
-                "command": "adapt", "image": str(runDir / "image.nrrd"),
-                "annotations": str(runDir / "painted.nrrd"), "label": 1,
-                "out": str(runDir / "result.nrrd"), "adapter_out": str(runDir / "adapter.safetensors"),
-                "structure": structure or name.strip().lower().replace(" ", "_"),
-                "backbone": backbone, "device": device, "warm_start": warmStartAdapter,
-                "background_label": BACKGROUND_LABEL if background is not None else None,
-                "settings": jobSettings,
-            }
+            try:
+                jobSettings = engine.AdaptSettings(**jobSettings)
+            except (engine.ArenaError, TypeError) as err:  # a value that cannot work, an unknown field
+                raise RuntimeError(str(err)) from None
+            job = engine.AdaptJob(
+                image=str(runDir / "image.nrrd"), annotations=str(runDir / "painted.nrrd"), label=1,
+                out=str(runDir / "result.nrrd"), adapter_out=str(runDir / "adapter.safetensors"),
+                structure=structure or name.strip().lower().replace(" ", "_"),
+                backbone=backbone, device=device, warm_start=warmStartAdapter,
+                background_label=BACKGROUND_LABEL if background is not None else None,
+                settings=jobSettings, stop_on_stdin_eof=True).to_dict()
             self._launch(job, runDir, onProgress, onFinished, dict(
                 volumeNode=volumeNode, segmentationNode=segmentationNode, targetSegmentId=targetSegmentId,
                 painted=painted, background=background, fillTarget=fillTarget, targetName=name,
@@ -667,8 +670,9 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         runDir = self._newRunDirectory()
         try:
             self.writeVolume(volumeNode, runDir / "image.nrrd")
-            job = {"command": "segment", "image": str(runDir / "image.nrrd"), "adapter": str(adapterPath),
-                   "out": str(runDir / "result.nrrd"), "device": device}
+            job = engine.SegmentJob(image=str(runDir / "image.nrrd"), adapter=str(adapterPath),
+                                    out=str(runDir / "result.nrrd"), device=device,
+                                    stop_on_stdin_eof=True).to_dict()
             self._launch(job, runDir, None, onFinished, dict(
                 volumeNode=volumeNode, segmentationNode=segmentationNode, segmentName=segmentName,
                 adapterPath=str(adapterPath)))
@@ -677,7 +681,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             raise
 
     def _launch(self, job: dict, runDir: Path, onProgress, onFinished, context: dict) -> None:
-        job["stop_on_stdin_eof"] = True  # cancel through the launcher: see ARENASegmentationLib.process
+        # Jobs are made with stop_on_stdin_eof: cancel goes through the launcher (ARENASegmentationLib.process).
         jobPath = runDir / "job.json"
         jobPath.write_text(json.dumps(job, indent=1))
         worker = process.WorkerProcess(self.pythonCommand() + ["-m", "arenaseg.worker", str(jobPath)],

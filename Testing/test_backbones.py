@@ -15,8 +15,9 @@ import torch
 
 from arenaseg.adapters import inject_adapters
 from arenaseg.backbones import (DEFAULT_BACKBONE, REGISTRY, cached_weights_path, get_spec,
-                                load_backbone, replace_head, spec_for_file)
+                                load_backbone, spec_for_file)
 from arenaseg.errors import ArenaError
+from arenaseg.methods import replace_head
 
 from conftest import ABDOMEN
 
@@ -124,7 +125,9 @@ def test_entry_is_consistent(spec_id):
     for pattern in spec.targets + spec.extra_targets + spec.decoder:
         assert any(re.search(pattern, n) for n in names), pattern
     assert not any(re.search(p, spec.head) for p in spec.targets)
-    spec.preprocessing.intensity_transform()
+    from arenaseg.preprocessing import intensity_transform
+
+    intensity_transform(spec.preprocessing)
     if spec.source is not None:
         src = spec.source
         assert src.urls and src.licence and src.citation and src.homepage
@@ -229,7 +232,7 @@ def test_real_ct_preprocessing_matches_the_entry(abdomen_ct, prep):
     from monai.transforms import Orientation, Spacing
 
     from arenaseg.imageio import array_ijk, ras_affine
-    from arenaseg.preprocessing import RAS_LABELS, to_canonical
+    from arenaseg.preprocessing import RAS_LABELS, intensity_transform, to_canonical
 
     hu = array_ijk(abdomen_ct).astype(np.float32)
     if prep.intensity == "window":
@@ -242,7 +245,7 @@ def test_real_ct_preprocessing_matches_the_entry(abdomen_ct, prep):
         t = MetaTensor(torch.from_numpy(hu)[None], affine=torch.as_tensor(ras_affine(abdomen_ct)))
         t = Spacing(pixdim=prep.spacing_mm)(Orientation(axcodes=prep.orientation,
                                                         labels=RAS_LABELS)(t))
-        x, affine = prep.intensity_transform()(t), np.asarray(t.affine)
+        x, affine = intensity_transform(prep)(t), np.asarray(t.affine)
         assert float(x.min()) == pytest.approx(-1.0) and float(x.max()) == pytest.approx(1.0)
     assert "".join(nib.aff2axcodes(affine)) == prep.orientation
     assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), prep.spacing_mm, atol=1e-4)

@@ -15,7 +15,7 @@ from arenaseg.adapter_file import apply_adapter, read_adapter, save_adapter
 from arenaseg.annotations import find_annotation
 from arenaseg.backbones import load_backbone, state_checksum
 from arenaseg.errors import ArenaError
-from arenaseg.methods import METHODS, _svd_conv3d_class, orthogonality_penalty, prepare
+from arenaseg.methods import METHOD_CLASSES, METHODS, _svd_conv3d_class, orthogonality_penalty, prepare
 from arenaseg.pipeline import Scan, fit
 from arenaseg.training import AdaptSettings
 
@@ -77,6 +77,25 @@ def test_zero_shot_of_an_unknown_structure_is_refused():
     model, spec = load_backbone()
     with pytest.raises(ArenaError, match="zero-shot needs a structure"):
         prepare(model, spec, AdaptSettings(method="zero-shot"), "urinary_bladder")
+
+
+def test_one_class_per_method_name():
+    """Each name of the config has its class, and preparing by name gives that class."""
+    assert tuple(METHOD_CLASSES) == METHODS
+    model, spec = load_backbone()
+    assert type(prepare(model, spec, AdaptSettings(method="bitfit"))) is METHOD_CLASSES["bitfit"]
+
+
+def test_arena_prunes_only_when_asked():
+    """Switched-off components stay in the tensors until the explicit prune (saving calls it)."""
+    model, spec = load_backbone()
+    arena = prepare(model, spec, AdaptSettings(rank=4))
+    first = next(iter(arena.layers))
+    with torch.no_grad():
+        arena.layers[first].v[:2] = 0.0
+    assert arena.ranks()[first] == 2 and arena.state()[f"{first}.lora_A.weight"].shape[0] == 4
+    arena.prune()
+    assert arena.state()[f"{first}.lora_A.weight"].shape[0] == 2 and arena.stored_ranks()[first] == 2
 
 
 def test_unknown_method_is_refused_with_the_choices():
@@ -156,11 +175,11 @@ class _Toy(nn.Module):
 
 def test_adalora_penalty_and_budget_match_peft():
     """Same toy network, same initial triplets, same data: our penalty equals what PEFT adds to
-    ``.loss``, and our budget driver (:meth:`Tuning.after_step`) masks exactly the singular
+    ``.loss``, and our budget driver (:meth:`AdaLoRA.after_step`) masks exactly the singular
     values PEFT's ``update_and_allocate`` masks, step after step."""
     from peft import AdaLoraConfig, get_peft_model
 
-    from arenaseg.methods import Tuning, _inject_adalora
+    from arenaseg.methods import AdaLoRA, _inject_adalora
 
     steps = 12
     torch.manual_seed(0)
@@ -173,8 +192,8 @@ def test_adalora_penalty_and_budget_match_peft():
     layers, allocator, orth = _inject_adalora(ours_model, ["fc1", "fc2"], {"fc1": 4, "fc2": 4}, steps)
     for name, p in ours_model.named_parameters():  # as PEFT: only the triplets train
         p.requires_grad_(".lora_" in name and "ranknum" not in name)
-    tuning = Tuning("adalora", ours_model, head=nn.Identity(), layers=layers, allocator=allocator,
-                    orth_weight=orth)
+    tuning = AdaLoRA(ours_model, head=nn.Identity(), layers=layers, allocator=allocator,
+                     orth_weight=orth)
     with torch.no_grad():  # PEFT's triplets into ours
         for name, layer in layers.items():
             twin = peft_model.base_model.model.get_submodule(name)

@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from arenaseg.annotations import paint_slices
+from arenaseg.config import AdaptJob, AdaptSettings
 from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,11 +69,10 @@ def main() -> None:
         tmp = Path(tmp)
         sitk.WriteImage(image_like(paint_slices(ref, LIVER, 3, axis=2), ct), str(tmp / "painted.nii.gz"))
         job = tmp / "job.json"
-        job.write_text(json.dumps({"command": "adapt", "image": str(ct_path),
-                                   "annotations": str(tmp / "painted.nii.gz"), "label": LIVER,
-                                   "out": str(tmp / "seg.nii.gz"), "structure": "liver",
-                                   "adapter_out": str(tmp / "liver.safetensors"), "device": "cpu",
-                                   "settings": {"steps": 1000}}))
+        job.write_text(AdaptJob(image=str(ct_path), annotations=str(tmp / "painted.nii.gz"),
+                                label=LIVER, out=str(tmp / "seg.nii.gz"), structure="liver",
+                                adapter_out=str(tmp / "liver.safetensors"), device="cpu",
+                                settings=AdaptSettings(steps=1000)).to_json())
         for _ in range(args.repeats):
             seconds.append(cancel_once(job))
             left = sorted(p.name for p in tmp.iterdir())

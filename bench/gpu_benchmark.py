@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ARENASegmentation"))
 
 from arenaseg.adapters import adapter_parameters, inject_adapters, proximal_step  # noqa: E402
-from arenaseg.backbones import load_backbone, replace_head  # noqa: E402
+from arenaseg.backbones import load_backbone  # noqa: E402
+from arenaseg.methods import replace_head  # noqa: E402
 from arenaseg.inference import autocast, pick_device, sliding_window_logits  # noqa: E402
 from arenaseg.preprocessing import to_canonical, to_input_grid  # noqa: E402
 

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine, run_adapt  # noqa: E402
 
-METHODS = ("zero-shot", "linear-probe", "bitfit", "affine-ln", "full", "lora", "adalora", "arena")
+from arenaseg.config import METHODS  # noqa: E402,F401 (every method, from the engine's config)
 SCANS = {"abdomen_ct": ("abdomen_ct/ct.nii.gz", "abdomen_ct/labels.nii.gz"),
          "abdomen_ct_dicom": ("abdomen_ct_dicom/dicom", "abdomen_ct_dicom/labels.nii.gz")}
 # name → TotalSegmentator label value (the same in both scans), and whether the backbone knows it

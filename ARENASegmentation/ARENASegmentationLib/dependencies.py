@@ -15,6 +15,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
+from arenaseg import config as engine  # torch-free: the method names
+
 #: Oldest supported Slicer: 5.10 is the first release with Python >= 3.10 (3.12), which the engine
 #: needs; Slicer 5.8 ships Python 3.9.
 SUPPORTED_SLICER = (5, 10)
@@ -27,7 +29,7 @@ SLICER_REQUIREMENTS = ["numpy>=1.24", "SimpleITK>=2.3"]
 #: Installed with pip on first use, for every method.
 BASE_REQUIREMENTS = ["monai>=1.4", "nibabel>=5", "safetensors>=0.4", "tqdm>=4.66", "einops>=0.7", "slicerio>=1.4"]
 #: Installed only when a method that needs them is chosen (PEFT's LoRA and AdaLoRA baselines).
-METHOD_REQUIREMENTS = {"lora": ["peft>=0.21"], "adalora": ["peft>=0.21"]}
+METHOD_REQUIREMENTS = {method: ["peft>=0.21"] for method in engine.PEFT_METHODS}
 
 _installing = False  # one installation at a time (a second click must not start a second pip)
 
@@ -42,7 +44,7 @@ def versionProblem(slicerVersion: tuple, pythonVersion: tuple) -> str:
     return ""
 
 
-def requirementsFor(method: str = "arena") -> list:
+def requirementsFor(method: str = engine.DEFAULT_METHOD) -> list:
     """Every requirement a run with ``method`` needs (torch first, then Slicer's, then pip's)."""
     return [TORCH_REQUIREMENT] + SLICER_REQUIREMENTS + BASE_REQUIREMENTS + METHOD_REQUIREMENTS.get(method, [])
 
@@ -116,7 +118,7 @@ def isInstalling() -> bool:
     return _installing
 
 
-def install(method: str = "arena", askConfirmation: bool = True) -> None:
+def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True) -> None:
     """Install what ``method`` needs into Slicer's Python after one confirmation.
 
     Raises:

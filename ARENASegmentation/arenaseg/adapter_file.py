@@ -20,16 +20,19 @@ from torch import nn
 
 from . import __version__
 from .backbones import BackboneSpec, state_checksum
+from .config import AdaptSettings
 from .errors import ArenaError
-from .methods import Tuning, load_state, prepare
+from .methods import Method, load_state, prepare
 from .outputs import Outputs, write_safetensors
 
 FORMAT = "arenaseg-adapter/2"
 
 
-def save_adapter(path: str | os.PathLike, tuning: Tuning, metadata: dict,
+def save_adapter(path: str | os.PathLike, tuning: Method, metadata: dict,
                  outputs: Outputs | None = None) -> Path:
-    """Write the trained tensors of ``tuning`` (:meth:`Tuning.state`) and ``metadata``; the file
+    """Prune ``tuning`` (:meth:`~arenaseg.methods.Method.prune`: ARENA drops its switched-off
+    components) and write its trained tensors (:meth:`~arenaseg.methods.Method.state`) and
+    ``metadata``; the file
     is re-opened and compared before it is published (:func:`~arenaseg.outputs.write_safetensors`),
     with ``outputs``' other files when given. ``metadata`` must hold ``backbone``,
     ``backbone_checksum`` and ``settings``; the ranks are added here.
@@ -37,6 +40,7 @@ def save_adapter(path: str | os.PathLike, tuning: Tuning, metadata: dict,
     Raises:
         ArenaError: the write failed (file, cause, fix); nothing was published.
     """
+    tuning.prune()
     tensors = tuning.state()
     meta = dict(metadata, format=FORMAT, arenaseg_version=__version__, method=tuning.method,
                 ranks=tuning.ranks(), initial_ranks=tuning.initial_ranks(),
@@ -76,15 +80,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch.Tensor],
-                  meta: dict, source: str = "adapter") -> Tuning:
+                  meta: dict, source: str = "adapter") -> Method:
     """Prepare a freshly loaded backbone for the saved method and load the saved tensors.
 
     Raises:
         ArenaError: the adapter was made for another backbone (id or weights checksum), or its
             tensors do not fit.
     """
-    from .training import AdaptSettings
-
     if meta.get("backbone") != spec.id:
         raise ArenaError(f"adapter '{source}' was made for backbone '{meta.get('backbone')}', "
                          f"not '{spec.id}': use the backbone it was trained on")
@@ -93,9 +95,7 @@ def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch
         raise ArenaError(f"adapter '{source}' was made for other weights of backbone '{spec.id}' "
                          f"(checksum {str(meta.get('backbone_checksum'))[:12]}…, installed "
                          f"{checksum[:12]}…): adapt again on the installed backbone")
-    saved = dict(meta["settings"])
-    saved["targets"] = tuple(saved["targets"]) if saved.get("targets") else None
-    tuning = prepare(model, spec, AdaptSettings(**saved), meta.get("structure"),
+    tuning = prepare(model, spec, AdaptSettings.from_dict(meta["settings"]), meta.get("structure"),
                      ranks=meta["stored_ranks"])
     load_state(tuning, tensors, source)
     return tuning

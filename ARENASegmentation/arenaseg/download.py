@@ -20,10 +20,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .demo import cache_dir
 from .errors import ArenaError
 
 CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: ``$ARENASEG_CACHE``, else ``~/.cache/arenaseg``."""
+    return Path(os.environ.get("ARENASEG_CACHE") or Path.home() / ".cache" / "arenaseg")
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -33,6 +37,15 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def path_checksum(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of the sorted per-file hashes of a folder (a DICOM series)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(file_digest(p) for p in files).encode()).hexdigest()
 
 
 def recorded_sha256(path: Path) -> Path:
@@ -161,4 +174,4 @@ def _download(url: str, part: Path, size: int | None, progress: bool, timeout: f
         raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
 
 
-__all__ = ["cache_dir", "fetch", "file_digest", "verify", "recorded_sha256"]
+__all__ = ["cache_dir", "fetch", "file_digest", "path_checksum", "verify", "recorded_sha256"]

@@ -18,10 +18,17 @@ adalora        PEFT AdaLoRA SVD triplets on ``spec.targets`` plus its      PEFT 
 arena          :class:`~arenaseg.adapters.ArenaLayer` A and B              proximal step on v
 =============  ==========================================================  ====================
 
+Each method is one class (:class:`Method` and its subclasses), registered by its name in
+:data:`METHOD_CLASSES` (the names are :data:`arenaseg.config.METHODS`). A class owns its
+injection, its trainable parameters, its hook after each optimizer step, its ranks and the
+tensors an adapter file stores; :func:`prepare` builds the one a settings object names. The
+training loop (:mod:`arenaseg.training`), the adapter file, the command line, the worker and the
+Slicer module are the same for every method. Anchor: PEFT's one tuner package per method.
+
 PEFT's AdaLoRA serves Linear and Conv2d only, and adds its orthogonality penalty only when the
-model's output has a ``.loss``; a segmentation network returns a tensor, so :class:`Tuning` adds
-the same penalty (:func:`orthogonality_penalty`) to the loss itself, and a small subclass of
-PEFT's ``SVDConv2d`` gives Conv3d layers the same triplets. Both are tested against PEFT on
+model's output has a ``.loss``; a segmentation network returns a tensor, so :class:`AdaLoRA`
+adds the same penalty (:func:`orthogonality_penalty`) to the loss itself, and a small subclass
+of PEFT's ``SVDConv2d`` gives Conv3d layers the same triplets. Both are tested against PEFT on
 layers PEFT supports.
 """
 
@@ -36,11 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ArenaLayer, effective_ranks, inject_adapters, proximal_step
-from .backbones import BackboneSpec, replace_head
+from .config import ADAPTER_METHODS, METHODS, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
+from .registry import BackboneSpec
 
-METHODS = ("zero-shot", "linear-probe", "bitfit", "affine-ln", "full", "lora", "adalora", "arena")
-ADAPTER_METHODS = ("lora", "adalora", "arena")
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -106,113 +112,6 @@ def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-class Tuning:
-    """A backbone prepared for one method: its trainable parameters, the extra loss term and the
-    hook after each optimizer step. Build it with :func:`prepare`.
-
-    Attributes:
-        method: one of :data:`METHODS`.
-        model: the backbone, modified in place (adapters injected, head replaced).
-        head: the new one-channel head ``(B, C, X, Y, Z) → (B, 1, X, Y, Z)``.
-        layers: adapted layer name → adapter module (ArenaLayer or PEFT layer); empty otherwise.
-    """
-
-    def __init__(self, method: str, model: nn.Module, head: nn.Module, layers: dict,
-                 allocator=None, orth_weight: float = 0.0):
-        self.method, self.model, self.head, self.layers = method, model, head, layers
-        self.allocator, self.orth_weight = allocator, orth_weight
-        self.rank_pattern = None
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The block the optimizer updates (ARENA's gates ``v`` excluded: they take proximal
-        steps)."""
-        gates = {id(layer.v) for layer in self.layers.values() if isinstance(layer, ArenaLayer)}
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in gates]
-
-    def penalty(self) -> torch.Tensor | float:
-        """Extra loss term: AdaLoRA's orthogonality penalty; 0 for the other methods."""
-        return orthogonality_penalty(self.model, self.orth_weight) if self.allocator else 0.0
-
-    def after_step(self, step: int, lr: float, settings) -> None:
-        """ARENA: ``v ← ξ(v − ρ∇v L, ηλ)`` (poster eq. 5). AdaLoRA: PEFT's importance update and
-        budget masking (the logic of ``AdaLoraModel.update_and_allocate``), called after the
-        optimizer step while the gradients are still there."""
-        if self.method == "arena":
-            proximal_step(self.layers.values(), settings.rho, lr * settings.lam)
-        elif self.allocator is not None:
-            cfg = self.allocator.peft_config
-            final = cfg.total_step - cfg.tfinal
-            if step < final:
-                _, pattern = self.allocator.update_and_allocate(self.model, step)
-                self.rank_pattern = pattern or self.rank_pattern
-            elif step == final:
-                _, self.rank_pattern = self.allocator.update_and_allocate(self.model, step, force_mask=True)
-                self.allocator.reset_ipt()
-            elif self.rank_pattern:
-                self.allocator.mask_using_rank_pattern(self.model, self.rank_pattern)
-
-    def ranks(self) -> dict[str, int]:
-        """Effective rank per adapted layer: non-zero gates (ARENA), non-zero singular values
-        (AdaLoRA), the fixed rank (LoRA); empty for the other methods."""
-        if self.method == "arena":
-            return effective_ranks(self.layers)
-        if self.method == "adalora":
-            return {n: int(torch.count_nonzero(layer.lora_E["default"].detach()))
-                    for n, layer in self.layers.items()}
-        return {n: int(layer.r["default"]) for n, layer in self.layers.items()}
-
-    def initial_ranks(self) -> dict[str, int]:
-        """Allocated rank r0 per adapted layer."""
-        if self.method == "arena":
-            return {n: layer.rank for n, layer in self.layers.items()}
-        return {n: int(layer.r["default"]) for n, layer in self.layers.items()}
-
-    def trainable_parameters(self) -> int:
-        """Number of trained values (gates included)."""
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    def active_parameters(self) -> int:
-        """Trained values that still act: ARENA's switched-off components and AdaLoRA's masked
-        triplets are not counted."""
-        total = self.trainable_parameters()
-        for layer in self.layers.values():
-            if self.method == "arena":
-                a, b, v = layer.lora_A.weight, layer.lora_B.weight, layer.v
-            elif self.method == "adalora":
-                a, b, v = layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]
-            else:
-                continue
-            off = v.numel() - int(torch.count_nonzero(v.detach()))
-            total -= off * (a[0].numel() + b.shape[0] + 1)
-        return total
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """What an adapter file stores: every trained tensor by its name in the model (ARENA:
-        pruned to the active components, layers at rank 0 left out)."""
-        if self.method == "arena":
-            for layer in self.layers.values():
-                layer.prune()
-        dead = {n for n, r in self.ranks().items() if r == 0} if self.method == "arena" else set()
-        return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()
-                if p.requires_grad and name.rpartition(".lora_")[0] not in dead
-                and not (name.endswith(".v") and name[:-2] in dead)}
-
-    def stored_ranks(self) -> dict[str, int]:
-        """Rank of each layer as stored by :meth:`state` (what :func:`prepare` needs back)."""
-        if self.method == "arena":
-            return {n: r for n, r in self.ranks().items() if r > 0}
-        return self.initial_ranks()
-
-    def merge(self) -> None:
-        """Fold the adapters into the backbone weights for inference."""
-        for layer in self.layers.values():
-            layer.merge()
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
-
-
 def _norm_affine(model: nn.Module) -> list[nn.Parameter]:
     params = []
     for module in model.modules():
@@ -252,70 +151,411 @@ def _inject_lora(model: nn.Module, names: list[str], ranks: dict[str, int]) -> d
     return {name: model.get_submodule(name) for name in names}
 
 
-def prepare(model: nn.Module, spec: BackboneSpec, settings, structure: str | None = None,
-            ranks: dict[str, int] | None = None) -> Tuning:
+def replace_head(model: nn.Module, spec: BackboneSpec, structure: str | None = None) -> nn.Conv3d:
+    """Put a new trainable one-channel 1×1×1 head (logit of the target structure) in place of
+    ``spec.head``.
+
+    When ``structure`` is one of the backbone's pretrained classes, the head starts from that
+    class's pretrained output row (the paper's protocol for base organs, so the first prediction
+    is the backbone's zero-shot one): for a softmax head (``multilabel=False``) the row minus the
+    background row (the sigmoid of this difference is the two-class softmax of the pretrained
+    head); for a sigmoid head the row itself. Otherwise it starts with PyTorch's default
+    initialisation.
+
+    Returns:
+        The new head (``in_channels`` → 1).
+    """
+    old = model.get_submodule(spec.head)
+    head = nn.Conv3d(old.in_channels, 1, kernel_size=1).to(old.weight.device)
+    c = spec.pretrained_channel(structure)
+    if c is not None:
+        with torch.no_grad():
+            head.weight.copy_(old.weight[c:c + 1])
+            head.bias.copy_(old.bias[c:c + 1])
+            if not spec.multilabel:
+                head.weight.sub_(old.weight[0:1])
+                head.bias.sub_(old.bias[0:1])
+    _set_child(model, spec.head, head)
+    return head
+
+
+class Method:
+    """A backbone prepared for one method: its trainable parameters, the extra loss term, the
+    hook after each optimizer step, its ranks and the tensors an adapter file stores. Build one
+    with :func:`prepare` (or a subclass's :meth:`prepare`); the base class trains the head only
+    (``linear-probe``).
+
+    Attributes:
+        name: the method's name (one of :data:`arenaseg.config.METHODS`).
+        adapters: the method injects adapters with a rank (:data:`~arenaseg.config.ADAPTER_METHODS`).
+        model: the backbone, modified in place (adapters injected, head replaced).
+        head: the new one-channel head ``(B, C, X, Y, Z) → (B, 1, X, Y, Z)`` (a 1×1×1 Conv3d).
+        layers: adapted layer name → adapter module (ArenaLayer or PEFT layer), in module order;
+            empty for the methods without adapters.
+    """
+
+    name = "linear-probe"
+    adapters = False
+
+    def __init__(self, model: nn.Module, head: nn.Module, layers: dict | None = None):
+        self.model, self.head, self.layers = model, head, layers or {}
+
+    @property
+    def method(self) -> str:
+        """The method's name (as :attr:`name`; stored in adapter files)."""
+        return self.name
+
+    @classmethod
+    def prepare(cls, model: nn.Module, spec: BackboneSpec, settings: AdaptSettings,
+                structure: str | None = None, ranks: dict[str, int] | None = None) -> "Method":
+        """Make ``model`` ready to train with this method: every weight frozen; adapters
+        injected (adapter methods) and the new head (:func:`replace_head`), both initialised
+        under ``settings.seed``; then this method's parameters made trainable
+        (:meth:`set_trainable`), and the decoder with ``settings.train_decoder``.
+
+        Args, Raises: see :func:`prepare`.
+        """
+        cls.check(spec, structure)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        parts = {}
+        with torch.random.fork_rng():  # the same seed gives the same initialisation
+            torch.manual_seed(settings.seed)
+            if cls.adapters and ranks != {}:  # {}: a saved ARENA adapter at rank 0
+                targets = settings.targets or spec.targets
+                names = list(ranks) if ranks is not None else _matching(model, targets)
+                if not names:
+                    raise ArenaError(f"no Linear or Conv3d layer of backbone '{spec.id}' matches the "
+                                     f"adapter targets {list(targets)}: check --targets")
+                ranks = ranks if ranks is not None else {n: settings.rank for n in names}
+                parts = cls.inject(model, names, ranks, settings)
+            head = replace_head(model, spec, structure)
+        method = cls(model, head, **parts)
+        method.set_trainable()
+        if settings.train_decoder:
+            for name, module in model.named_modules():
+                if any(re.search(p, name) for p in spec.decoder):
+                    module.requires_grad_(True)
+        return method
+
+    @classmethod
+    def check(cls, spec: BackboneSpec, structure: str | None) -> None:
+        """Refuse what this method cannot do on ``spec`` (before anything changes)."""
+
+    @classmethod
+    def inject(cls, model: nn.Module, names: list[str], ranks: dict[str, int],
+               settings: AdaptSettings) -> dict:
+        """Wrap the layers ``names`` (at ``ranks``) in this method's adapters, in place; returns
+        the constructor's keyword arguments (``layers``, …). Adapter methods only."""
+        raise NotImplementedError
+
+    def set_trainable(self) -> None:
+        """Switch on the parameters this method trains (the head and adapters are trainable
+        as made)."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The block the optimizer updates."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def penalty(self) -> torch.Tensor | float:
+        """Extra loss term (scalar); 0 unless the method has one."""
+        return 0.0
+
+    def after_step(self, step: int, lr: float, settings: AdaptSettings | None) -> None:
+        """Runs after each optimizer step ``step`` (1-based) at learning rate ``lr``, while the
+        gradients of the step are still there; nothing unless the method has a hook."""
+
+    def ranks(self) -> dict[str, int]:
+        """Effective rank per adapted layer; empty for the methods without adapters."""
+        return {}
+
+    def initial_ranks(self) -> dict[str, int]:
+        """Allocated rank r0 per adapted layer."""
+        return {n: int(layer.r["default"]) for n, layer in self.layers.items()}
+
+    def trainable_parameters(self) -> int:
+        """Number of trained values (gates included)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def active_parameters(self) -> int:
+        """Trained values that still act (switched-off components not counted)."""
+        return self.trainable_parameters()
+
+    def prune(self) -> None:
+        """Drop what no longer acts from the trained tensors, before :meth:`state`; the output
+        does not change. Nothing to drop unless the method switches components off."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What an adapter file stores: every trained tensor by its name in the model (CPU)."""
+        return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()
+                if p.requires_grad}
+
+    def stored_ranks(self) -> dict[str, int]:
+        """Rank of each layer as stored by :meth:`state` (what :func:`prepare` needs back)."""
+        return self.initial_ranks()
+
+    def merge(self) -> None:
+        """Fold the adapters into the backbone weights for inference."""
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        """Restore the backbone weights after :meth:`merge`."""
+        for layer in self.layers.values():
+            layer.unmerge()
+
+
+#: The name used before methods were classes (the type of a prepared method).
+Tuning = Method
+
+
+class ZeroShot(Method):
+    """``zero-shot``: nothing trains; the head is the backbone's own output row of the
+    structure (minus background for a softmax head), so ``structure`` must be a class the
+    backbone knows.
+
+    Raises:
+        ArenaError: (:meth:`prepare`) the backbone does not know ``structure``.
+    """
+
+    name = "zero-shot"
+
+    @classmethod
+    def check(cls, spec: BackboneSpec, structure: str | None) -> None:
+        if spec.pretrained_channel(structure) is None:
+            known = [c for c in spec.classes if spec.pretrained_channel(c) is not None]
+            raise ArenaError(f"zero-shot needs a structure the backbone '{spec.id}' knows (one of "
+                             f"{', '.join(known)}), not '{structure}': give --structure with one "
+                             "of these names, or choose a method that trains")
+
+    def set_trainable(self) -> None:
+        self.head.requires_grad_(False)
+
+
+class LinearProbe(Method):
+    """``linear-probe``: the new head only (``in_channels`` + 1 values)."""
+
+    name = "linear-probe"
+
+
+class BitFit(Method):
+    """``bitfit`` (Zaken et al. 2022): every bias of the backbone, and the head."""
+
+    name = "bitfit"
+
+    def set_trainable(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.endswith("bias") or p.requires_grad)
+
+
+class AffineLN(Method):
+    """``affine-ln``: the scale and shift of every normalisation layer, and the head; a norm
+    without them (MONAI's ``InstanceNorm3d(affine=False)``) gets them, at the identity."""
+
+    name = "affine-ln"
+
+    def set_trainable(self) -> None:
+        for p in _norm_affine(self.model):
+            p.requires_grad_(True)
+
+
+class Full(Method):
+    """``full``: every weight of the backbone (η defaults to 5e-4, see
+    :data:`arenaseg.config.FULL_FINE_TUNING_LR`)."""
+
+    name = "full"
+
+    def set_trainable(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+
+class LoRA(Method):
+    """``lora``: PEFT LoRA (``inject_adapter_in_model``) on the target layers, rank r0 on
+    every layer, scaling α/r = 1; ranks stay fixed."""
+
+    name = "lora"
+    adapters = True
+
+    @classmethod
+    def inject(cls, model, names, ranks, settings) -> dict:
+        return {"layers": _inject_lora(model, names, ranks)}
+
+    def ranks(self) -> dict[str, int]:
+        return self.initial_ranks()
+
+
+class AdaLoRA(Method):
+    """``adalora``: PEFT AdaLoRA triplets ``B·Diag(E)·A`` (Conv3d through ``SVDConv3d``),
+    initial rank r0, target r0/2 on average, with its orthogonality penalty (weight 0.5) in the
+    loss; after each step PEFT's ``RankAllocator`` updates the importance scores and masks
+    singular values on the cubic budget schedule (warm-up 10 %, final 20 % of the steps).
+
+    Args:
+        allocator: PEFT's ``RankAllocator`` for the model's triplets.
+        orth_weight: weight of :func:`orthogonality_penalty`.
+    """
+
+    name = "adalora"
+    adapters = True
+
+    def __init__(self, model, head, layers=None, allocator=None, orth_weight: float = 0.0):
+        super().__init__(model, head, layers)
+        self.allocator, self.orth_weight = allocator, orth_weight
+        self.rank_pattern = None
+
+    @classmethod
+    def inject(cls, model, names, ranks, settings) -> dict:
+        layers, allocator, orth = _inject_adalora(model, names, ranks, settings.steps)
+        return {"layers": layers, "allocator": allocator, "orth_weight": orth}
+
+    def penalty(self) -> torch.Tensor | float:
+        """AdaLoRA's orthogonality penalty (0 without triplets)."""
+        return orthogonality_penalty(self.model, self.orth_weight) if self.allocator else 0.0
+
+    def after_step(self, step: int, lr: float, settings) -> None:
+        """PEFT's importance update and budget masking (the logic of
+        ``AdaLoraModel.update_and_allocate``)."""
+        if self.allocator is None:
+            return
+        cfg = self.allocator.peft_config
+        final = cfg.total_step - cfg.tfinal
+        if step < final:
+            _, pattern = self.allocator.update_and_allocate(self.model, step)
+            self.rank_pattern = pattern or self.rank_pattern
+        elif step == final:
+            _, self.rank_pattern = self.allocator.update_and_allocate(self.model, step, force_mask=True)
+            self.allocator.reset_ipt()
+        elif self.rank_pattern:
+            self.allocator.mask_using_rank_pattern(self.model, self.rank_pattern)
+
+    def ranks(self) -> dict[str, int]:
+        """Non-zero singular values per layer."""
+        return {n: int(torch.count_nonzero(layer.lora_E["default"].detach()))
+                for n, layer in self.layers.items()}
+
+    def active_parameters(self) -> int:
+        """Trained values minus the masked triplets."""
+        return self.trainable_parameters() - sum(
+            _off(layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"])
+            for layer in self.layers.values())
+
+
+class Arena(Method):
+    """``arena`` (the paper's method): :class:`~arenaseg.adapters.ArenaLayer` adapters
+    ``ΔW = B·Diag(v)·A`` on the target layers. The optimizer trains A, B and the head; after
+    each step the gates take a proximal step ``v ← ξ(v − ρ∇v L, ηλ)`` (soft threshold ηλ,
+    poster eq. 5), which switches components off, so each layer finds its own rank.
+    :meth:`prune` then drops the switched-off components (explicitly, before saving).
+
+    Examples:
+        >>> from arenaseg.backbones import load_backbone
+        >>> model, spec = load_backbone()
+        >>> arena = prepare(model, spec, AdaptSettings(method="arena", rank=4))
+        >>> sum(arena.ranks().values())  # 9 layers at r0 = 4, every gate at v0 = 1
+        36
+    """
+
+    name = "arena"
+    adapters = True
+
+    @classmethod
+    def inject(cls, model, names, ranks, settings) -> dict:
+        layers = inject_adapters(model, [f"^{re.escape(n)}$" for n in names], ranks, settings.v0)
+        for layer in layers.values():
+            layer.v.requires_grad_(True)
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.requires_grad_(True)
+        return {"layers": layers}
+
+    def parameters(self) -> list[nn.Parameter]:
+        """A, B and the head: the gates ``v`` take proximal steps instead (eq. 4–5)."""
+        gates = {id(layer.v) for layer in self.layers.values()}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in gates]
+
+    @staticmethod
+    def threshold(lr: float, settings: AdaptSettings) -> float:
+        """The soft threshold of one proximal step, ηλ."""
+        return lr * settings.lam
+
+    def after_step(self, step: int, lr: float, settings: AdaptSettings) -> None:
+        """The proximal step on every gate, ``v ← ξ(v − ρ∇v L, ηλ)``, using the gradient of the
+        same backward pass (:func:`~arenaseg.adapters.proximal_step`)."""
+        proximal_step(self.layers.values(), settings.rho, self.threshold(lr, settings))
+
+    def ranks(self) -> dict[str, int]:
+        """Non-zero gates per layer."""
+        return effective_ranks(self.layers)
+
+    def initial_ranks(self) -> dict[str, int]:
+        return {n: layer.rank for n, layer in self.layers.items()}
+
+    def active_parameters(self) -> int:
+        """Trained values minus the switched-off components."""
+        return self.trainable_parameters() - sum(
+            _off(layer.lora_A.weight, layer.lora_B.weight, layer.v) for layer in self.layers.values())
+
+    def prune(self) -> None:
+        """Drop the switched-off components of every layer (A, B and v shrink to the effective
+        rank; a layer at rank 0 is left as it is and :meth:`state` leaves it out)."""
+        for layer in self.layers.values():
+            layer.prune()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, layers at rank 0 left out; call :meth:`prune` first, so that
+        only the active components are stored."""
+        dead = {n for n, r in self.ranks().items() if r == 0}
+        return {name: p for name, p in super().state().items()
+                if name.rpartition(".lora_")[0] not in dead
+                and not (name.endswith(".v") and name[:-2] in dead)}
+
+    def stored_ranks(self) -> dict[str, int]:
+        return {n: r for n, r in self.ranks().items() if r > 0}
+
+
+def _off(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> int:
+    """Values of the switched-off components of one layer (``A`` rows, ``B`` columns, gates)."""
+    return (v.numel() - int(torch.count_nonzero(v.detach()))) * (a[0].numel() + b.shape[0] + 1)
+
+
+#: Method name → class (the names are :data:`arenaseg.config.METHODS`, in that order).
+METHOD_CLASSES: dict[str, type[Method]] = {
+    cls.name: cls for cls in (ZeroShot, LinearProbe, BitFit, AffineLN, Full, LoRA, AdaLoRA, Arena)}
+assert tuple(METHOD_CLASSES) == METHODS, "every name in config.METHODS has one class"
+
+
+def prepare(model: nn.Module, spec: BackboneSpec, settings: AdaptSettings,
+            structure: str | None = None, ranks: dict[str, int] | None = None) -> Method:
     """Make ``model`` (a backbone from :func:`~arenaseg.backbones.load_backbone`) ready to adapt
     with ``settings.method``: new head, adapters injected, the method's parameters trainable.
 
     Args:
-        settings: :class:`~arenaseg.training.AdaptSettings` (method, rank, v0, seed, steps,
+        model: the frozen backbone; modified in place.
+        spec: its registry entry (head, targets, decoder, classes).
+        settings: :class:`~arenaseg.config.AdaptSettings` (method, rank, v0, seed, steps,
             train_decoder, targets).
         structure: a class name of the backbone starts the head from its pretrained row.
-        ranks: rank per layer to rebuild a saved adapter (:meth:`Tuning.stored_ranks`);
+        ranks: rank per layer to rebuild a saved adapter (:meth:`Method.stored_ranks`);
             default ``settings.rank`` on every layer matching the targets.
+
+    Returns:
+        The :class:`Method` subclass of ``settings.method`` (:data:`METHOD_CLASSES`).
 
     Raises:
         ArenaError: zero-shot for a structure the backbone does not know; no layer matches the
             adapter targets.
+
+    Examples:
+        >>> from arenaseg.backbones import load_backbone
+        >>> model, spec = load_backbone()
+        >>> lora = prepare(model, spec, AdaptSettings(method="lora", rank=4), structure="liver")
+        >>> type(lora).__name__, len(lora.layers), lora.head.out_channels
+        ('LoRA', 9, 1)
     """
-    method = settings.method
-    if method == "zero-shot" and spec.pretrained_channel(structure) is None:
-        known = [c for c in spec.classes if spec.pretrained_channel(c) is not None]
-        raise ArenaError(f"zero-shot needs a structure the backbone '{spec.id}' knows (one of "
-                         f"{', '.join(known)}), not '{structure}': give --structure with one "
-                         "of these names, or choose a method that trains")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers, allocator, orth = {}, None, 0.0
-    with torch.random.fork_rng():  # the same seed gives the same initialisation
-        torch.manual_seed(settings.seed)
-        if method in ADAPTER_METHODS and ranks != {}:  # {}: a saved ARENA adapter at rank 0
-            targets = settings.targets or spec.targets
-            names = list(ranks) if ranks is not None else _matching(model, targets)
-            if not names:
-                raise ArenaError(f"no Linear or Conv3d layer of backbone '{spec.id}' matches the "
-                                 f"adapter targets {list(targets)}: check --targets")
-            ranks = ranks if ranks is not None else {n: settings.rank for n in names}
-            if method == "arena":
-                layers = inject_adapters(model, [f"^{re.escape(n)}$" for n in names], ranks, settings.v0)
-                for layer in layers.values():
-                    layer.v.requires_grad_(True)
-                    for p in (layer.lora_A.weight, layer.lora_B.weight):
-                        p.requires_grad_(True)
-            elif method == "lora":
-                layers = _inject_lora(model, names, ranks)
-            else:
-                layers, allocator, orth = _inject_adalora(model, names, ranks, settings.steps)
-        head = replace_head(model, spec, structure)
-    if method == "zero-shot":
-        head.requires_grad_(False)
-    elif method == "bitfit":
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith("bias") or p.requires_grad)
-    elif method == "affine-ln":
-        for p in _norm_affine(model):
-            p.requires_grad_(True)
-    elif method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    if getattr(settings, "train_decoder", False):
-        for name, module in model.named_modules():
-            if any(re.search(p, name) for p in getattr(spec, "decoder", ())):
-                module.requires_grad_(True)
-    return Tuning(method, model, head, layers, allocator, orth)
+    return METHOD_CLASSES[settings.method].prepare(model, spec, settings, structure, ranks)
 
 
-def load_state(tuning: Tuning, tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_state(tuning: Method, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy saved tensors (from :meth:`Tuning.state`) into a freshly prepared ``tuning``.
 
     Raises:

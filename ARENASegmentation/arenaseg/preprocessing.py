@@ -1,7 +1,7 @@
 """Bring a CT onto a backbone's canonical grid (MONAI) and predictions back onto its own grid.
 
 The forward path uses MONAI ``Orientation``, ``Spacing`` and the backbone's intensity scaling
-(``Preprocessing.intensity_transform``: ``ScaleIntensityRange`` of an HU window for most); the way
+(:func:`intensity_transform`: ``ScaleIntensityRange`` of an HU window for most); the way
 back resamples with SimpleITK onto the input image itself, so an output always has the input's
 exact size, spacing, origin and direction, whatever its orientation (LPS, RAS, oblique).
 """
@@ -14,11 +14,31 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
-from .backbones import Preprocessing
+from .registry import Preprocessing
 from .imageio import array_ijk, image_from_ras_affine, ras_affine, resample_to
 
 # Axis labels of the RAS world MONAI's affines live in (set explicitly: MONAI 1.5+ warns).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def intensity_transform(prep: Preprocessing):
+    """The MONAI transform that scales a regridded CT (HU) for a backbone: a callable on a
+    ``(1, X, Y, Z)`` tensor. ``prep.intensity`` ``"window"``: clip ``prep.hu_window`` and scale
+    it to [0, 1] (``ScaleIntensityRange``); ``"nonzero-zscore-minmax"``:
+    ``NormalizeIntensity(nonzero=True)`` then ``ScaleIntensity(-1, 1)`` (the
+    ``wholeBody_ct_segmentation`` bundle's scaling).
+
+    Raises:
+        ValueError: an unknown ``prep.intensity``.
+    """
+    from monai.transforms import Compose, NormalizeIntensity, ScaleIntensity, ScaleIntensityRange
+
+    if prep.intensity == "window":
+        lo, hi = prep.hu_window
+        return ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if prep.intensity == "nonzero-zscore-minmax":
+        return Compose([NormalizeIntensity(nonzero=True), ScaleIntensity(minv=-1.0, maxv=1.0)])
+    raise ValueError(f"unknown intensity scaling '{prep.intensity}'")
 
 
 def _regrid(t: MetaTensor, prep: Preprocessing, mode: str) -> MetaTensor:
@@ -46,7 +66,7 @@ def to_canonical(image: sitk.Image, prep: Preprocessing, labels: sitk.Image | No
     voxels = sitk.GetArrayViewFromImage(image).astype(np.float32)
     x = MetaTensor(torch.from_numpy(voxels)[None], affine=affine[:, [2, 1, 0, 3]])
     x = _regrid(x, prep, "bilinear")
-    x = prep.intensity_transform()(x)
+    x = intensity_transform(prep)(x)
     canon_affine = np.asarray(x.affine, dtype=float)
     if labels is None:
         return x.as_tensor().float(), canon_affine

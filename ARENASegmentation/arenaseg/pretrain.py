@@ -7,7 +7,6 @@ command, the training time and the per-organ Dice on the training scans.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -22,23 +21,17 @@ from monai.transforms import Compose, RandCropByPosNegLabeld, RandShiftIntensity
 from tqdm import tqdm
 
 from .backbones import DEFAULT_BACKBONE, get_spec, state_checksum
+from .download import path_checksum
 from .imageio import array_ijk, image_like, read_image, read_labels_on
 from .inference import autocast, sliding_window_logits
 from .outputs import Outputs, check_writable, write_safetensors, write_text
 from .preprocessing import to_canonical, to_input_grid
+from .training import run_steps
 
 ATTRIBUTION = ("Training data: the TotalSegmentator test scans (Wasserthal et al., "
                "TotalSegmentator, Radiology: AI 2023; Apache-2.0), whose labels are that model's "
                "own predictions; and dcmqi (QIICR, BSD-3-Clause, (c) 2017 Brigham and Women's "
                "Hospital) where used.")
-
-
-def file_checksum(path: Path) -> str:
-    """SHA-256 of a file, or of the sorted per-file hashes of a folder (a DICOM series)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
-    return digests[0] if not path.is_dir() else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def load_training_scan(image_path, labels_path, class_values: dict[str, int], prep):
@@ -102,7 +95,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
 
         model.load_state_dict(load_file(str(init)), strict=True)
         card = Path(init).with_suffix(".md")
-        earlier = {"path": str(init), "sha256": file_checksum(Path(init)),
+        earlier = {"path": str(init), "sha256": path_checksum(Path(init)),
                    "card": card.read_text(encoding="utf-8") if card.is_file() else None}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -113,19 +106,22 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
         RandShiftIntensityd(keys="x", offsets=0.1, prob=0.5),
     ]).set_random_state(seed)
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc="pretrain", unit="step")
-    for step in bar:
+    bar = tqdm(total=steps, desc="pretrain", unit="step")
+
+    def step_loss(step: int) -> torch.Tensor:
         scan = data[rng.integers(len(data))]
         crops = augment({"x": scan["x"], "y": scan["y"]})
         x = torch.stack([c["x"].as_tensor() for c in crops]).to(device)
         y = torch.stack([c["y"].as_tensor() for c in crops]).to(device)
         with autocast(device):
-            loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+            return loss_fn(model(x), y)
+
+    def after_step(step: int, loss: torch.Tensor) -> None:
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    run_steps(step_loss, opt, steps, scheduler=sched, after_step=after_step)
+    bar.close()
     seconds = time.perf_counter() - start
     model.eval()
     names = list(class_values)
@@ -148,9 +144,9 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
                   "command": command, "init": earlier, "steps": steps, "lr": lr,
                   "crops_per_step": crops_per_step, "seed": seed,
                   "seconds": round(seconds, 1), "device": str(device), "evaluation": evaluation,
-                  "weights_sha256": file_checksum(outputs.temporary(out)),
+                  "weights_sha256": path_checksum(outputs.temporary(out)),
                   "state_checksum": state_checksum(model),
-                  "data": [{"path": str(p), "sha256": file_checksum(Path(p))}
+                  "data": [{"path": str(p), "sha256": path_checksum(Path(p))}
                            for pair in scans for p in pair]}
         write_text(card_path, model_card(report, prep), what="model card", option="--out",
                    outputs=outputs)

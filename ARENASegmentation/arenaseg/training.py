@@ -11,9 +11,8 @@ gradient of the same backward pass; see :mod:`arenaseg.methods`).
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -21,88 +20,16 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
+from .config import DEFAULT_LR, FULL_FINE_TUNING_LR, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
 from .inference import autocast
-from .methods import ADAPTER_METHODS, METHODS, Tuning
-
-DEFAULT_LR = 5e-3
-FULL_FINE_TUNING_LR = 5e-4  # all 2.5 M weights at η = 5e-3 wreck the pretrained features
+from .methods import Method
 
 ProgressFn = Callable[[int, float, dict], None]
 
 
 class Cancelled(Exception):
     """Raised inside training when the caller asks to stop (e.g. SIGTERM in the worker)."""
-
-
-@dataclass
-class AdaptSettings:
-    """Settings of one adaptation (defaults chosen by the sweep in ``bench/SWEEP.md``).
-
-    Attributes:
-        method: one of :data:`arenaseg.methods.METHODS`: ``"arena"`` (gated, proximal l1), or a
-            baseline (``"lora"``, ``"adalora"``, ``"linear-probe"``, ``"bitfit"``,
-            ``"affine-ln"``, ``"full"``, ``"zero-shot"``).
-        rank: initial rank r0 of every adapted layer (lora, adalora, arena).
-        lam: λ, weight of the l1 penalty on ``v`` (eq. 3); threshold per step is ``lr·lam``.
-        lr: η, AdamW learning rate of the trained parameters (eq. 4); None: 5e-3, or 5e-4 for
-            full fine-tuning.
-        rho: ρ, gradient step on ``v`` before soft thresholding (eq. 5).
-        steps: optimizer steps.
-        v0: initial value of every gate.
-        crops_per_step: random crops per step around painted voxels, half of them centred on
-            the structure.
-        slab: crop thickness in voxels across the painted slices (the ROI elsewhere): the loss
-            lives on the painted slices only, so thin slabs save most of the compute.
-        max_points: painted voxels sampled per crop for the loss (memory bound).
-        seed: random seed of crops and initialisation.
-        targets: regular expressions of the adapted layers' names; None: the backbone's own.
-        train_decoder: also train the backbone's decoder (``BackboneSpec.decoder``).
-        checkpointing: gradient checkpointing inside the backbone (SwinUNETR), trading compute
-            for GPU memory.
-    """
-
-    method: str = "arena"
-    rank: int = 8
-    lam: float = 4.0
-    lr: float | None = None
-    rho: float = 5.0
-    steps: int = 60
-    v0: float = 1.0
-    crops_per_step: int = 2
-    slab: int = 32
-    max_points: int = 50_000
-    seed: int = 0
-    targets: tuple[str, ...] | None = None
-    train_decoder: bool = False
-    checkpointing: bool = False
-
-    def __post_init__(self):
-        problems = [f"--method '{self.method}' is not one of {', '.join(METHODS)}"] \
-            if self.method not in METHODS else []
-        problems += [f"--{name} {value} must be {rule}" for name, value, ok, rule in (
-            ("rank", self.rank, self.rank >= 1, ">= 1"), ("steps", self.steps, self.steps >= 1, ">= 1"),
-            ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr is None or self.lr > 0, "> 0"),
-            ("rho", self.rho, self.rho >= 0, ">= 0"), ("seed", self.seed, self.seed >= 0, ">= 0"), ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
-            ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1")) if not ok]
-        problems += [f"--{name} {value} must be a finite number" for name, value in
-                     (("lambda", self.lam), ("lr", self.lr), ("rho", self.rho))
-                     if value is not None and not math.isfinite(value)]
-        if self.targets and self.method not in ADAPTER_METHODS:
-            problems.append(f"--targets applies to the adapter methods ({', '.join(ADAPTER_METHODS)}), "
-                            f"not to --method {self.method}: drop --targets")
-        if problems:
-            raise ArenaError("; ".join(problems))
-
-    @property
-    def learning_rate(self) -> float:
-        """η actually used: ``lr``, or the method's default."""
-        if self.lr is not None:
-            return self.lr
-        return FULL_FINE_TUNING_LR if self.method == "full" else DEFAULT_LR
-
-    def to_dict(self) -> dict:
-        return dict(asdict(self), lr=self.learning_rate)
 
 
 @dataclass
@@ -136,7 +63,34 @@ def sample_logits(logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(logits, grid, mode="bilinear", align_corners=True).view(1, logits.shape[1], -1)
 
 
-def train(tuning: Tuning, x: torch.Tensor, coords: np.ndarray, targets: np.ndarray, roi_size,
+def run_steps(step_loss: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer | None,
+              steps: int, scheduler=None,
+              after_step: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    """The optimisation loop of every training in arenaseg (:func:`train`, and
+    :func:`arenaseg.pretrain.pretrain`): for step = 1 … ``steps``, the loss
+    ``step_loss(step)`` (a scalar tensor with its graph), its gradients, an optimizer step, a
+    scheduler step when given, then ``after_step(step, loss)`` (a method's hook, logging,
+    progress; it may raise to stop, e.g. :class:`Cancelled`).
+
+    Args:
+        step_loss: builds the step's batch and returns its loss; may raise (e.g. a
+            non-finite loss as :class:`~arenaseg.errors.ArenaError`).
+        optimizer: updates the trained parameters; None only with ``steps == 0``.
+        steps: number of steps (0: nothing runs).
+        scheduler: a learning-rate scheduler stepped after each optimizer step, or None.
+    """
+    for step in range(1, steps + 1):
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step(step, loss)
+
+
+def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarray, roi_size,
           settings: AdaptSettings, device: torch.device, loss_fn: Callable | None = None,
           progress: ProgressFn | None = None,
           should_stop: Callable[[], bool] | None = None) -> TrainingLog:
@@ -173,7 +127,8 @@ def train(tuning: Tuning, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
     model.to(device).train()
     log = TrainingLog()
     start = time.perf_counter()
-    for step in range(1, settings.steps + 1 if opt else 1):
+
+    def step_loss(step: int) -> torch.Tensor:
         crops, picks = [], []
         for c in range(settings.crops_per_step):
             pool = positive if (c % 2 == 0 and positive.size) else np.arange(len(coords))
@@ -194,9 +149,9 @@ def train(tuning: Tuning, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         if not torch.isfinite(loss):
             raise ArenaError(f"the training loss became {loss.item()} at step {step} (learning "
                              f"rate {lr}): lower --lr, or start without --warm-start")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return loss
+
+    def after_step(step: int, loss: torch.Tensor) -> None:
         tuning.after_step(step, lr, settings)
         ranks = tuning.ranks()
         loss_value = loss.item()
@@ -206,6 +161,8 @@ def train(tuning: Tuning, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
             progress(step, loss_value, ranks)
         if should_stop and should_stop():
             raise Cancelled()
+
+    run_steps(step_loss, opt, settings.steps if opt else 0, after_step=after_step)
     model.eval()
     log.ranks = tuning.ranks()
     log.seconds = time.perf_counter() - start

@@ -1,0 +1,270 @@
+"""Settings, method and backbone names, and jobs: the engine's vocabulary, without torch.
+
+Everything a client needs to describe a run lives here and imports only the standard library
+(and :mod:`arenaseg.registry`, itself torch-free), so the 3D Slicer module can build a job
+before PyTorch is installed, and the command line, the worker and the benchmarks all spell a
+method, a backbone or a job field the same way:
+
+- :data:`METHODS`, :data:`ADAPTER_METHODS`, :data:`DEFAULT_METHOD`: the method names
+  (:mod:`arenaseg.methods` registers one class per name);
+- :data:`BACKBONES`, :data:`DEFAULT_BACKBONE`: the backbone ids (:mod:`arenaseg.registry`);
+- :class:`AdapterSettings` (what a method builds and how its adapters step: saved with the
+  adapter), :class:`LoopSettings` (how the training loop runs) and :class:`AdaptSettings`
+  (both, flat: the object the engine takes);
+- :class:`AdaptJob` and :class:`SegmentJob`: one run of ``python -m arenaseg.worker JOB.json``,
+  with a JSON round trip (:func:`job_from_dict`, :meth:`AdaptJob.to_dict`).
+
+Anchor: PEFT's ``LoraConfig``, a validated dataclass saved with the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ArenaError
+from .registry import DEFAULT_BACKBONE, REGISTRY
+
+#: Every method, from no training to ARENA (:mod:`arenaseg.methods` has one class per name).
+METHODS = ("zero-shot", "linear-probe", "bitfit", "affine-ln", "full", "lora", "adalora", "arena")
+#: The methods that inject adapters with a rank (r0, ``--targets``).
+ADAPTER_METHODS = METHODS[-3:]
+DEFAULT_METHOD = METHODS[-1]
+#: The baselines that come from PEFT (their own dependency).
+PEFT_METHODS = tuple(m for m in ADAPTER_METHODS if m != DEFAULT_METHOD)
+#: Every backbone id of the registry; :data:`DEFAULT_BACKBONE` is the embedded one.
+BACKBONES = tuple(REGISTRY)
+#: The backbones a GUI offers: the embedded one and those with public pretrained weights that a
+#: user adapts as they are (not the untrained or decoder-less ones, see ``BackboneSpec.offered``).
+OFFERED_BACKBONES = tuple(spec_id for spec_id, spec in REGISTRY.items() if spec.offered)
+DEVICES = ("auto", "cpu", "cuda")
+
+DEFAULT_LR = 5e-3
+FULL_FINE_TUNING_LR = 5e-4  # all 2.5 M weights at η = 5e-3 wreck the pretrained features
+
+
+@dataclass
+class AdapterSettings:
+    """What a method builds and how its trained parameters step (saved with the adapter).
+
+    Attributes:
+        method: one of :data:`METHODS`: ``"arena"`` (gated, proximal l1), or a baseline
+            (``"lora"``, ``"adalora"``, ``"linear-probe"``, ``"bitfit"``, ``"affine-ln"``,
+            ``"full"``, ``"zero-shot"``).
+        rank: initial rank r0 of every adapted layer (lora, adalora, arena).
+        lam: λ, weight of the l1 penalty on ``v`` (eq. 3); threshold per step is ``lr·lam``.
+        lr: η, AdamW learning rate of the trained parameters (eq. 4); None: 5e-3, or 5e-4 for
+            full fine-tuning.
+        rho: ρ, gradient step on ``v`` before soft thresholding (eq. 5).
+        v0: initial value of every gate.
+        targets: regular expressions of the adapted layers' names; None: the backbone's own.
+        train_decoder: also train the backbone's decoder (``BackboneSpec.decoder``).
+    """
+
+    method: str = DEFAULT_METHOD
+    rank: int = 8
+    lam: float = 4.0
+    lr: float | None = None
+    rho: float = 5.0
+    v0: float = 1.0
+    targets: tuple[str, ...] | None = None
+    train_decoder: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        """η actually used: ``lr``, or the method's default."""
+        if self.lr is not None:
+            return self.lr
+        return FULL_FINE_TUNING_LR if self.method == "full" else DEFAULT_LR
+
+
+@dataclass
+class LoopSettings:
+    """How the training loop runs (:func:`arenaseg.training.train`).
+
+    Attributes:
+        steps: optimizer steps.
+        crops_per_step: random crops per step around painted voxels, half of them centred on
+            the structure.
+        slab: crop thickness in voxels across the painted slices (the ROI elsewhere): the loss
+            lives on the painted slices only, so thin slabs save most of the compute.
+        max_points: painted voxels sampled per crop for the loss (memory bound).
+        seed: random seed of crops and initialisation.
+        checkpointing: gradient checkpointing inside the backbone (SwinUNETR), trading compute
+            for GPU memory.
+    """
+
+    steps: int = 60
+    crops_per_step: int = 2
+    slab: int = 32
+    max_points: int = 50_000
+    seed: int = 0
+    checkpointing: bool = False
+
+
+#: Field order of the flat settings (as adapters and jobs have always stored them).
+_ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "v0", "crops_per_step", "slab",
+          "max_points", "seed", "targets", "train_decoder", "checkpointing")
+
+
+@dataclass
+class AdaptSettings(LoopSettings, AdapterSettings):
+    """Settings of one adaptation: :class:`AdapterSettings` and :class:`LoopSettings` together
+    (defaults chosen by the sweep in ``bench/SWEEP.md``). Validated on creation.
+
+    Raises:
+        ArenaError: a value that cannot work (the message names the option and the rule).
+
+    Examples:
+        >>> s = AdaptSettings(method="lora", steps=20)
+        >>> s.learning_rate, s.adapter.method, s.loop.steps
+        (0.005, 'lora', 20)
+        >>> AdaptSettings.from_dict(s.to_dict(resolve_lr=False)) == s
+        True
+    """
+
+    def __post_init__(self):
+        problems = [f"--method '{self.method}' is not one of {', '.join(METHODS)}"] \
+            if self.method not in METHODS else []
+        problems += [f"--{name} {value} must be {rule}" for name, value, ok, rule in (
+            ("rank", self.rank, self.rank >= 1, ">= 1"), ("steps", self.steps, self.steps >= 1, ">= 1"),
+            ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr is None or self.lr > 0, "> 0"),
+            ("rho", self.rho, self.rho >= 0, ">= 0"), ("seed", self.seed, self.seed >= 0, ">= 0"),
+            ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
+            ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1")) if not ok]
+        problems += [f"--{name} {value} must be a finite number" for name, value in
+                     (("lambda", self.lam), ("lr", self.lr), ("rho", self.rho))
+                     if value is not None and not math.isfinite(value)]
+        if self.targets and self.method not in ADAPTER_METHODS:
+            problems.append(f"--targets applies to the adapter methods ({', '.join(ADAPTER_METHODS)}), "
+                            f"not to --method {self.method}: drop --targets")
+        if problems:
+            raise ArenaError("; ".join(problems))
+
+    @property
+    def adapter(self) -> AdapterSettings:
+        """The adapter part (what a method builds and steps)."""
+        return AdapterSettings(**{f.name: getattr(self, f.name) for f in fields(AdapterSettings)})
+
+    @property
+    def loop(self) -> LoopSettings:
+        """The training-loop part."""
+        return LoopSettings(**{f.name: getattr(self, f.name) for f in fields(LoopSettings)})
+
+    def to_dict(self, resolve_lr: bool = True) -> dict:
+        """Flat JSON-ready dict; ``lr`` resolved to the rate used (as every adapter stores it),
+        or as given with ``resolve_lr=False`` (as a job carries it)."""
+        values = asdict(self)
+        if resolve_lr:
+            values["lr"] = self.learning_rate
+        return {name: values[name] for name in _ORDER}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AdaptSettings":
+        """The settings a job or an adapter stored (lists back to tuples).
+
+        Raises:
+            ArenaError: an unknown field, or a value that cannot work.
+        """
+        unknown = sorted(set(values) - set(_ORDER))
+        if unknown:
+            raise ArenaError(f"unknown settings {unknown}: known are {', '.join(_ORDER)}")
+        values = dict(values)
+        if "targets" in values:
+            values["targets"] = tuple(values["targets"]) if values["targets"] else None
+        return cls(**values)
+
+
+@dataclass
+class _Job:
+    """Fields every job has: what to read, what to write, where to run."""
+
+    image: str
+    out: str
+    device: str = "auto"
+    series: str | None = None
+    weights: str | None = None
+    stop_on_stdin_eof: bool = False
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict with ``command`` first (the worker's job file)."""
+        values = asdict(self)
+        if isinstance(self, AdaptJob):
+            values["settings"] = self.settings.to_dict(resolve_lr=False)
+        return {"command": self.command, **values}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+@dataclass
+class AdaptJob(_Job):
+    """``adapt``: paint on a few slices of ``image`` → 3D segment ``out`` (+ adapter).
+
+    Attributes:
+        annotations: labelmap or ``.seg.nrrd`` with the painted slices.
+        label: label value of the structure, or a segment name of a ``.seg.nrrd``.
+        adapter_out: adapter file to write, or None.
+        structure: structure name stored in the adapter.
+        slice_axis: voxel axis of the painted slices, None: detected.
+        warm_start: adapter to continue from.
+        background_label: value of voxels known not to be the structure.
+        backbone: registry id or checkpoint path.
+        settings: :class:`AdaptSettings`.
+    """
+
+    command = "adapt"
+    annotations: str = ""
+    label: int | str = 1
+    adapter_out: str | None = None
+    structure: str | None = None
+    slice_axis: int | None = None
+    warm_start: str | None = None
+    background_label: int | None = None
+    backbone: str = DEFAULT_BACKBONE
+    settings: AdaptSettings = field(default_factory=AdaptSettings)
+
+
+@dataclass
+class SegmentJob(_Job):
+    """``segment``: a saved ``adapter`` → 3D segment ``out`` of ``image``."""
+
+    command = "segment"
+    adapter: str = ""
+
+
+JOBS = {cls.command: cls for cls in (AdaptJob, SegmentJob)}
+
+
+def job_from_dict(job: dict) -> AdaptJob | SegmentJob:
+    """The job a JSON object describes (see :mod:`arenaseg.worker` for the format).
+
+    Raises:
+        ArenaError: unknown command, a missing, unknown or malformed field.
+
+    Examples:
+        >>> job = AdaptJob(image="ct.nrrd", out="seg.nrrd", annotations="paint.nrrd", label=5)
+        >>> job_from_dict(json.loads(job.to_json())) == job
+        True
+    """
+    values = dict(job)
+    command = values.pop("command", None)
+    if command not in JOBS:
+        raise ArenaError(f"job command '{command}' is not 'adapt' or 'segment'")
+    cls = JOBS[command]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ArenaError(f"job fields {unknown} are unknown for '{command}': see the job format "
+                         "in arenaseg/worker.py")
+    required = [f for f in ("image", "out", "annotations", "adapter") if f in names]
+    missing = [f for f in required if f not in values]
+    if missing or (command == "adapt" and "label" not in values):
+        raise ArenaError(f"job field {(missing or ['label'])[0]!r} is missing: see the job "
+                         "format in arenaseg/worker.py")
+    if "settings" in values:
+        values["settings"] = AdaptSettings.from_dict(values["settings"] or {})
+    if "label" in values and not isinstance(values["label"], str):
+        values["label"] = int(values["label"])
+    return cls(**values)
