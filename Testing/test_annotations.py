@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
+import SimpleITK as sitk
+
 from arenaseg.annotations import dice, find_annotation, paint_slices
 from arenaseg.errors import ArenaError
+from arenaseg.imageio import array_ijk
+
+from conftest import ABDOMEN
 
 
 def labels_with_sagittal_strokes():
@@ -50,3 +55,16 @@ def test_paint_slices_spreads_k_slices_inside_the_structure():
     assert np.flatnonzero(painted.any(axis=(0, 1))).tolist() == [17, 25, 32]
     assert np.array_equal(painted[..., 25], reference[..., 25])
     assert dice(painted > 0, reference > 0, painted.any(axis=(0, 1))[None, None, :].repeat(10, 0).repeat(10, 1)) == 1.0
+
+
+def test_paint_in_two_views_is_refused_and_paint_in_one_view_is_not():
+    ref = array_ijk(sitk.ReadImage(str(ABDOMEN / "labels.nii.gz")))
+    for value in (5, 21, 63, 88):  # liver, bladder, IVC, iliopsoas: any view, any k
+        for k in (1, 3, 8):
+            for axis in (0, 1, 2):
+                assert find_annotation(paint_slices(ref, value, k, axis), value).axis == axis
+    mixed = paint_slices(ref, 5, 1, axis=2)  # one axial slice of the liver ...
+    i = int(np.flatnonzero((ref == 5).any(axis=(1, 2))).mean())
+    mixed[i] = np.where(ref[i] == 5, 5, mixed[i])  # ... and one sagittal slice through it
+    with pytest.raises(ArenaError, match="paint in two views.*slice 70 across axis i.*one view"):
+        find_annotation(mixed, 5, source="mixed.nii.gz")

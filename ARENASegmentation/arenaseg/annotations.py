@@ -8,6 +8,7 @@ optional background label (voxels known not to be the structure, anywhere).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,7 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
         raise ArenaError(f"slice axis {axis} is not 0, 1 or 2 (i, j, k): give --slice-axis "
                          "auto, 0, 1 or 2")
     slices = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
+    _refuse_other_view(target, axis, slices, source)
     if background is not None and background == value:
         raise ArenaError(f"background label {background} equals the structure's label: give "
                          "another value")
@@ -96,6 +98,33 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
                          "them or leave --background-label out")
     return Annotation(axis=axis, slices=tuple(int(s) for s in slices), target=target,
                       background=None if background is None else labels == background)
+
+
+def _refuse_other_view(target: np.ndarray, axis: int, slices: np.ndarray, source: str) -> None:
+    """Refuse paint on slices of two views (e.g. axial and sagittal). A slice painted in the other
+    view crosses this axis's slices as a line one voxel thick, at the same index, on a run of
+    consecutive slices; read along this axis, each of them would count as painted, everything
+    else on it as background."""
+    for other in (a for a in range(3) if a != axis):
+        third = 3 - axis - other
+        lines = {}
+        for s in slices:
+            index = [slice(None)] * 3
+            index[axis] = s
+            voxels = np.argwhere(target[tuple(index)])  # columns: the two other axes, in order
+            at, span = (voxels[:, 0], voxels[:, 1]) if other < third else (voxels[:, 1], voxels[:, 0])
+            if np.ptp(at) == 0 and np.ptp(span) >= 2:
+                lines[int(s)] = int(at[0])
+        for index in set(lines.values()):
+            run = sorted(s for s, at in lines.items() if at == index)
+            longest = max(len(list(group)) for _, group in
+                          itertools.groupby(enumerate(run), lambda p: p[1] - p[0]))
+            if longest >= 3:
+                raise ArenaError(
+                    f"'{source}' has paint in two views: {len(slices)} slices across voxel axis "
+                    f"{'ijk'[axis]}, and slice {index} across axis {'ijk'[other]}, which crosses "
+                    f"{len(run)} of them as a line: paint all slices in one view (axial, sagittal "
+                    "or coronal) and erase the strokes made in the other")
 
 
 def paint_slices(labels: np.ndarray, value: int, k: int = 3, axis: int = 2) -> np.ndarray:
