@@ -64,3 +64,18 @@ def test_bad_input_is_an_error_event(tmp_path):
     out, _ = proc.communicate(timeout=120)
     last = json.loads(out.splitlines()[-1])
     assert proc.returncode == 2 and last["event"] == "error" and "missing.nii.gz" in last["message"]
+
+
+def test_fields_of_the_wrong_type_are_named_before_any_work(small_liver, tmp_path):
+    job = adapt_job(small_liver[0], tmp_path, steps=3)
+    for broken, named in ((dict(job, settings={"steps": "10"}), 'settings.steps is "10" (a JSON string): give a whole number'),
+                          (dict(job, label=[1]), "label is [1] (a JSON array)"),
+                          (dict(job, image=5), "image is 5 (a JSON number): give a text"),
+                          ([1, 2], "the job is a JSON array, not an object")):
+        proc = start(broken, tmp_path)
+        out, err = proc.communicate(timeout=120)
+        events = [json.loads(line) for line in out.splitlines()]
+        assert proc.returncode == 2, err
+        assert [e["event"] for e in events] == ["error"]  # refused before "started"
+        assert named in events[0]["message"] and "arenaseg/worker.py" in events[0]["message"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]

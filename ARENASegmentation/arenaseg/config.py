@@ -197,6 +197,11 @@ class _Job:
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
+    def arguments(self) -> dict:
+        """The job as keyword arguments of :func:`arenaseg.pipeline.adapt` or
+        :func:`~arenaseg.pipeline.segment` (every field but ``stop_on_stdin_eof``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stop_on_stdin_eof"}
+
 
 @dataclass
 class AdaptJob(_Job):
@@ -237,8 +242,35 @@ class SegmentJob(_Job):
 JOBS = {cls.command: cls for cls in (AdaptJob, SegmentJob)}
 
 
+_KINDS = {"str": (str, "a text (a path or a name)"), "int": (int, "a whole number"),
+          "float": ((int, float), "a number"), "bool": (bool, "true or false"),
+          "None": (type(None), "null")}
+
+
+_JSON_NAMES = {str: "string", int: "number", float: "number", bool: "boolean", list: "array",
+               dict: "object"}
+
+
+def _check_types(values: dict, cls, prefix: str = "") -> None:
+    """Refuse a JSON value whose type does not fit its field (``"steps": "10"``), naming the
+    field, the value and what it must be; fields of other types (settings, tuples) are left to
+    their own checks."""
+    for f in fields(cls):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if f.name not in values or not set(kinds) <= set(_KINDS):
+            continue
+        value = values[f.name]
+        if not any(isinstance(value, _KINDS[k][0]) and not (isinstance(value, bool) and k != "bool")
+                   for k in kinds):
+            kind = _JSON_NAMES.get(type(value), type(value).__name__)
+            raise ArenaError(f"job field {prefix}{f.name} is {json.dumps(value)} (a JSON {kind}): "
+                             f"give {' or '.join(_KINDS[k][1] for k in kinds)}; see the job "
+                             "format in arenaseg/worker.py")
+
+
 def job_from_dict(job: dict) -> AdaptJob | SegmentJob:
-    """The job a JSON object describes (see :mod:`arenaseg.worker` for the format).
+    """The job a JSON object describes (see :mod:`arenaseg.worker` for the format); its
+    ``settings`` may be a dict or an :class:`AdaptSettings`.
 
     Raises:
         ArenaError: unknown command, a missing, unknown or malformed field.
@@ -248,6 +280,10 @@ def job_from_dict(job: dict) -> AdaptJob | SegmentJob:
         >>> job_from_dict(json.loads(job.to_json())) == job
         True
     """
+    if not isinstance(job, dict):
+        kind = _JSON_NAMES.get(type(job), type(job).__name__)
+        raise ArenaError(f"the job is a JSON {kind}, not an object ({{\"command\": ...}}): see "
+                         "the job format in arenaseg/worker.py")
     values = dict(job)
     command = values.pop("command", None)
     if command not in JOBS:
@@ -263,7 +299,12 @@ def job_from_dict(job: dict) -> AdaptJob | SegmentJob:
     if missing or (command == "adapt" and "label" not in values):
         raise ArenaError(f"job field {(missing or ['label'])[0]!r} is missing: see the job "
                          "format in arenaseg/worker.py")
-    if "settings" in values:
+    _check_types(values, cls)
+    if "settings" in values and not isinstance(values["settings"], AdaptSettings):
+        if not isinstance(values["settings"] or {}, dict):
+            raise ArenaError(f"job field settings is {json.dumps(values['settings'])}: give an "
+                             "object of settings; see the job format in arenaseg/worker.py")
+        _check_types(values["settings"] or {}, AdaptSettings, "settings.")
         values["settings"] = AdaptSettings.from_dict(values["settings"] or {})
     if "label" in values and not isinstance(values["label"], str):
         values["label"] = int(values["label"])

@@ -28,6 +28,7 @@ import sys
 import threading
 import traceback
 
+from .config import job_from_dict
 from .errors import ArenaError
 from .training import AdaptSettings, Cancelled
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = json.load(f)
         except (OSError, ValueError) as err:
             raise ArenaError(f"job file '{argv[0]}' cannot be read as JSON ({err})") from None
+        job_from_dict(job)  # every field's name and type, before any work
         if job.get("stop_on_stdin_eof"):
             threading.Thread(target=_stop_at_stdin_eof, daemon=True).start()
         from .inference import pick_device
