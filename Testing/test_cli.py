@@ -230,3 +230,15 @@ def test_garbage_checkpoint_is_refused(capsys, small_liver, tmp_path):
     assert_refused(capsys, _adapt(CT, small_liver[0], 5, out, "--backbone", "fseft-swinunetr",
                                   "--weights", str(garbage)),
                    "fseft.pth", "not a PyTorch file", out=out)
+
+
+def test_output_paths_get_the_right_fix(capsys, small_liver, tmp_path):
+    image = tmp_path / "CT.NII.GZ"  # upper case reads fine
+    shutil.copy(ABDOMEN_SMALL / "ct.nii.gz", image)
+    (tmp_path / "results").mkdir()
+    common = ["adapt", "--image", str(image), "--annotations", str(small_liver[0]), "--label", "5"]
+    assert_refused(capsys, common + ["--out", str(image)], "is the image file", "choose another --out")
+    assert_refused(capsys, common + ["--out", str(tmp_path / "S5.NII.GZ")],
+                   "write the extension in lower case, 'S5.nii.gz'")
+    assert_refused(capsys, common + ["--out", str(tmp_path / "results")], "is a folder",
+                   str(tmp_path / "results" / "result.nii"))

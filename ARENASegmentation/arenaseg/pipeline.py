@@ -93,15 +93,20 @@ def check_output(path, suffixes, what: str, inputs: dict | None = None,
     (read-only, no permission, full disk: :func:`~arenaseg.outputs.check_writable`), which
     would otherwise only show after the whole run."""
     path = Path(path)
-    if not path.name.endswith(tuple(suffixes)):  # SimpleITK knows lower-case extensions only
-        raise ArenaError(f"{what} '{path}' has an unsupported extension: use one of "
-                         f"{', '.join(suffixes)}")
-    if not path.parent.resolve().is_dir():
-        raise ArenaError(f"folder of {what} '{path}' does not exist: create it first")
     for name, given in (inputs or {}).items():
         if given and Path(given).resolve() == path.resolve():
             raise ArenaError(f"{what} '{path}' is the {name} file: writing it would replace "
-                             "your input; choose another output path")
+                             f"your input; choose another {option} path")
+    if path.is_dir():
+        raise ArenaError(f"{what} '{path}' is a folder: give a file name in it, e.g. "
+                         f"'{path / ('result' + suffixes[0])}'")
+    if not path.name.endswith(tuple(suffixes)):  # SimpleITK knows lower-case extensions only
+        lower = next((s for s in suffixes if path.name.lower().endswith(s)), None)
+        fix = (f"write the extension in lower case, '{path.name[:-len(lower)]}{lower}'" if lower
+               else f"use one of {', '.join(suffixes)}")
+        raise ArenaError(f"{what} '{path}' has an unsupported extension: {fix}")
+    if not path.parent.resolve().is_dir():
+        raise ArenaError(f"folder of {what} '{path}' does not exist: create it first")
     return check_writable(path, what, option)
 
 
