@@ -7,6 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from arenaseg.imageio import array_ijk, image_like
+from arenaseg.annotations import Annotation
 from arenaseg.postprocessing import select_objects, threshold
 
 from conftest import ABDOMEN, BLADDER
@@ -57,7 +58,8 @@ def test_with_paint_only_objects_touching_it_are_kept_and_the_rest_is_reported()
     k = int(np.flatnonzero(right.any(axis=(0, 1))).mean())
     known = np.zeros(labels.shape, bool)
     known[:, :, k] = True
-    objects = select_objects(*threshold(p, known, right & known), 1, right & known)
+    paint = Annotation(axis=2, slices=(k,), target=right & known)
+    objects = select_objects(*threshold(p, paint), 1, paint.target)
     result = array_ijk(objects.image).astype(bool)
     # the painted slice is the user's answer: the left kidney there is background
     assert not result[:, :, k][labels[:, :, k] == KIDNEY_LEFT].any()

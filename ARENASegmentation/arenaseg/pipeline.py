@@ -157,6 +157,22 @@ def recognise(model: torch.nn.Module, spec, scan: Scan, device: torch.device):
     return to_input_grid(index.numpy().astype(np.uint8), scan.affine, scan.image, linear=False), names
 
 
+def input_probability(tuning: Tuning, spec, scan: Scan, device: torch.device,
+                      status: StatusFn | None = None) -> sitk.Image:
+    """The adapted backbone's probability of the structure on the input grid: sliding-window
+    logits (MONAI) on the canonical grid, their sigmoid resampled trilinearly (SimpleITK) onto
+    exactly the input grid (float32 image). ``status("inference", ...)`` after each window."""
+    tuning.model.to(device)
+    tuning.merge()
+    windows = (lambda done, total: status("inference", "windows", done, total)) if status else None
+    try:
+        logits = sliding_window_logits(tuning.model, scan.x, spec.preprocessing.roi_size, device,
+                                       progress=windows)
+    finally:
+        tuning.unmerge()
+    return to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)
+
+
 def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int = 1,
             annotation: Annotation | None = None, status: StatusFn | None = None,
             classes: sitk.Image | None = None, expected: list[int] | None = None) -> Objects:
@@ -184,21 +200,12 @@ def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int =
         :class:`~arenaseg.postprocessing.Objects`: ``image`` is a labelmap on exactly the input
         grid, ``label`` inside the structure; with the count and volume (mL) kept and removed.
     """
-    tuning.model.to(device)
-    tuning.merge()
-    windows = (lambda done, total: status("inference", "windows", done, total)) if status else None
-    try:
-        logits = sliding_window_logits(tuning.model, scan.x, spec.preprocessing.roi_size, device,
-                                       progress=windows)
-    finally:
-        tuning.unmerge()
-    probability = to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)
-    del logits
+    probability = input_probability(tuning, spec, scan, device, status)
     if annotation is None:
         mask, core = threshold(probability, outside=scan.outside)
         del probability
         return select_objects(mask, core, label, classes=classes, expected=expected)
-    mask, core = threshold(probability, annotation.known, annotation.target, scan.outside)
+    mask, core = threshold(probability, annotation, scan.outside)
     del probability
     return select_objects(mask, core, label, annotation.target)
 
@@ -259,7 +266,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         tuning = prepare(model, spec, settings, structure)
     zero_shot_dice = None
     if zero_shot and spec.pretrained_channel(structure) is not None and not warm:
-        seg = array_ijk(predict(tuning, spec, scan, dev).image) > 0
+        seg = array_ijk(input_probability(tuning, spec, scan, dev) > 0.5) > 0
         zero_shot_dice = dice(seg, annotation.target, annotation.known)
     points, targets = annotation.points()
     coords = input_index_to_canonical(points, scan.image, scan.affine)

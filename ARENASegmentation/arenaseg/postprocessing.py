@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .annotations import Annotation
+
 CORE_PROBABILITY = 0.9
 CORE_ML = 1.0
 #: A backbone class belongs to the painted structure's profile above this share of its voxels.
@@ -78,29 +80,32 @@ def profile(classes: sitk.Image, names: tuple[str, ...], where: np.ndarray) -> d
             if shares[i] >= PROFILE_SHARE}
 
 
-def threshold(probability: sitk.Image, known: np.ndarray | None = None,
-              target: np.ndarray | None = None,
+def threshold(probability: sitk.Image, paint: Annotation | None = None,
               outside: np.ndarray | None = None) -> tuple[sitk.Image, sitk.Image | None]:
     """Threshold the probability on the input grid: ``(mask, core)``.
 
     Args:
         probability: float image of the structure's probability, on the input grid.
-        known: boolean ``(I, J, K)``: voxels whose answer the user painted, or None. There the
-            paint (``target``, boolean ``(I, J, K)``) replaces the prediction (adapt).
+        paint: the painted slices (adapt), or None: where the user gave the answer (the painted
+            slices, and background voxels), it replaces the prediction.
         outside: boolean ``(I, J, K)``: voxels with no image (NaN/inf in the CT), never predicted.
 
     Returns:
         uint8 images: ``mask`` (probability > 0.5, with the paint and ``outside`` applied) and,
-        without ``known``, ``core`` (probability ≥ :data:`CORE_PROBABILITY`), else None.
+        without ``paint``, ``core`` (probability ≥ :data:`CORE_PROBABILITY`), else None.
     """
-    core = probability >= CORE_PROBABILITY if known is None else None
-    if known is None and outside is None:
+    core = probability >= CORE_PROBABILITY if paint is None else None
+    if paint is None and outside is None:
         return probability > 0.5, core
     values = sitk.GetArrayFromImage(probability > 0.5)
     if outside is not None:
         values[_zyx(outside)] = 0
-    if known is not None:
-        values[_zyx(known)] = _zyx(target)[_zyx(known)]
+    if paint is not None:  # slice by slice: no full-size "known" array
+        if paint.background is not None:
+            values[_zyx(paint.background)] = 0
+        index = [slice(None)] * 3
+        index[2 - paint.axis] = list(paint.slices)
+        values[tuple(index)] = _zyx(paint.target)[tuple(index)]
     return _image(values, probability), core
 
 
@@ -160,6 +165,6 @@ def _any_of(image: sitk.Image, values, inside: int = 1) -> sitk.Image:
 
 
 def _image(values_zyx: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(values_zyx.astype(np.uint8) if values_zyx.dtype == bool else values_zyx)
+    image = sitk.GetImageFromArray(values_zyx.view(np.uint8) if values_zyx.dtype == bool else values_zyx)
     image.CopyInformation(reference)
     return image
