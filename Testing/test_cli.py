@@ -242,3 +242,11 @@ def test_output_paths_get_the_right_fix(capsys, small_liver, tmp_path):
                    "write the extension in lower case, 'S5.nii.gz'")
     assert_refused(capsys, common + ["--out", str(tmp_path / "results")], "is a folder",
                    str(tmp_path / "results" / "result.nii"))
+
+
+def test_each_wrong_value_gets_one_reason(capsys, small_liver, tmp_path):
+    common = ["adapt", "--image", str(ABDOMEN_SMALL / "ct.nii.gz"), "--annotations",
+              str(small_liver[0]), "--out", str(tmp_path / "s.nii.gz")]
+    err = assert_refused(capsys, common + ["--label", "5", "--lr", "nan"], "--lr nan must be a finite number")
+    assert "> 0" not in err
+    assert_refused(capsys, common + ["--label", "1.5"], "--label 1.5 is not a whole number")

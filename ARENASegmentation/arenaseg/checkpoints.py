@@ -55,14 +55,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "GLOBAL" not in str(err) and "global" not in str(err):  # not a refused object: garbage
-            raise ArenaError(f"checkpoint '{path}' is not a PyTorch file (or is truncated): "
-                             "download it again") from None
+            raise ArenaError(f"checkpoint '{path}' is not a PyTorch file (or is truncated): give "
+                             "this backbone's checkpoint (.pt, .pth or .safetensors), or download "
+                             "it again") from None
         raise ArenaError(f"checkpoint '{path}' holds more than tensors (pickled code or objects); "
                          "arenaseg never runs code from a checkpoint: re-save its state dict with "
                          "torch.save(model.state_dict(), ...) or as .safetensors") from None
     except Exception:  # torch.load fails on garbage in many ways (KeyError, EOFError, …)
-        raise ArenaError(f"checkpoint '{path}' is not a PyTorch file (or is truncated): "
-                         "download it again") from None
+        raise ArenaError(f"checkpoint '{path}' is not a PyTorch file (or is truncated): give "
+                         "this backbone's checkpoint (.pt, .pth or .safetensors), or download it "
+                         "again") from None
     state = obj
     if isinstance(obj, dict):
         for key in CONTAINER_KEYS:

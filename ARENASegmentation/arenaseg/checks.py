@@ -70,7 +70,8 @@ def describe(image: sitk.Image, path) -> str:
     stats.Execute(image)
     return (f"read {Path(path).name}: {series}{'×'.join(map(str, image.GetSize()))} voxels, "
             f"spacing {_mm(image.GetSpacing())} mm, orientation {orientation_code(image)}, "
-            f"values {stats.GetMinimum():g} to {stats.GetMaximum():g}")
+            + (f"values {stats.GetMinimum():g} to {stats.GetMaximum():g}"
+               if stats.GetMinimum() <= stats.GetMaximum() else "no finite value"))
 
 
 # --- any image file ----------------------------------------------------------------------------

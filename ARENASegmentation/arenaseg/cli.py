@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arenaseg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("arenaseg: interrupted; no output was written", file=sys.stderr)
+        print("\narenaseg: interrupted; no output was written", file=sys.stderr)  # after a bar
         return 130
     return 0
 

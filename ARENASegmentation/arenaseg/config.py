@@ -132,7 +132,8 @@ class AdaptSettings(LoopSettings, AdapterSettings):
             ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr is None or self.lr > 0, "> 0"),
             ("rho", self.rho, self.rho >= 0, ">= 0"), ("seed", self.seed, self.seed >= 0, ">= 0"),
             ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
-            ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1")) if not ok]
+            ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1"))
+            if not ok and not (isinstance(value, float) and not math.isfinite(value))]  # said below
         problems += [f"--{name} {value} must be a finite number" for name, value in
                      (("lambda", self.lam), ("lr", self.lr), ("rho", self.rho))
                      if value is not None and not math.isfinite(value)]

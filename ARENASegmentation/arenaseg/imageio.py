@@ -232,6 +232,9 @@ def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annota
     path = Path(path)
     text = str(label).strip()
     number = int(text) if text.lstrip("+-").isdigit() else None
+    if number is None and text.replace(".", "", 1).lstrip("+-").isdigit():
+        raise ArenaError(f"--label {text} is not a whole number: give the label value the "
+                         "structure is painted with (e.g. 1), or a segment name")
     if not path.exists():
         if number is not None:  # reading the file reports it, after the image
             return number, 0
