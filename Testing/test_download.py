@@ -77,7 +77,11 @@ def test_fetch_resumes_a_partial_download_with_progress(server, tmp_path, capsys
     dest.parent.mkdir()
     part = dest.with_name("w.bin.part")
     part.write_bytes(PAYLOAD[:300_000])
-    assert fetch(server.url + "/w.bin", dest, sha256=SHA, size=len(PAYLOAD)) == dest
+    seen = []  # what a GUI is told: bytes so far of the total
+    assert fetch(server.url + "/w.bin", dest, sha256=SHA, size=len(PAYLOAD),
+                 progress=lambda done, total: seen.append((done, total))) == dest
+    assert seen[0][0] > 300_000 and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert dest.read_bytes() == PAYLOAD and not part.exists()
     assert server.ranges == ["bytes=300000-"] and server.sent == len(PAYLOAD) - 300_000
     err = capsys.readouterr().err

@@ -15,6 +15,7 @@ import inspect
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def state_checksum(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _locate_weights(spec: BackboneSpec, download: bool, progress: bool) -> Path:
+def _locate_weights(spec: BackboneSpec, download: bool, progress) -> Path:
     from .download import fetch, verify
 
     src = spec.source
@@ -65,7 +66,7 @@ def _locate_weights(spec: BackboneSpec, download: bool, progress: bool) -> Path:
 
 def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
                   weights: str | os.PathLike | None = None, *, use_checkpoint: bool = False,
-                  download: bool = True, progress: bool = True,
+                  download: bool = True, progress: bool | Callable[[int, int | None], None] = True,
                   **build_overrides) -> tuple[nn.Module, BackboneSpec]:
     """Build a backbone and load its pretrained weights, frozen and in eval mode.
 
@@ -89,7 +90,8 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
             backbone's source; nothing is downloaded then.
         use_checkpoint: gradient checkpointing (SwinUNETR backbones: ``spec.checkpointing``).
         download: allow downloading a missing public checkpoint (False: only the cache).
-        progress: show the download progress bar.
+        progress: show the download progress bar; a callable also gets (bytes done, total)
+            after each chunk (:func:`arenaseg.download.fetch`).
         build_overrides: constructor overrides (e.g. ``feature_size=12``).
 
     Raises:

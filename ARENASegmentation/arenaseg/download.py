@@ -19,6 +19,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from .errors import ArenaError
 
@@ -86,7 +87,8 @@ def verify(path: Path, sha256: str | None = None, md5: str | None = None,
 
 def fetch(urls: str | tuple[str, ...] | list[str], dest: str | os.PathLike, *,
           sha256: str | None = None, md5: str | None = None, size: int | None = None,
-          progress: bool = True, timeout: float = 60.0) -> Path:
+          progress: bool | Callable[[int, int | None], None] = True,
+          timeout: float = 60.0) -> Path:
     """Make sure ``dest`` holds the file published at ``urls`` (tried in order) and return it.
 
     An existing ``dest`` is verified and returned without network access. Otherwise the file is
@@ -100,6 +102,8 @@ def fetch(urls: str | tuple[str, ...] | list[str], dest: str | os.PathLike, *,
         dest: final path, normally under :func:`cache_dir`.
         sha256, md5: published hashes (hex), or None when unknown.
         size: published size in bytes, or None.
+        progress: show the bar; a callable is also called after each chunk with the bytes
+            downloaded so far and the total (None when unknown), e.g. to report to a GUI.
 
     Raises:
         ArenaError: unreachable server or HTTP error (the message names the URL and ``dest``,
@@ -139,7 +143,7 @@ def fetch(urls: str | tuple[str, ...] | list[str], dest: str | os.PathLike, *,
     return dest
 
 
-def _download(url: str, part: Path, size: int | None, progress: bool, timeout: float) -> None:
+def _download(url: str, part: Path, size: int | None, progress, timeout: float) -> None:
     """Append the rest of ``url`` to ``part`` (resuming with a Range request when possible)."""
     from tqdm import tqdm
 
@@ -170,6 +174,8 @@ def _download(url: str, part: Path, size: int | None, progress: bool, timeout: f
             for chunk in iter(lambda: response.read(CHUNK), b""):
                 out.write(chunk)
                 bar.update(len(chunk))
+                if callable(progress):
+                    progress(bar.n, total)
     if length is not None and part.stat().st_size != total:
         raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
 
