@@ -374,8 +374,8 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for line in self.logic.log[self._shownEvents:]:
             self.ui.logTextEdit.appendPlainText(line)
         self._shownEvents = len(self.logic.log)
-        if running and self.logic.lastProgress is None and self.logic.lastPhase:
-            self.ui.statusLabel.text = self.logic.lastPhase.get("message", "")
+        if running and self.logic.lastPhase:
+            self.ui.statusLabel.text = panel.phaseText(self.logic.lastPhase)
             slicer.util.showStatusMessage("ARENA: " + self.ui.statusLabel.text, 2000)
         if not running:
             self._pollTimer.stop()
@@ -734,7 +734,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         for event in job["worker"].events():
             kind = event.get("event")
             if kind == "progress":
-                self.lastProgress = event
+                self.lastProgress, self.lastPhase = event, None  # the newer of the two is shown
                 self.history.append((event["step"], event["loss"], event["total_rank"]))
                 self.log.append(f"step {event['step']}/{event['steps']}: loss {event['loss']:.4f}, "
                                 f"effective rank {event['total_rank']}")
@@ -749,7 +749,8 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                 self.log.append(f"started on {self.device}")
             elif kind == "phase":
                 self.lastPhase = event
-                self.log.append(event.get("message") or event.get("phase", ""))
+                if event.get("done") is None or event.get("done") == event.get("total"):
+                    self.log.append(panel.phaseText(event))  # a long phase: its end only
             elif kind == "warning":  # a doubtful input: shown in the log and Slicer's log
                 logging.warning(f"ARENA: {event.get('message')}")
                 self.log.append("warning: " + str(event.get("message")))

@@ -183,3 +183,11 @@ sys.stdout.buffer.write(worker.logTail().encode("utf-8"))
     done = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], capture_output=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert done.stdout.decode("utf-8") == "Größe 5 µm: écart"
+
+
+def test_phase_text_shows_a_download_and_the_inference_windows():
+    assert panel.phaseText({"phase": "reading", "message": "reading ct.nii.gz"}) == "reading ct.nii.gz"
+    download = {"phase": "downloading", "message": "downloading fseft.pth", "done": 3 * 2**20,
+                "total": 12 * 2**20}
+    assert panel.phaseText(download) == "downloading fseft.pth: 3.0 of 12.0 MB (25 %)"
+    assert panel.phaseText({"phase": "inference", "message": "windows", "done": 3, "total": 8}) == "windows 3/8"

@@ -52,6 +52,18 @@ def progressText(event: dict, elapsed: float, device: str = "") -> str:
     return text
 
 
+def phaseText(event: dict) -> str:
+    """Status line for a ``phase`` event; a long phase adds its progress: a download in MB and
+    per cent, the inference windows as a count."""
+    text = event.get("message") or event.get("phase", "")
+    done, total = event.get("done"), event.get("total")
+    if done is None or not total:
+        return text
+    if event.get("phase") == "downloading":
+        return f"{text}: {done / 2**20:.1f} of {total / 2**20:.1f} MB ({100 * done / total:.0f} %)"
+    return f"{text} {done}/{total}"
+
+
 def deviceNotice(requested: str, device: str) -> str:
     """A sentence when the worker runs on the CPU although a GPU may have been wanted ("" else).
     The worker reports its device: the module never imports torch in Slicer's process."""
