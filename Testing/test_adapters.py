@@ -127,3 +127,11 @@ def test_swinunetr_qkv_adapters_small_crop():
     assert model(x).shape == (1, 3, 64, 64, 64)
     assert spec.preprocessing.spacing_mm == (1.5, 1.5, 1.5)
     assert get_spec("swinunetr").head == "out.conv.conv"
+
+
+def test_pruning_keeps_the_allocated_rank_on_record():
+    layer = ArenaLayer(torch.nn.Conv3d(4, 6, 3, padding=1), rank=8)
+    with torch.no_grad():
+        layer.v[[1, 4, 6]] = 0
+    layer.prune()
+    assert (layer.rank, layer.effective_rank, layer.allocated) == (5, 5, 8)

@@ -66,11 +66,12 @@ class ArenaLayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.v = nn.Parameter(torch.full((rank,), float(v0), device=base.weight.device))
+        self.allocated = rank  # r0: what :meth:`prune` leaves unchanged
         self._w0: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
-        """Initial (allocated) rank r0."""
+        """Number of components held: r0 until :meth:`prune`, then the effective rank."""
         return self.v.numel()
 
     @property

@@ -488,7 +488,7 @@ class Arena(Method):
         return effective_ranks(self.layers)
 
     def initial_ranks(self) -> dict[str, int]:
-        return {n: layer.rank for n, layer in self.layers.items()}
+        return {n: layer.allocated for n, layer in self.layers.items()}
 
     def active_parameters(self) -> int:
         """Trained values minus the switched-off components."""
