@@ -76,6 +76,17 @@ def test_clients_take_names_and_job_fields_from_the_config(path):
     assert not found, "\n".join(found)
 
 
+def test_method_and_backbone_names_are_written_once_in_the_engine():
+    """The names live in config (methods) and the registry (backbone ids); every other engine
+    file refers to them."""
+    engine = MODULE_DIR / "arenaseg"
+    for path in sorted(engine.glob("*.py")):
+        if path.name in ("config.py", "registry.py"):
+            continue
+        found = [f"{path.name}:{line}: {what}" for line, what in _literals(path)]
+        assert not found, "\n".join(found)
+
+
 def test_settings_split_into_adapter_and_loop_parts():
     s = AdaptSettings(method="lora", rank=4, steps=20, seed=3)
     assert s.adapter == config.AdapterSettings(method="lora", rank=4)
@@ -99,10 +110,21 @@ def test_jobs_round_trip_through_json():
         text = job.to_json()
         assert json.loads(text)["command"] == job.command
         assert job_from_dict(json.loads(text)) == job
-    minimal = job_from_dict({"command": "adapt", "image": "i", "annotations": "a", "label": 3.0,
+    minimal = job_from_dict({"command": "adapt", "image": "i", "annotations": "a", "label": 3,
                              "out": "o"})
     assert minimal.label == 3 and minimal.settings == AdaptSettings()
     assert minimal.backbone == config.DEFAULT_BACKBONE
+
+
+def test_job_fields_are_the_pipeline_arguments():
+    """A job runs as ``adapt(**job.arguments())`` / ``segment(**job.arguments())``."""
+    import inspect
+
+    from arenaseg import pipeline
+
+    for job, function in ((AdaptJob(image="i", out="o"), pipeline.adapt),
+                          (SegmentJob(image="i", out="o"), pipeline.segment)):
+        assert set(job.arguments()) <= set(inspect.signature(function).parameters)
 
 
 @pytest.mark.parametrize("job, message", [

@@ -95,7 +95,7 @@ def print_ranks(ranks: dict[str, int], initial: dict[str, int] | int) -> None:
 
 
 def _settings(args):
-    from .training import AdaptSettings
+    from .config import AdaptSettings
 
     given = {"method": args.method, "rank": args.rank, "lam": args.lam, "lr": args.lr,
              "rho": args.rho, "steps": args.steps, "seed": args.seed,
@@ -105,16 +105,25 @@ def _settings(args):
     return AdaptSettings(**{k: v for k, v in given.items() if v is not None})
 
 
+def _job(args):
+    """The job the options describe (:mod:`arenaseg.config`; the options bear its field names)."""
+    from dataclasses import fields
+
+    from .config import JOBS, job_from_dict
+
+    names = {f.name for f in fields(JOBS[args.command])} - {"settings"}
+    given = {name: value for name, value in vars(args).items() if name in names}
+    if args.command == "adapt":
+        given["settings"] = _settings(args)
+    return job_from_dict({"command": args.command, **given})
+
+
 def cmd_adapt(args) -> None:
     from .pipeline import adapt
 
-    settings = _settings(args)
-    result = adapt(args.image, args.annotations, args.label, args.out, args.adapter_out,
-                   settings=settings, backbone=args.backbone, slice_axis=args.slice_axis,
-                   structure=args.structure, device=args.device, warm_start=args.warm_start,
-                   background_label=args.background_label, weights=args.weights,
-                   progress=_progress_bar(settings.steps), status=PhaseLines(),
-                   series=args.series)
+    job = _job(args)
+    settings = job.settings
+    result = adapt(**job.arguments(), progress=_progress_bar(settings.steps), status=PhaseLines())
     print(f"learned from {len(result.painted_slices)} painted slices across voxel axis "
           f"{'ijk'[result.slice_axis]}: {', '.join(map(str, result.painted_slices))}")
     print(f"result: {_objects(result.objects, result.volume_ml)} connected to the paint; removed "
@@ -136,8 +145,7 @@ def cmd_adapt(args) -> None:
 def cmd_segment(args) -> None:
     from .pipeline import segment
 
-    result = segment(args.image, args.adapter, args.out, device=args.device, weights=args.weights,
-                     status=PhaseLines(), series=args.series)
+    result = segment(**_job(args).arguments(), status=PhaseLines())
     if result["objects"] == 0:
         print(f"no confident object: the structure seems absent from {args.image}; the "
               f"segmentation is empty (removed {_objects(result['removed_objects'], result['removed_ml'])} "
@@ -187,9 +195,9 @@ def cmd_demo(args) -> None:
 
 
 def _add_adapt_options(p) -> None:
-    from .methods import METHODS
+    from .config import DEFAULT_METHOD, METHODS
 
-    p.add_argument("--method", choices=METHODS, default="arena",
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help="arena: rank found by the l1 gate (default); baselines: lora (fixed "
                         "rank, PEFT), adalora (PEFT), linear-probe (head), bitfit (biases), "
                         "affine-ln (norm scale/shift), full (all weights), zero-shot (the "
@@ -208,6 +216,14 @@ def _add_adapt_options(p) -> None:
     p.add_argument("--checkpointing", action="store_true",
                    help="gradient checkpointing in the backbone (SwinUNETR): less GPU memory")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def _add_image_options(p) -> None:
+    """--image and --series, as adapt and segment read a scan."""
+    p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
+    p.add_argument("--series", metavar="UID",
+                   help="SeriesInstanceUID to read when --image is a DICOM folder holding several "
+                        "series (listed when needed)")
 
 
 def _label(text: str) -> int | str:
@@ -231,6 +247,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_BACKBONE
+
     parser = _Parser(prog="arenaseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -249,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("adapt", help="adapt to a structure painted on a few slices, segment it in 3D")
-    p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
-    p.add_argument("--series", metavar="UID",
-                   help="SeriesInstanceUID to read when --image is a DICOM folder holding several "
-                        "series (listed when needed)")
+    _add_image_options(p)
     p.add_argument("--annotations", required=True,
                    help="labelmap with a few painted slices (any grid overlapping the image)")
     p.add_argument("--label", type=_label, required=True,
@@ -265,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background-label", type=int,
                    help="label value of voxels known not to be the structure (any slice)")
     p.add_argument("--warm-start", help="continue from this adapter file")
-    p.add_argument("--backbone", default="arena-small-ct-unet",
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help="pretrained backbone: a registry id (see README, Backbones; public "
                         "checkpoints are downloaded once into the cache) or a checkpoint file")
     p.add_argument("--weights", help="local checkpoint file of --backbone (no download)")
@@ -273,10 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("segment", help="segment a scan with a saved adapter")
-    p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
-    p.add_argument("--series", metavar="UID",
-                   help="SeriesInstanceUID to read when --image is a DICOM folder holding several "
-                        "series (listed when needed)")
+    _add_image_options(p)
     p.add_argument("--adapter", required=True, help="adapter file written by 'arenaseg adapt'")
     p.add_argument("--weights", help="local checkpoint file of the adapter's backbone (no download)")
     p.add_argument("--out", required=True, help="segmentation to write (.nii.gz, .nrrd, .mha)")

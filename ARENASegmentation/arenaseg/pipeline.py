@@ -22,11 +22,12 @@ from .checks import (backbone_preprocessing, check_extent, check_intensities, ch
 from .imageio import array_ijk, image_like, read_image, read_labels_on, resolve_label, write_image
 from .inference import pick_device, sliding_window_logits
 from .outputs import Outputs, check_writable
-from .methods import Tuning, prepare
+from .methods import Method, prepare
 from .postprocessing import Objects, select_objects, threshold
 from .postprocessing import profile as read_profile
-from .preprocessing import canonical_axis, input_index_to_canonical, to_canonical, to_input_grid
-from .training import AdaptSettings, ProgressFn, train
+from .preprocessing import Scan  # noqa: F401 (the geometry object; public here too)
+from .config import AdaptSettings
+from .training import ProgressFn, train
 
 StatusFn = Callable[..., None]
 """``status(phase, message, done=None, total=None)``: called as each phase starts, ``phase``
@@ -110,30 +111,6 @@ def check_output(path, suffixes, what: str, inputs: dict | None = None,
     return check_writable(path, what, option)
 
 
-@dataclass
-class Scan:
-    """A CT on its own grid and on the backbone's canonical grid.
-
-    Attributes:
-        image: the input CT (HU) with its world geometry.
-        x: canonical CT ``(1, X, Y, Z)`` in [0, 1] (:func:`~arenaseg.preprocessing.to_canonical`).
-        affine: 4×4 RAS affine of the canonical grid (mm).
-        outside: boolean ``(I, J, K)`` array of the input's NaN/inf voxels, or None: outside
-            the scan, filled with air for the network and never predicted
-            (:func:`~arenaseg.checks.fill_outside`).
-    """
-
-    image: sitk.Image
-    x: torch.Tensor
-    affine: np.ndarray
-    outside: np.ndarray | None = None
-
-    @classmethod
-    def from_image(cls, image: sitk.Image, spec) -> "Scan":
-        image, outside = fill_outside(image)
-        return cls(image, *to_canonical(image, spec.preprocessing), outside)
-
-
 def recognise(model: torch.nn.Module, spec, scan: Scan, device: torch.device):
     """The frozen backbone's own reading of every voxel, before any adaptation.
 
@@ -154,10 +131,10 @@ def recognise(model: torch.nn.Module, spec, scan: Scan, device: torch.device):
         index, names = torch.where(top.values > 0, top.indices + 1, 0), ("background", *spec.classes)
     else:
         index, names = logits.argmax(0), spec.classes
-    return to_input_grid(index.numpy().astype(np.uint8), scan.affine, scan.image, linear=False), names
+    return scan.to_input_grid(index.numpy().astype(np.uint8), linear=False), names
 
 
-def input_probability(tuning: Tuning, spec, scan: Scan, device: torch.device,
+def input_probability(tuning: Method, spec, scan: Scan, device: torch.device,
                       status: StatusFn | None = None) -> sitk.Image:
     """The adapted backbone's probability of the structure on the input grid: sliding-window
     logits (MONAI) on the canonical grid, their sigmoid resampled trilinearly (SimpleITK) onto
@@ -170,10 +147,10 @@ def input_probability(tuning: Tuning, spec, scan: Scan, device: torch.device,
                                        progress=windows)
     finally:
         tuning.unmerge()
-    return to_input_grid(torch.sigmoid(logits[0]).numpy(), scan.affine, scan.image)
+    return scan.to_input_grid(torch.sigmoid(logits[0]).numpy())
 
 
-def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int = 1,
+def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int = 1,
             annotation: Annotation | None = None, status: StatusFn | None = None,
             classes: sitk.Image | None = None, expected: list[int] | None = None) -> Objects:
     """Segment ``scan`` with the adapted backbone.
@@ -199,6 +176,17 @@ def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int =
     Returns:
         :class:`~arenaseg.postprocessing.Objects`: ``image`` is a labelmap on exactly the input
         grid, ``label`` inside the structure; with the count and volume (mL) kept and removed.
+
+    Raises:
+        RuntimeError: out of memory on ``device`` (PyTorch's error; the adapters are unmerged
+            again first).
+
+    Examples:
+        >>> result = fit(ct, annotation, AdaptSettings(steps=20), structure="liver")  # doctest: +SKIP
+        >>> objects = predict(result.tuning, result.spec, result.scan, torch.device("cpu"),
+        ...                   label=5, annotation=annotation)                      # doctest: +SKIP
+        >>> objects.image.GetSize() == ct.GetSize(), objects.kept                   # doctest: +SKIP
+        (True, 1)
     """
     probability = input_probability(tuning, spec, scan, device, status)
     if annotation is None:
@@ -214,7 +202,7 @@ def predict(tuning: Tuning, spec, scan: Scan, device: torch.device, label: int =
 class Fit:
     """An adapted backbone and how it was trained."""
 
-    tuning: Tuning
+    tuning: Method
     spec: object
     scan: Scan
     log: object
@@ -231,9 +219,18 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         status: StatusFn | None = None) -> Fit:
     """Adapt a backbone to ``annotation`` (painted slices on ``scan``'s input grid), in memory.
 
+    The painted voxels are mapped into the canonical grid (:meth:`Scan.points_to_canonical`),
+    ordered by canonical position, and the method's parameters are trained on crops that are
+    ``settings.slab`` voxels thin across the painted slices (:func:`arenaseg.training.train`).
+
     Args:
-        scan: a :class:`Scan` (or an image, brought to the canonical grid here).
-        backbone: registry id (:data:`arenaseg.backbones.REGISTRY`) or a checkpoint path.
+        scan: a :class:`Scan` (or an image in HU, brought to the canonical grid here).
+        annotation: the painted slices on the input grid (:func:`~arenaseg.annotations.find_annotation`):
+            boolean ``(I, J, K)`` arrays of known and structure voxels, and the slice axis.
+        settings: :class:`~arenaseg.config.AdaptSettings` (method, rank, λ, steps, seed, …).
+        backbone: registry id (:data:`arenaseg.registry.REGISTRY`) or a checkpoint path.
+        structure: a class name the backbone knows starts the head from its pretrained row.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (:func:`~arenaseg.inference.pick_device`).
         warm: ``(tensors, metadata)`` of an adapter to continue from (its method and ranks).
         weights: local checkpoint file of ``backbone`` (instead of the embedded, cached or
             downloaded one).
@@ -242,9 +239,29 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         profile: also record how the frozen backbone reads the painted structure
             (:func:`~arenaseg.postprocessing.profile`; one more sliding-window pass), which
             ``segment`` uses to tell the structure from look-alikes.
+        progress: called after each step with (step, loss, per-layer ranks).
+        should_stop: polled every step; True raises :class:`~arenaseg.training.Cancelled`.
+        status: ``status(phase, message)`` as each phase starts.
+
+    Returns:
+        :class:`Fit`: the prepared method (``tuning``, trained, adapters not merged), the spec,
+        the scan, the training log (loss and total rank per step, final ranks, seconds), the
+        backbone's weights checksum, the zero-shot Dice and the profile.
 
     Raises:
-        ArenaError: see :func:`arenaseg.methods.prepare`.
+        ArenaError: see :func:`arenaseg.methods.prepare` and
+            :func:`arenaseg.backbones.load_backbone`; a non-finite loss.
+
+    Examples:
+        >>> import SimpleITK as sitk
+        >>> from arenaseg.annotations import find_annotation, paint_slices
+        >>> from arenaseg.imageio import array_ijk, read_labels_on
+        >>> ct = sitk.ReadImage("ct.nii.gz")                                         # doctest: +SKIP
+        >>> labels = array_ijk(read_labels_on(ct, "labels.nii.gz", "labels"))  # doctest: +SKIP
+        >>> annotation = find_annotation(paint_slices(labels, 5, 3, axis=2), 5, axis=2)  # doctest: +SKIP
+        >>> result = fit(ct, annotation, AdaptSettings(steps=20), structure="liver")  # doctest: +SKIP
+        >>> sum(result.log.ranks.values()) <= 9 * 8                                  # doctest: +SKIP
+        True
     """
     status = status or _quiet
     dev = pick_device(device)
@@ -269,15 +286,14 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         seg = array_ijk(input_probability(tuning, spec, scan, dev) > 0.5) > 0
         zero_shot_dice = dice(seg, annotation.target, annotation.known)
     points, targets = annotation.points()
-    coords = input_index_to_canonical(points, scan.image, scan.affine)
-    coords = np.clip(coords, 0, np.asarray(scan.x.shape[1:]) - 1)
+    coords = scan.points_to_canonical(points)
     # The seeded crop sampling picks points by index: order them by canonical position (rounded
     # past float noise), not by the input's storage order, so an LPS NRRD, a RAS NIfTI and a
     # flipped copy of the same scan train identically.
     order = np.lexsort(np.round(coords, 3).T[::-1])
     coords, targets = coords[order], targets[order]
     crop = list(spec.preprocessing.roi_size)
-    across = canonical_axis(scan.image, annotation.axis, scan.affine)
+    across = scan.canonical_axis(annotation.axis)
     crop[across] = min(crop[across], settings.slab)
     status("training", f"training {settings.steps} steps ({tuning.method})")
     log = train(tuning, scan.x, coords, targets, crop, settings, dev,
@@ -320,8 +336,20 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         series: SeriesInstanceUID to read when ``image`` is a DICOM folder with several series
             (default: the one the annotations lie on).
 
+    Returns:
+        :class:`AdaptResult`: output paths, method, per-layer ranks, parameter counts, loss and
+        total rank per step, seconds, device, the painted slices, the objects kept and removed
+        (count, mL) and the backbone's reading of the structure.
+
     Raises:
         ArenaError: for every input problem (see :mod:`arenaseg.errors`), before writing anything.
+        Cancelled: ``should_stop`` returned True; nothing is written.
+
+    Examples:
+        >>> result = adapt("ct.nii.gz", "painted.nrrd", 5, "liver.nii.gz", "liver.safetensors",
+        ...                settings=AdaptSettings(steps=60), structure="liver")   # doctest: +SKIP
+        >>> result.effective_rank, result.objects                                 # doctest: +SKIP
+        (31, 1)
     """
     settings = settings or AdaptSettings()
     segment, label = label, resolve_label(annotations, label)[0]  # a name keeps its own layer
@@ -397,6 +425,13 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
     """Segment ``image`` with a saved adapter (e.g. on a new patient).
 
     Args:
+        image: CT file or DICOM folder (HU), any grid and orientation.
+        adapter: adapter file written by :func:`adapt` (``.safetensors``).
+        out: segmentation to write: the adapter's label value inside the structure, exactly on
+            ``image``'s grid.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        weights: local checkpoint file of the adapter's backbone (no download).
+        status: ``status(phase, message)`` as each phase starts.
         series: SeriesInstanceUID to read when ``image`` is a DICOM folder with several series.
 
     Returns:
@@ -410,6 +445,11 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
         ArenaError: unreadable image, several DICOM series and no ``series``, geometry or
             intensities that are not a CT on a regular grid (:mod:`arenaseg.checks`), corrupt
             adapter, adapter made for another backbone.
+
+    Examples:
+        >>> summary = segment("next_patient/", "liver.safetensors", "next.nii.gz")  # doctest: +SKIP
+        >>> summary["structure"], summary["objects"]                              # doctest: +SKIP
+        ('liver', 1)
     """
     status = status or _quiet
     out = check_output(out, IMAGE_SUFFIXES, "output segmentation", {"image": image})

@@ -1,4 +1,8 @@
-"""Bring a CT onto a backbone's canonical grid (MONAI) and predictions back onto its own grid.
+"""Geometry: a CT on its own grid and on a backbone's canonical grid, both ways (:class:`Scan`).
+
+A :class:`Scan` holds the input image, the canonical tensor and its affine, and maps painted
+voxels into the canonical grid and predictions back onto the input grid; the data path reads
+image → :class:`Scan` → fit → predict → image. The functions below are its parts.
 
 The forward path uses MONAI ``Orientation``, ``Spacing`` and the backbone's intensity scaling
 (:func:`intensity_transform`: ``ScaleIntensityRange`` of an HU window for most); the way
@@ -8,6 +12,8 @@ exact size, spacing, origin and direction, whatever its orientation (LPS, RAS, o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -15,6 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
 from .registry import Preprocessing
+from .checks import fill_outside
 from .imageio import array_ijk, image_from_ras_affine, ras_affine, resample_to
 
 # Axis labels of the RAS world MONAI's affines live in (set explicitly: MONAI 1.5+ warns).
@@ -97,3 +104,53 @@ def canonical_axis(image: sitk.Image, axis: int, canon_affine: np.ndarray) -> in
     painted slices' normal points after reorientation)."""
     direction = ras_affine(image)[:3, axis]
     return int(np.argmax(np.abs(np.linalg.solve(canon_affine[:3, :3], direction))))
+
+
+@dataclass
+class Scan:
+    """A CT on its own grid and on a backbone's canonical grid: the one object that maps
+    between them (TorchIO's ``Subject`` with its inverse transform, MONAI's ``Invertd``).
+
+    Attributes:
+        image: the input CT (HU) with its world geometry; NaN/inf voxels replaced by air.
+        x: canonical CT ``(1, X, Y, Z)``, float32, scaled for the backbone (:func:`to_canonical`).
+        affine: 4×4 RAS affine of the canonical grid (mm), numpy.
+        outside: boolean ``(I, J, K)`` array of the input's NaN/inf voxels, or None: outside
+            the scan, filled with air for the network and never predicted
+            (:func:`~arenaseg.checks.fill_outside`).
+
+    Examples:
+        >>> import SimpleITK as sitk
+        >>> from arenaseg.registry import get_spec
+        >>> ct = sitk.ReadImage("ct.nii.gz")                                   # doctest: +SKIP
+        >>> scan = Scan.from_image(ct, get_spec("arena-small-ct-unet"))      # doctest: +SKIP
+        >>> scan.x.shape, scan.to_input_grid(scan.x[0].numpy()).GetSize() == ct.GetSize()  # doctest: +SKIP
+        (torch.Size([1, 122, 101, 112]), True)
+    """
+
+    image: sitk.Image
+    x: torch.Tensor
+    affine: np.ndarray
+    outside: np.ndarray | None = None
+
+    @classmethod
+    def from_image(cls, image: sitk.Image, spec) -> "Scan":
+        """Bring ``image`` (HU) onto the canonical grid of ``spec`` (a
+        :class:`~arenaseg.registry.BackboneSpec`, or its :class:`Preprocessing`)."""
+        image, outside = fill_outside(image)
+        return cls(image, *to_canonical(image, getattr(spec, "preprocessing", spec)), outside)
+
+    def points_to_canonical(self, points_ijk: np.ndarray) -> np.ndarray:
+        """``(N, 3)`` voxel indices of the input image → continuous canonical voxel coordinates
+        ``(N, 3)``, clipped into the canonical volume (the painted voxels the loss sees)."""
+        coords = input_index_to_canonical(points_ijk, self.image, self.affine)
+        return np.clip(coords, 0, np.asarray(self.x.shape[1:]) - 1)
+
+    def canonical_axis(self, axis: int) -> int:
+        """The canonical voxel axis closest to voxel axis ``axis`` (0, 1, 2) of the input."""
+        return canonical_axis(self.image, axis, self.affine)
+
+    def to_input_grid(self, values: np.ndarray, linear: bool = True) -> sitk.Image:
+        """A canonical ``(X, Y, Z)`` map on exactly the input grid (:func:`to_input_grid`):
+        trilinear for a float map, nearest neighbour for a labelmap (``linear=False``)."""
+        return to_input_grid(values, self.affine, self.image, linear=linear)

@@ -1,11 +1,13 @@
 """Background worker for GUI clients: ``python -m arenaseg.worker JOB.json``.
 
-The job file is a JSON object: ``{"command": "adapt", "image": ..., "annotations": ...,
-"label": ..., "out": ..., "adapter_out": ..., "structure": ..., "slice_axis": ...,
-"warm_start": ..., "background_label": ..., "device": ..., "series": ..., "settings": {AdaptSettings fields}}`` or ``{"command":
-"segment", "image": ..., "adapter": ..., "out": ..., "device": ..., "series": ...}``. ``label``
-is a label value or, in a 3D Slicer ``.seg.nrrd``, a segment name; ``series`` (optional) is
-the SeriesInstanceUID to read when ``image`` is a DICOM folder holding several series.
+The job file is the JSON of an :class:`arenaseg.config.AdaptJob` or
+:class:`~arenaseg.config.SegmentJob` (``job.to_json()``): ``"command"`` (``"adapt"`` or
+``"segment"``) and the job's fields, which are the keyword arguments of
+:func:`arenaseg.pipeline.adapt` or :func:`~arenaseg.pipeline.segment` (an adapt job's
+``"settings"`` holds :class:`~arenaseg.config.AdaptSettings` fields), plus
+``"stop_on_stdin_eof"``. ``label`` is a label value or, in a 3D Slicer ``.seg.nrrd``, a segment
+name; ``series`` (optional) is the SeriesInstanceUID to read when ``image`` is a DICOM folder
+holding several series.
 
 The worker prints one JSON object per line on stdout, flushed at once:
 ``{"event": "started", ...}``, ``{"event": "phase", "phase", "message"}`` as each phase
@@ -28,9 +30,9 @@ import sys
 import threading
 import traceback
 
-from .config import job_from_dict
+from .config import AdaptJob, job_from_dict
 from .errors import ArenaError
-from .training import AdaptSettings, Cancelled
+from .training import Cancelled
 
 
 def emit(event: str, **fields) -> None:
@@ -82,34 +84,17 @@ def run_job(job: dict) -> dict:
                          "arenaseg/worker.py") from None
 
 
-def _label(value) -> int | str:
-    """A label value, or a segment name of a .seg.nrrd (resolved by the pipeline)."""
-    return value if isinstance(value, str) else int(value)
-
-
-def _run(job: dict) -> dict:
+def _run(fields: dict) -> dict:
     from .pipeline import adapt, segment
 
-    command = job.get("command")
-    if command == "adapt":
-        settings = AdaptSettings(**job.get("settings", {}))
-
+    job = job_from_dict(fields)  # arenaseg.config: the fields, their defaults and checks
+    if isinstance(job, AdaptJob):
         def progress(step, loss, ranks):
-            emit("progress", step=step, steps=settings.steps, loss=round(loss, 5),
+            emit("progress", step=step, steps=job.settings.steps, loss=round(loss, 5),
                  total_rank=sum(ranks.values()), ranks=ranks)
 
-        result = adapt(job["image"], job["annotations"], _label(job["label"]), job["out"],
-                       job.get("adapter_out"), settings=settings,
-                       backbone=job.get("backbone", "arena-small-ct-unet"),
-                       slice_axis=job.get("slice_axis"), structure=job.get("structure"),
-                       device=job.get("device", "auto"), warm_start=job.get("warm_start"),
-                       background_label=job.get("background_label"), weights=job.get("weights"),
-                       progress=progress, status=phase, series=job.get("series"))
-        return result.to_dict()
-    if command == "segment":
-        return segment(job["image"], job["adapter"], job["out"], device=job.get("device", "auto"),
-                       weights=job.get("weights"), status=phase, series=job.get("series"))
-    raise ArenaError(f"job command '{command}' is not 'adapt' or 'segment'")
+        return adapt(**job.arguments(), progress=progress, status=phase).to_dict()
+    return segment(**job.arguments(), status=phase)
 
 
 def main(argv: list[str] | None = None) -> int:
