@@ -11,28 +11,22 @@ from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .adapter_file import apply_adapter, read_adapter, save_adapter
 from .annotations import Annotation, dice, find_annotation
 from .backbones import DEFAULT_BACKBONE, load_backbone, state_checksum
 from .errors import ArenaError
 from .checks import (backbone_preprocessing, check_extent, check_intensities, check_paint,
-                     describe, fill_outside)
+                     describe)
 from .imageio import array_ijk, image_like, read_image, read_labels_on, resolve_label, write_image
-from .inference import pick_device, sliding_window_logits
+from .inference import StatusFn, input_probability, pick_device, predict, recognise
 from .outputs import Outputs, check_writable
 from .methods import Method, prepare
-from .postprocessing import Objects, select_objects, threshold
 from .postprocessing import profile as read_profile
 from .preprocessing import Scan  # noqa: F401 (the geometry object; public here too)
 from .config import AdaptSettings
 from .training import ProgressFn, train
 
-StatusFn = Callable[..., None]
-"""``status(phase, message, done=None, total=None)``: called as each phase starts, ``phase``
-one of :data:`PHASES`, and within a long phase with its progress (e.g. inference windows done
-of ``total``)."""
 PHASES = ("reading", "preprocessing", "training", "inference", "writing")
 
 
@@ -109,93 +103,6 @@ def check_output(path, suffixes, what: str, inputs: dict | None = None,
     if not path.parent.resolve().is_dir():
         raise ArenaError(f"folder of {what} '{path}' does not exist: create it first")
     return check_writable(path, what, option)
-
-
-def recognise(model: torch.nn.Module, spec, scan: Scan, device: torch.device):
-    """The frozen backbone's own reading of every voxel, before any adaptation.
-
-    Args:
-        model: the backbone with its pretrained head (call before adapters are injected).
-
-    Returns:
-        ``(classes, names)``: a uint8 image on the input grid holding the index of the class
-        each voxel is read as (argmax; for a sigmoid head the most likely class above 0.5, else
-        background), and the name of each index; or ``(None, ())`` for a backbone without
-        pretrained classes.
-    """
-    if not spec.classes:
-        return None, ()
-    logits = sliding_window_logits(model, scan.x, spec.preprocessing.roi_size, device)
-    if spec.multilabel:
-        top = logits.max(0)
-        index, names = torch.where(top.values > 0, top.indices + 1, 0), ("background", *spec.classes)
-    else:
-        index, names = logits.argmax(0), spec.classes
-    return scan.to_input_grid(index.numpy().astype(np.uint8), linear=False), names
-
-
-def input_probability(tuning: Method, spec, scan: Scan, device: torch.device,
-                      status: StatusFn | None = None) -> sitk.Image:
-    """The adapted backbone's probability of the structure on the input grid: sliding-window
-    logits (MONAI) on the canonical grid, their sigmoid resampled trilinearly (SimpleITK) onto
-    exactly the input grid (float32 image). ``status("inference", ...)`` after each window."""
-    tuning.model.to(device)
-    tuning.merge()
-    windows = (lambda done, total: status("inference", "windows", done, total)) if status else None
-    try:
-        logits = sliding_window_logits(tuning.model, scan.x, spec.preprocessing.roi_size, device,
-                                       progress=windows)
-    finally:
-        tuning.unmerge()
-    return scan.to_input_grid(torch.sigmoid(logits[0]).numpy())
-
-
-def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int = 1,
-            annotation: Annotation | None = None, status: StatusFn | None = None,
-            classes: sitk.Image | None = None, expected: list[int] | None = None) -> Objects:
-    """Segment ``scan`` with the adapted backbone.
-
-    Sliding-window logits (MONAI) on the canonical grid, their sigmoid resampled (trilinear,
-    SimpleITK) onto the input grid, thresholded at 0.5; then the objects that make up the
-    structure are kept (:func:`~arenaseg.postprocessing.select_objects`): with ``annotation``,
-    the painted slices are copied from it and only objects connected to the paint are kept;
-    without, every confident object. Voxels outside the scan (``scan.outside``) stay empty.
-
-    Args:
-        tuning: the adapted backbone (merged for inference, unmerged after).
-        spec: its :class:`~arenaseg.backbones.BackboneSpec` (ROI size).
-        scan: the CT on both grids.
-        device: where the windows run.
-        label: value of the structure in the returned labelmap.
-        annotation: the painted slices on the input grid (adapt), or None (segment).
-        status: ``status("inference", message)`` after each window.
-        classes, expected: the backbone's reading of the scan (:func:`recognise`) and the class
-            indices of the painted structure: without ``annotation``, only objects the backbone
-            reads as the structure are kept.
-
-    Returns:
-        :class:`~arenaseg.postprocessing.Objects`: ``image`` is a labelmap on exactly the input
-        grid, ``label`` inside the structure; with the count and volume (mL) kept and removed.
-
-    Raises:
-        RuntimeError: out of memory on ``device`` (PyTorch's error; the adapters are unmerged
-            again first).
-
-    Examples:
-        >>> result = fit(ct, annotation, AdaptSettings(steps=20), structure="liver")  # doctest: +SKIP
-        >>> objects = predict(result.tuning, result.spec, result.scan, torch.device("cpu"),
-        ...                   label=5, annotation=annotation)                      # doctest: +SKIP
-        >>> objects.image.GetSize() == ct.GetSize(), objects.kept                   # doctest: +SKIP
-        (True, 1)
-    """
-    probability = input_probability(tuning, spec, scan, device, status)
-    if annotation is None:
-        mask, core = threshold(probability, outside=scan.outside)
-        del probability
-        return select_objects(mask, core, label, classes=classes, expected=expected)
-    mask, core = threshold(probability, annotation, scan.outside)
-    del probability
-    return select_objects(mask, core, label, annotation.target)
 
 
 @dataclass
