@@ -146,7 +146,9 @@ def test_backbone_is_downloaded_once_into_the_cache(tmp_path, monkeypatch):
                                      sha256=hashlib.sha256(data).hexdigest(), size=len(data))
         monkeypatch.setitem(backbones.REGISTRY, spec.id, dataclasses.replace(spec, source=source))
         monkeypatch.setenv("ARENASEG_CACHE", str(tmp_path / "cache"))
-        model, _ = backbones.load_backbone(spec.id, progress=False)
+        told = []  # what the worker turns into "downloading" phase events
+        model, _ = backbones.load_backbone(spec.id, progress=lambda done, total: told.append((done, total)))
+        assert told and told[-1] == (len(data), len(data))
         cached = tmp_path / "cache" / "backbones" / spec.source.filename
         assert cached.read_bytes() == data
         loaded = model.state_dict()

@@ -78,6 +78,8 @@ class PhaseLines:
         if total is None:
             print(f"arenaseg: {message}", file=sys.stderr, flush=True)
             return
+        if phase == "downloading":  # the download draws its own bar
+            return
         if self.bar is None or self.bar.total != total or done < self.bar.n:
             self.bar = tqdm(total=total, desc=phase, unit=message)
         self.bar.update(done - self.bar.n)

@@ -27,11 +27,18 @@ from .preprocessing import Scan  # noqa: F401 (the geometry object; public here 
 from .config import AdaptSettings
 from .training import ProgressFn, train
 
-PHASES = ("reading", "preprocessing", "training", "inference", "writing")
+PHASES = ("reading", "downloading", "preprocessing", "training", "inference", "writing")
 
 
 def _quiet(phase: str, message: str, done: int | None = None, total: int | None = None) -> None:
     pass
+
+
+def _downloading(status: StatusFn):
+    """Download progress of a public backbone's weights as ``downloading`` status (the worker's
+    ``phase`` events with bytes ``done`` of ``total``; the command line shows the download's
+    own bar)."""
+    return lambda done, total: status("downloading", "downloading the backbone's weights", done, total)
 
 
 def _warner(status: StatusFn):
@@ -173,7 +180,8 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     status = status or _quiet
     dev = pick_device(device)
     model, spec = load_backbone(warm[1]["backbone"] if warm else backbone, weights,
-                                use_checkpoint=settings.checkpointing)
+                                use_checkpoint=settings.checkpointing,
+                                progress=_downloading(status))
     if not isinstance(scan, Scan):
         status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
         scan = Scan.from_image(scan, spec)
@@ -368,7 +376,7 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
     ct = read_image(image, "image", series=series, warn=warn)
     status("reading", describe(ct, image))
     check_intensities(ct, image, warn)
-    model, spec = load_backbone(meta["backbone"], weights)
+    model, spec = load_backbone(meta["backbone"], weights, progress=_downloading(status))
     check_extent(ct, image, spec.preprocessing, spec.id, warn)
     status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
     scan = Scan.from_image(ct, spec)
