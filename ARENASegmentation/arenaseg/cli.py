@@ -1,4 +1,4 @@
-"""The ``arenaseg`` command line: adapt, segment, pretrain, demo.
+"""The arenaseg command line: adapt, segment, pretrain, demo.
 
 Every user error prints one line ``arenaseg: error: ...`` (file, value, fix) and exits with 2.
 """
