@@ -101,9 +101,10 @@ def test_segment_on_a_folder_with_two_series_stops_listing_them(capsys, two_seri
 
 def test_the_chosen_series_too_thin_for_the_network_is_refused(capsys, two_series, liver_adapter,
                                                                tmp_path):
-    refused(capsys, ["segment", "--image", str(two_series), "--series", series_uid(THREE_SLICES),
-                     "--adapter", str(liver_adapter), "--out", str(tmp_path / "seg.nii.gz")],
-            "3 mm thick along voxel axis k", "at least 8", "24 mm")
+    err = refused(capsys, ["segment", "--image", str(two_series), "--series", series_uid(THREE_SLICES),
+                           "--adapter", str(liver_adapter), "--out", str(tmp_path / "seg.nii.gz")],
+                  "at least 8", "24 mm")
+    assert "3 mm thick along voxel axis k" in err and not (tmp_path / "seg.nii.gz").exists()
 
 
 def test_adapt_picks_the_series_of_the_annotations_and_prints_what_it_read(capsys, two_series,
