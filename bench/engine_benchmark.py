@@ -183,7 +183,7 @@ def report(rows: list[dict], zs: dict, command: str, args, revision: str, host: 
              "`abdomen_ct` (122×101×112 voxels, 3 mm); Dice on all unpainted slices. Each run is "
              "one `arenaseg adapt` process (wall time and peak resident memory of that process, "
              "imports and inference included).",
-             f"- Settings (defaults): r0 = {s.rank} on {9} convolutions, λ = {s.lam}, η = {s.lr}, "
+             f"- Settings (defaults): r0 = {s.rank} on {9} convolutions, λ = {s.lam}, η = {s.learning_rate}, "
              f"ρ = {s.rho}, {s.steps} steps × {s.crops_per_step} slabs of 96×96×{s.slab} voxels; "
              "LoRA: same layers, "
              "r0, steps and crops, gates fixed to 1. Extra arguments: "
