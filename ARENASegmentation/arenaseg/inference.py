@@ -6,6 +6,7 @@ probability back on the input grid, and the objects that make up the structure
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -28,11 +29,43 @@ one of :data:`arenaseg.pipeline.PHASES`, and within a long phase with its progre
 inference windows done of ``total``)."""
 
 
+def native_bf16() -> bool:
+    """The CPU has bf16 instructions (AVX512-BF16 or AMX), so that oneDNN runs bf16
+    convolutions natively; elsewhere bf16 would be emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (halves activation memory), a no-op on the CPU."""
+    """bf16 autocast on CUDA (halves activation memory) and on CPUs with :func:`native_bf16`
+    (a training step in about 60 % of float32's time, ``bench/REPORT.md``); otherwise a no-op."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_REUSING = False
+
+
+def reuse_freed_memory() -> None:
+    """Let glibc keep freed memory in the process instead of returning it to the system after
+    every tensor (``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB): PyTorch has no
+    caching allocator on the CPU, and a 3D network frees tens of MB per layer, so each step
+    otherwise spends as long in the kernel mapping and zeroing pages as in convolutions (about
+    2× faster training on the 2-core benchmark machine, ``bench/REPORT.md``). Once per process;
+    nothing where the C library is not glibc."""
+    global _REUSING
+    if _REUSING:
+        return
+    _REUSING = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 @torch.no_grad()
@@ -52,6 +85,7 @@ def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi_size, device: t
     Returns:
         float32 logits ``(C, X, Y, Z)`` on the CPU.
     """
+    reuse_freed_memory()
     was_training = model.training
     model.eval()
     predictor = model

@@ -22,7 +22,7 @@ from monai.losses import DiceCELoss
 
 from .config import DEFAULT_LR, FULL_FINE_TUNING_LR, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
-from .inference import autocast
+from .inference import autocast, reuse_freed_memory
 from .methods import Method
 
 ProgressFn = Callable[[int, float, dict], None]
@@ -40,6 +40,8 @@ class TrainingLog:
     total_rank: list[int] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: wall seconds of all steps by part: forward, backward, optimizer, method hook, progress
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def default_loss() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -65,7 +67,8 @@ def sample_logits(logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 def run_steps(step_loss: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer | None,
               steps: int, scheduler=None,
-              after_step: Callable[[int, torch.Tensor], None] | None = None) -> None:
+              after_step: Callable[[int, torch.Tensor], None] | None = None,
+              seconds: dict[str, float] | None = None) -> None:
     """The optimisation loop of every training in arenaseg (:func:`train`, and
     :func:`arenaseg.pretrain.pretrain`): for step = 1 … ``steps``, the loss
     ``step_loss(step)`` (a scalar tensor with its graph), its gradients, an optimizer step, a
@@ -78,16 +81,29 @@ def run_steps(step_loss: Callable[[int], torch.Tensor], optimizer: torch.optim.O
         optimizer: updates the trained parameters; None only with ``steps == 0``.
         steps: number of steps (0: nothing runs).
         scheduler: a learning-rate scheduler stepped after each optimizer step, or None.
+        seconds: when given, wall seconds are added up in it under ``forward`` (batch, network,
+            loss), ``backward``, ``optimizer`` and ``after step``.
     """
+    clock, spent = time.perf_counter, {"forward": 0.0, "backward": 0.0, "optimizer": 0.0,
+                                       "after step": 0.0}
     for step in range(1, steps + 1):
+        t0 = clock()
         loss = step_loss(step)
+        t1 = clock()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        t2 = clock()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        t3 = clock()
         if after_step is not None:
             after_step(step, loss)
+        for part, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, clock() - t3)):
+            spent[part] += dt
+    if seconds is not None:
+        for part, dt in spent.items():
+            seconds[part] = seconds.get(part, 0.0) + dt
 
 
 def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarray, roi_size,
@@ -110,6 +126,7 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
     Returns:
         A :class:`TrainingLog`.
     """
+    reuse_freed_memory()
     loss_fn = loss_fn or default_loss()
     rng = np.random.default_rng(settings.seed)
     roi = np.maximum(np.asarray(roi_size), 1)
@@ -152,7 +169,9 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         return loss
 
     def after_step(step: int, loss: torch.Tensor) -> None:
+        t = time.perf_counter()
         tuning.after_step(step, lr, settings)
+        log.parts["method hook"] = log.parts.get("method hook", 0.0) + time.perf_counter() - t
         ranks = tuning.ranks()
         loss_value = loss.item()
         log.loss.append(loss_value)
@@ -162,7 +181,10 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         if should_stop and should_stop():
             raise Cancelled()
 
-    run_steps(step_loss, opt, settings.steps if opt else 0, after_step=after_step)
+    run_steps(step_loss, opt, settings.steps if opt else 0, after_step=after_step,
+              seconds=log.parts)
+    if "after step" in log.parts:  # the method's hook, then logging and progress
+        log.parts["progress"] = log.parts.pop("after step") - log.parts.get("method hook", 0.0)
     model.eval()
     log.ranks = tuning.ranks()
     log.seconds = time.perf_counter() - start
