@@ -92,6 +92,7 @@ def test_arena_prunes_only_when_asked():
     arena = prepare(model, spec, AdaptSettings(rank=4))
     first = next(iter(arena.layers))
     with torch.no_grad():
+        arena.layers[first].v.fill_(0.5)
         arena.layers[first].v[:2] = 0.0
     assert arena.ranks()[first] == 2 and arena.state()[f"{first}.lora_A.weight"].shape[0] == 4
     arena.prune()
@@ -115,6 +116,8 @@ def test_adapter_file_restores_every_method(method, small_liver, ct_crop, tmp_pa
     layers = list(result.tuning.layers.values())
     with torch.no_grad():
         if method == "arena":  # as the proximal steps do: half a layer and a whole layer off
+            for layer in layers:
+                layer.v.add_(0.05 * (layer.v == 0))
             layers[0].v[:4] = 0.0
             layers[-1].v.zero_()
         trained = result.tuning.model(ct_crop)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from arenaseg.config import AdapterSettings
 from conftest import DATA
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -28,7 +29,12 @@ def test_full_plan_covers_every_protocol_with_three_seeds():
         key = tuple(v for k, v in j.items() if k not in ("seed", "protocol"))
         per_setting.setdefault(key, set()).add(j["seed"])
     assert all(len(seeds) >= 3 for seeds in per_setting.values())
-    assert {j["seed"] for j in jobs if j["protocol"] == "rank"} == set(FULL["rank_seeds"]) == set(range(5))
+    assert {j["seed"] for j in jobs if j["protocol"] == "rank"} == set(FULL["rank_seeds"]) == set(range(3))
+    new = {"urinary_bladder", "iliopsoas_left", "inferior_vena_cava"}
+    assert {j["structure"] for j in jobs if j["protocol"] == "rank"} == new
+    doubled = [j for j in jobs if j["protocol"] == "steps"]
+    assert {(j["structure"], j["seed"], j["steps_factor"]) for j in doubled} == {
+        (n, seed, 2) for n in new for seed in range(3)}
     forward = {j["structure"] for j in jobs if j["cross_to"] == "abdomen_ct_dicom"}
     reverse = {j["structure"] for j in jobs if j["cross_to"] == "abdomen_ct"}
     assert forward == reverse == set(CROSS) == {"liver", "spleen", "aorta", "stomach"}
@@ -76,4 +82,4 @@ def test_quick_run_writes_a_consistent_report(tmp_path):
     assert len(added) == header["lambda_ablation"]["jobs"] == 2  # quick: r0 ∈ {2, 8}, one structure
     assert {(r["method"], r["lam"], r["rank"]) for r in added} == {("arena", 8.0, 2), ("arena", 8.0, 8)}
     table = out.read_text().split("ARENA at other λ")[1]
-    assert "| λ = 4 | λ = 8 |" in table and "spread (max − min)" in table
+    assert f"| λ = {AdapterSettings.lam:g} | λ = 8 |" in table and "spread (max − min)" in table

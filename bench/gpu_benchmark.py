@@ -36,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ARENASegmentation"))
 
-from arenaseg.adapters import adapter_parameters, inject_adapters, proximal_step  # noqa: E402
+from arenaseg.config import AdapterSettings  # noqa: E402
+from arenaseg.adapters import GateSteps, adapter_parameters, inject_adapters  # noqa: E402
 from arenaseg.backbones import load_backbone  # noqa: E402
 from arenaseg.methods import replace_head  # noqa: E402
 from arenaseg.inference import autocast, pick_device, sliding_window_logits  # noqa: E402
@@ -105,6 +106,7 @@ def run(args) -> dict:
     x, y, affine = to_canonical(ct, prep, labels)
     target = (y == LIVER).float()
     layers = inject_adapters(model, spec.targets, rank=args.rank)
+    gates = GateSteps(layers.values())
     head = replace_head(model, spec, None)
     model.to(device)
     trainable = adapter_parameters(layers) + list(head.parameters())
@@ -136,7 +138,7 @@ def run(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        proximal_step(layers.values(), rho=args.rho, threshold=args.lr * args.lam)
+        gates.step(args.rho * args.lr, args.lr * args.lam)
         sync(device)
         step_times.append(time.perf_counter() - t0)
     sync(device)
@@ -210,8 +212,8 @@ def main(argv=None):
     p.add_argument("--crop", type=int, nargs=3, default=(96, 96, 96))
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--lam", type=float, default=4.0)
-    p.add_argument("--rho", type=float, default=5.0)
+    p.add_argument("--lam", type=float, default=AdapterSettings.lam)
+    p.add_argument("--rho", type=float, default=AdapterSettings.rho)
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="turn gradient checkpointing off")
     p.add_argument("--train-decoder", action="store_true")

@@ -25,7 +25,7 @@ from .errors import ArenaError
 from .methods import Method, load_state, prepare
 from .outputs import Outputs, write_safetensors
 
-FORMAT = "arenaseg-adapter/2"
+FORMAT = "arenaseg-adapter/3"  # 3: ARENA gates scaled by the spectral norm of W0
 
 
 def save_adapter(path: str | os.PathLike, tuning: Method, metadata: dict,

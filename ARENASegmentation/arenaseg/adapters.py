@@ -1,10 +1,19 @@
 """ARENA adapters: low-rank updates in singular-value form with an l1-gated rank.
 
-A frozen layer ``W0`` becomes ``W0 + B·Diag(v)·A`` (poster eq. 2). ``A`` and ``B`` are trained by
-the optimizer; ``v`` by proximal steps ``v ← ξ(v − ρ∇v, ηλ)`` (eq. 5) with the soft-thresholding
-operator ξ (eq. 6), so components whose gate reaches zero are switched off and every layer finds
-its own effective rank (the number of non-zeros of ``v``). With ``v`` frozen at ones the layer is
-exactly LoRA (eq. 1) with scaling 1, which is how the fixed-rank LoRA baseline is run.
+A frozen layer ``W0`` becomes ``W0 + s·B·Diag(v)·A`` (poster eq. 2), ``s`` the spectral norm of
+``W0``, so that a gate is the singular value of the update relative to the layer's own largest
+one and one step size means the same in every layer. ``A`` and ``B`` are trained by the
+optimizer; the gates ``v`` by proximal steps ``v ← ξ(v − ρη·∇̂v, ηλ)`` (eq. 5, with the gradient
+normalised per layer: :class:`GateSteps`) with the soft-thresholding operator ξ (eq. 6), so
+components whose gate reaches zero are switched off and every layer finds its own effective rank
+(the number of non-zeros of ``v``).
+
+The start is the one of an SVD, as PEFT's AdaLoRA starts its singular values at zero: every gate
+at 0 (the adapted network equals the backbone) and ``A``, ``B`` orthonormal, set by
+:meth:`ArenaLayer.align` to the leading singular vectors of the loss gradient with respect to
+``W0`` on the first batch. Each gate then receives the gradient ``s·σ_i`` from the first step,
+and a component turns on only when the loss pulls it up: more allocated components (r0) add
+directions of ever smaller gradient, which stay off (``bench/COMPARISON.md``, rank robustness).
 """
 
 from __future__ import annotations
@@ -27,22 +36,24 @@ def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 class ArenaLayer(nn.Module):
-    """``y = W0·x + B·Diag(v)·A·x`` around a frozen ``nn.Linear`` or ``nn.Conv3d``.
+    """``y = W0·x + s·B·Diag(v)·A·x`` around a frozen ``nn.Linear`` or ``nn.Conv3d``, ``s`` the
+    spectral norm of ``W0`` (flattened to ``(out, in·kD·kH·kW)``).
 
     For a Linear layer (``(…, n) → (…, m)``), ``A`` is ``Linear(n, r)`` and ``B`` ``Linear(r, m)``.
     For a Conv3d (``(B, n, D, H, W) → (B, m, D', H', W')``), ``A`` is a convolution with ``r``
     output channels and the layer's kernel, stride, padding and dilation, and ``B`` a 1×1×1
     convolution to ``m`` channels, so that ``B·Diag(v)·A`` is a rank-``r`` update of the kernel.
 
-    Initialisation follows LoRA: ``A`` Kaiming-uniform, ``B`` zero, ``v`` = ``v0``; the adapted
-    network therefore starts equal to the backbone.
+    Initialisation: every gate ``v`` at 0, so the adapted network starts equal to the
+    backbone; ``A`` (rows) and ``B`` (columns) orthonormal and random until :meth:`align` points
+    them at the loss gradient.
 
     Raises:
         TypeError: the layer is neither Linear nor Conv3d.
         ValueError: grouped convolution, or ``rank < 1``.
     """
 
-    def __init__(self, base: nn.Module, rank: int, v0: float = 1.0):
+    def __init__(self, base: nn.Module, rank: int):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
@@ -63,11 +74,30 @@ class ArenaLayer(nn.Module):
             raise TypeError(f"ARENA adapts nn.Linear and nn.Conv3d, not {type(base).__name__}")
         self.lora_A.to(base.weight.device, base.weight.dtype)
         self.lora_B.to(base.weight.device, base.weight.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.v = nn.Parameter(torch.full((rank,), float(v0), device=base.weight.device))
+        with torch.no_grad():
+            nn.init.orthogonal_(self.lora_A.weight.view(rank, -1))
+            nn.init.orthogonal_(self.lora_B.weight.view(-1, rank))
+        self.v = nn.Parameter(torch.zeros(rank, device=base.weight.device))
+        self.scale = float(torch.linalg.matrix_norm(base.weight.detach().flatten(1).float(), ord=2))
         self.allocated = rank  # r0: what :meth:`prune` leaves unchanged
         self._w0: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def align(self, grad: torch.Tensor) -> None:
+        """Point the components at the leading singular directions of ``grad`` (the loss
+        gradient with respect to ``W0``, shaped like ``W0``): row ``i`` of ``A`` and column ``i``
+        of ``B`` become its ``i``-th right and left singular vectors (``torch.linalg.svd``), so
+        gate ``i`` receives the gradient ``s·σ_i``. Components beyond the rank of ``grad``
+        (e.g. r0 = 32 on a one-channel 3×3×3 convolution, 27 columns) get zero vectors and
+        can never switch on. The gates are set to 0: the layer's output does not change."""
+        u, _, vh = torch.linalg.svd(grad.detach().flatten(1).float(), full_matrices=False)
+        k = min(self.rank, vh.shape[0])
+        a, b = self.lora_A.weight.view(self.rank, -1), self.lora_B.weight.view(-1, self.rank)
+        a.zero_()
+        b.zero_()
+        a[:k] = vh[:k].to(a.dtype)
+        b[:, :k] = u[:, :k].to(b.dtype)
+        self.v.zero_()
 
     @property
     def rank(self) -> int:
@@ -85,7 +115,7 @@ class ArenaLayer(nn.Module):
 
     def _gate(self, h: torch.Tensor) -> torch.Tensor:
         shape = (-1,) if isinstance(self.base, nn.Linear) else (1, -1, 1, 1, 1)
-        return h * self.v.to(h.dtype).view(shape)
+        return h * (self.scale * self.v).to(h.dtype).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -93,11 +123,11 @@ class ArenaLayer(nn.Module):
         return self.base(x) + self.lora_B(self._gate(self.lora_A(x)))
 
     def delta_weight(self) -> torch.Tensor:
-        """``B·Diag(v)·A`` over the non-zero components only, shaped like ``W0``."""
+        """``s·B·Diag(v)·A`` over the non-zero components only, shaped like ``W0``."""
         keep = torch.nonzero(self.v.detach(), as_tuple=True)[0]
         a = self.lora_A.weight[keep]
         b = self.lora_B.weight[:, keep].reshape(self.lora_B.weight.shape[0], -1)
-        return torch.einsum("or,r,r...->o...", b, self.v[keep], a).to(self.base.weight.dtype)
+        return torch.einsum("or,r,r...->o...", b, self.scale * self.v[keep], a).to(self.base.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -130,8 +160,8 @@ class ArenaLayer(nn.Module):
             a.out_channels = b.in_channels = keep.numel()
 
 
-def inject_adapters(model: nn.Module, targets: Sequence[str], rank: int | dict[str, int],
-                    v0: float = 1.0) -> dict[str, ArenaLayer]:
+def inject_adapters(model: nn.Module, targets: Sequence[str],
+                    rank: int | dict[str, int]) -> dict[str, ArenaLayer]:
     """Wrap every ``nn.Linear`` / ``nn.Conv3d`` whose module name matches one of the regular
     expressions ``targets`` (``re.search``) in an :class:`ArenaLayer`, in place.
 
@@ -159,7 +189,7 @@ def inject_adapters(model: nn.Module, targets: Sequence[str], rank: int | dict[s
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         r = rank[name] if isinstance(rank, dict) else rank
-        layer = ArenaLayer(module, r, v0)
+        layer = ArenaLayer(module, r)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers
@@ -170,16 +200,41 @@ def effective_ranks(layers: dict[str, ArenaLayer]) -> dict[str, int]:
     return {name: layer.effective_rank for name, layer in layers.items()}
 
 
-@torch.no_grad()
-def proximal_step(layers: Iterable[ArenaLayer], rho: float, threshold: float) -> None:
-    """Poster eq. 5 on every gate: ``v ← ξ(v − ρ·∇v L, threshold)``, threshold = ηλ.
+class GateSteps:
+    """The proximal steps on the gates of every layer (poster eq. 5, the gradient normalised
+    per layer): ``v ← ξ(v − ρη·m̂/√ŝ, ηλ)``, ``m`` the running mean of each gate's gradient
+    (β1 = 0.9) and ``s`` the running mean of the layer's largest squared gate gradient
+    (β2 = 0.999), both bias-corrected as in Adam.
 
-    Uses the gradient already in ``v.grad`` (from the backward pass of the current step) and
-    clears it."""
-    for layer in layers:
-        grad = layer.v.grad if layer.v.grad is not None else torch.zeros_like(layer.v)
-        layer.v.copy_(soft_threshold(layer.v - rho * grad, threshold))
-        layer.v.grad = None
+    Why normalised: the gates' raw gradients differ by three orders of magnitude between
+    layers (σ1 of the first batch's gradient: 3.7 in the first convolution, 0.003 in the
+    bottleneck), so a plain step ``ρ∇v`` either moves nothing deep or overshoots near the input.
+    One denominator per layer keeps the ratios between a layer's gates: its components still
+    compete by how strongly the loss pulls them.
+    """
+
+    def __init__(self, layers: Iterable[ArenaLayer], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-12):
+        self.layers, self.betas, self.eps = list(layers), betas, eps
+        self.moments = [(torch.zeros_like(layer.v), torch.zeros((), device=layer.v.device))
+                        for layer in self.layers]
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self, size: float, threshold: float) -> None:
+        """One proximal step of every gate with step ``size`` (ρη) and soft threshold
+        ``threshold`` (ηλ), from the gradient in ``v.grad`` (cleared)."""
+        self.count += 1
+        b1, b2 = self.betas
+        for i, layer in enumerate(self.layers):
+            g = layer.v.grad if layer.v.grad is not None else torch.zeros_like(layer.v)
+            m, s = self.moments[i]
+            m = b1 * m + (1 - b1) * g
+            s = b2 * s + (1 - b2) * g.square().max()
+            self.moments[i] = (m, s)
+            direction = (m / (1 - b1 ** self.count)) / ((s / (1 - b2 ** self.count)).sqrt() + self.eps)
+            layer.v.copy_(soft_threshold(layer.v - size * direction, threshold))
+            layer.v.grad = None
 
 
 def adapter_parameters(layers: dict[str, ArenaLayer]) -> list[nn.Parameter]:

@@ -53,21 +53,22 @@ class AdapterSettings:
             (``"lora"``, ``"adalora"``, ``"linear-probe"``, ``"bitfit"``, ``"affine-ln"``,
             ``"full"``, ``"zero-shot"``).
         rank: initial rank r0 of every adapted layer (lora, adalora, arena).
-        lam: λ, weight of the l1 penalty on ``v`` (eq. 3); threshold per step is ``lr·lam``.
+        lam: λ, weight of the l1 penalty on ``v`` (eq. 3): the soft threshold of each gate
+            step is ``lr·lam``. Larger: fewer components, lower rank.
         lr: η, AdamW learning rate of the trained parameters (eq. 4); None: 5e-3, or 5e-4 for
             full fine-tuning.
-        rho: ρ, gradient step on ``v`` before soft thresholding (eq. 5).
-        v0: initial value of every gate.
+        rho: ρ, the gates' step ``rho·lr`` relative to η (eq. 5, gradient normalised per layer,
+            :class:`~arenaseg.adapters.GateSteps`): a gate whose gradient stays above
+            ``lam/rho`` of its layer's largest turns on.
         targets: regular expressions of the adapted layers' names; None: the backbone's own.
         train_decoder: also train the backbone's decoder (``BackboneSpec.decoder``).
     """
 
     method: str = DEFAULT_METHOD
     rank: int = 8
-    lam: float = 4.0
+    lam: float = 2.0
     lr: float | None = None
-    rho: float = 5.0
-    v0: float = 1.0
+    rho: float = 10.0
     targets: tuple[str, ...] | None = None
     train_decoder: bool = False
 
@@ -104,7 +105,7 @@ class LoopSettings:
 
 
 #: Field order of the flat settings (as adapters and jobs have always stored them).
-_ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "v0", "crops_per_step", "slab",
+_ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "crops_per_step", "slab",
           "max_points", "seed", "targets", "train_decoder", "checkpointing")
 
 

@@ -15,7 +15,8 @@ lora           PEFT LoRA (``peft.inject_adapter_in_model``) on
                ``spec.targets``, rank r0, scaling 1
 adalora        PEFT AdaLoRA SVD triplets on ``spec.targets`` plus its      PEFT ``RankAllocator``
                orthogonality penalty; Conv3d through :class:`SVDConv3d`    (budget schedule)
-arena          :class:`~arenaseg.adapters.ArenaLayer` A and B              proximal step on v
+arena          :class:`~arenaseg.adapters.ArenaLayer` A and B, started     proximal step on v
+               at the first batch's gradient SVD
 =============  ==========================================================  ====================
 
 Each method is one class (:class:`Method` and its subclasses), registered by its name in
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ArenaLayer, effective_ranks, inject_adapters, proximal_step
+from .adapters import ArenaLayer, GateSteps, effective_ranks, inject_adapters
 from .config import ADAPTER_METHODS, METHODS, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
 from .registry import BackboneSpec
@@ -221,6 +222,7 @@ class Method:
         parts = {}
         with torch.random.fork_rng():  # the same seed gives the same initialisation
             torch.manual_seed(settings.seed)
+            head = replace_head(model, spec, structure)  # first: the same head for every r0
             if cls.adapters and ranks != {}:  # {}: a saved ARENA adapter at rank 0
                 targets = settings.targets or spec.targets
                 names = list(ranks) if ranks is not None else _matching(model, targets)
@@ -229,7 +231,7 @@ class Method:
                                      f"adapter targets {list(targets)}: check --targets")
                 ranks = ranks if ranks is not None else {n: settings.rank for n in names}
                 parts = cls.inject(model, names, ranks, settings)
-            head = replace_head(model, spec, structure)
+                head.requires_grad_(True)  # PEFT's injection freezes all but its own layers
         method = cls(model, head, **parts)
         method.set_trainable()
         if settings.train_decoder:
@@ -260,6 +262,10 @@ class Method:
     def penalty(self) -> torch.Tensor | float:
         """Extra loss term (scalar); 0 unless the method has one."""
         return 0.0
+
+    def initialise(self, batch_loss) -> None:
+        """Runs once before the first step with ``batch_loss()``, which returns the loss of one
+        batch (a scalar tensor with its graph); nothing unless the method starts from data."""
 
     def after_step(self, step: int, lr: float, settings: AdaptSettings | None) -> None:
         """Runs after each optimizer step ``step`` (1-based) at learning rate ``lr``, while the
@@ -443,25 +449,34 @@ class AdaLoRA(Method):
 
 class Arena(Method):
     """``arena`` (the paper's method): :class:`~arenaseg.adapters.ArenaLayer` adapters
-    ``ΔW = B·Diag(v)·A`` on the target layers. The optimizer trains A, B and the head; after
-    each step the gates take a proximal step ``v ← ξ(v − ρ∇v L, ηλ)`` (soft threshold ηλ,
-    poster eq. 5), which switches components off, so each layer finds its own rank.
-    :meth:`prune` then drops the switched-off components (explicitly, before saving).
+    ``ΔW = s·B·Diag(v)·A`` on the target layers.
+
+    Before the first step, :meth:`initialise` points each layer's components at the leading
+    singular directions of the loss gradient with respect to its frozen weight (gates at 0: the
+    network is still the backbone). The optimizer then trains A, B and the head; after each
+    step the gates take a proximal step ``v ← ξ(v − ρη·∇̂v, ηλ)`` (soft threshold ηλ, poster
+    eq. 5, gradient normalised per layer: :class:`~arenaseg.adapters.GateSteps`), which switches
+    components on and off, so each layer finds its own rank. :meth:`prune` then drops the
+    switched-off components (explicitly, before saving).
 
     Examples:
         >>> from arenaseg.backbones import load_backbone
         >>> model, spec = load_backbone()
         >>> arena = prepare(model, spec, AdaptSettings(method="arena", rank=4))
-        >>> sum(arena.ranks().values())  # 9 layers at r0 = 4, every gate at v0 = 1
-        36
+        >>> sum(arena.ranks().values()), sum(arena.initial_ranks().values())  # gates start at 0
+        (0, 36)
     """
 
     name = "arena"
     adapters = True
 
+    def __init__(self, model, head, layers=None):
+        super().__init__(model, head, layers)
+        self.gates = GateSteps(self.layers.values())
+
     @classmethod
     def inject(cls, model, names, ranks, settings) -> dict:
-        layers = inject_adapters(model, [f"^{re.escape(n)}$" for n in names], ranks, settings.v0)
+        layers = inject_adapters(model, [f"^{re.escape(n)}$" for n in names], ranks)
         for layer in layers.values():
             layer.v.requires_grad_(True)
             for p in (layer.lora_A.weight, layer.lora_B.weight):
@@ -473,15 +488,33 @@ class Arena(Method):
         gates = {id(layer.v) for layer in self.layers.values()}
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in gates]
 
+    def initialise(self, batch_loss) -> None:
+        """The SVD start: the gradient of ``batch_loss()`` with respect to every adapted
+        layer's frozen weight ``W0``, and :meth:`~arenaseg.adapters.ArenaLayer.align` on it.
+        Layers whose gates are not all 0 (a ``--warm-start`` adapter) are left as they are."""
+        fresh = [layer for layer in self.layers.values() if not torch.any(layer.v)]
+        if not fresh:
+            return
+        weights = [layer.base.weight for layer in fresh]
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            grads = torch.autograd.grad(batch_loss(), weights, allow_unused=True)
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+        for layer, grad in zip(fresh, grads):
+            layer.align(grad if grad is not None else torch.zeros_like(layer.base.weight))
+
     @staticmethod
     def threshold(lr: float, settings: AdaptSettings) -> float:
         """The soft threshold of one proximal step, ηλ."""
         return lr * settings.lam
 
     def after_step(self, step: int, lr: float, settings: AdaptSettings) -> None:
-        """The proximal step on every gate, ``v ← ξ(v − ρ∇v L, ηλ)``, using the gradient of the
-        same backward pass (:func:`~arenaseg.adapters.proximal_step`)."""
-        proximal_step(self.layers.values(), settings.rho, self.threshold(lr, settings))
+        """The proximal step on every gate, using the gradient of the same backward pass
+        (:class:`~arenaseg.adapters.GateSteps`, step ρη, threshold ηλ)."""
+        self.gates.step(settings.rho * lr, self.threshold(lr, settings))
 
     def ranks(self) -> dict[str, int]:
         """Non-zero gates per layer."""
@@ -532,7 +565,7 @@ def prepare(model: nn.Module, spec: BackboneSpec, settings: AdaptSettings,
     Args:
         model: the frozen backbone; modified in place.
         spec: its registry entry (head, targets, decoder, classes).
-        settings: :class:`~arenaseg.config.AdaptSettings` (method, rank, v0, seed, steps,
+        settings: :class:`~arenaseg.config.AdaptSettings` (method, rank, seed, steps,
             train_decoder, targets).
         structure: a class name of the backbone starts the head from its pretrained row.
         ranks: rank per layer to rebuild a saved adapter (:meth:`Method.stored_ranks`);

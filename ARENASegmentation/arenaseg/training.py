@@ -1,7 +1,8 @@
 """The training loop shared by every method: for ARENA, block coordinate descent on (A, B, head)
 and proximal steps on v.
 
-Each step (poster eq. 4–5): crops of the canonical CT around painted voxels go through the
+Before the first step the method may start from one batch's gradient (ARENA's SVD start). Each
+step (poster eq. 4–5): crops of the canonical CT around painted voxels go through the
 network; the logits are sampled (trilinearly) at the exact positions of the painted voxels, so
 the loss sees only the painted slices, at their own resolution, whatever the grids; an AdamW step
 (learning rate η) updates the method's trainable parameters (for ARENA: A, B and the head); then
@@ -181,6 +182,8 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         if should_stop and should_stop():
             raise Cancelled()
 
+    if opt:
+        tuning.initialise(lambda: step_loss(0))
     run_steps(step_loss, opt, settings.steps if opt else 0, after_step=after_step,
               seconds=log.parts)
     if "after step" in log.parts:  # the method's hook, then logging and progress
