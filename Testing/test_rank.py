@@ -1,7 +1,6 @@
 """ARENA's rank on real short runs: the gates get gradient from the first step, a component the
 loss cannot use stays off, and the discovered rank does not grow with the allocated rank r0."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

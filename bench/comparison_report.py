@@ -153,7 +153,8 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     out = Path(out)
     from arenaseg.training import AdaptSettings
 
-    p, budget = header["protocol"], AdaptSettings(**header["budget"]).to_dict()
+    # the settings the run used (older runs stored the loop budget only: today's defaults)
+    p, budget = header["protocol"], header.get("settings") or AdaptSettings(**header["budget"]).to_dict()
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     base = [n for n in p["structures"] if STRUCTURES[n][1]]
     new = [n for n in p["structures"] if not STRUCTURES[n][1]]

@@ -233,9 +233,9 @@ def report(rows: list[dict], zs: dict, command: str, args, revision: str, host: 
                    f"segmentation of the whole scan, writing) ≤ 30 s: {by[(n, 'arena')]['wall_s']:.1f} s")
     target(max(walls) <= 30, f"every adapt ≤ 30 s: max {max(walls):.1f} s, median {np.median(walls):.1f} s")
     target(max(peaks) <= 1536, f"peak memory ≤ 1.5 GB: max {max(peaks):.0f} MB")
-    if previous and "arena" in methods:
-        losses = {n: previous["dice"][f"{n}/arena"] - by[(n, "arena")]["dice"] for n in names
-                  if f"{n}/arena" in previous["dice"] and (n, "arena") in by}
+    losses = {n: previous["dice"][f"{n}/arena"] - by[(n, "arena")]["dice"] for n in names
+              if previous and f"{n}/arena" in previous["dice"] and (n, "arena") in by}
+    if losses:
         worst = max(losses, key=losses.get)
         target(losses[worst] <= 0.02, f"no structure's ARENA Dice more than 0.02 below the previous "
                f"report (revision {previous['revision']}): largest loss {losses[worst]:+.3f} ({worst}); "

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine, run_adapt  # noqa: E402
 
-from arenaseg.config import METHODS  # noqa: E402,F401 (every method, from the engine's config)
+from arenaseg.config import METHODS, AdaptSettings  # noqa: E402,F401 (every method, from the engine's config)
 SCANS = {"abdomen_ct": ("abdomen_ct/ct.nii.gz", "abdomen_ct/labels.nii.gz"),
          "abdomen_ct_dicom": ("abdomen_ct_dicom/dicom", "abdomen_ct_dicom/labels.nii.gz")}
 # name → TotalSegmentator label value (the same in both scans), and whether the backbone knows it
@@ -49,7 +49,7 @@ FULL = dict(structures=tuple(STRUCTURES), ks=(1, 3, 5), k_structures=("liver", "
 QUICK = dict(structures=("liver", "urinary_bladder"), ks=(3,), k_structures=(), seeds=(0,),
              ranks=(2, 8), rank_seeds=(0,), rank_structures=("urinary_bladder",), cross=("liver",),
              long_structures=("urinary_bladder",))
-# The engine's defaults (λ = 4, ρ = 5, η = 5e-3, r0 = 8, 60 steps) with one crop per step
+# The engine's defaults (AdaptSettings: λ, ρ, η, r0 = 8, 60 steps) with one crop per step
 # instead of two, so that the full run fits in 90 minutes on 2 cores.
 BUDGET = dict(steps=60, crops_per_step=1)
 MEMORY_STEPS = 3
@@ -272,7 +272,8 @@ def main() -> None:
     start = time.perf_counter()
     header = {"command": "python bench/paper_comparison.py " + " ".join(sys.argv[1:]),
               "revision": git_revision(), "machine": machine(), "quick": args.quick,
-              "budget": budget, "protocol": protocol, "workers": args.workers,
+              "budget": budget, "settings": AdaptSettings(**budget).to_dict(),
+              "protocol": protocol, "workers": args.workers,
               "jobs": len(jobs)}
     print(f"{len(jobs)} jobs on {args.workers} workers", flush=True)
     with results.open("w") as f:

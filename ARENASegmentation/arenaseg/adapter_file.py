@@ -69,9 +69,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
         raise ArenaError(f"adapter '{path}' is corrupt or not an arenaseg adapter ({type(err).__name__}): "
                          "save it again with 'arenaseg adapt --adapter-out'") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") == "arenaseg-adapter/2" and meta.get("method") != "arena":
+        meta["settings"].pop("v0", None)  # only ARENA's layers changed in format 3
+    elif meta.get("format") != FORMAT:
         raise ArenaError(f"adapter '{path}' has format '{meta.get('format')}', this arenaseg reads "
-                         f"'{FORMAT}': adapt again with this version")
+                         f"'{FORMAT}' (and format 2 for the methods other than arena): adapt again "
+                         "with this version (in Slicer: untick Warm start)")
     broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
         raise ArenaError(f"adapter '{path}' is corrupt: non-finite values in {broken[:3]}: save it "

@@ -78,7 +78,8 @@ class ArenaLayer(nn.Module):
             nn.init.orthogonal_(self.lora_A.weight.view(rank, -1))
             nn.init.orthogonal_(self.lora_B.weight.view(-1, rank))
         self.v = nn.Parameter(torch.zeros(rank, device=base.weight.device))
-        self.scale = float(torch.linalg.matrix_norm(base.weight.detach().flatten(1).float(), ord=2))
+        # an all-zero W0 (a layer never trained) still gets a usable step
+        self.scale = float(torch.linalg.matrix_norm(base.weight.detach().flatten(1).float(), ord=2)) or 1.0
         self.allocated = rank  # r0: what :meth:`prune` leaves unchanged
         self._w0: torch.Tensor | None = None
 
@@ -216,18 +217,21 @@ class GateSteps:
     def __init__(self, layers: Iterable[ArenaLayer], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-12):
         self.layers, self.betas, self.eps = list(layers), betas, eps
-        self.moments = [(torch.zeros_like(layer.v), torch.zeros((), device=layer.v.device))
-                        for layer in self.layers]
+        self.moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         self.count = 0
 
     @torch.no_grad()
     def step(self, size: float, threshold: float) -> None:
         """One proximal step of every gate with step ``size`` (ρη) and soft threshold
-        ``threshold`` (ηλ), from the gradient in ``v.grad`` (cleared)."""
+        ``threshold`` (ηλ), from the gradient in ``v.grad`` (cleared). The running moments
+        start where the gates are (device, size), and again after a layer was pruned."""
         self.count += 1
         b1, b2 = self.betas
         for i, layer in enumerate(self.layers):
             g = layer.v.grad if layer.v.grad is not None else torch.zeros_like(layer.v)
+            if self.moments[i] is None or self.moments[i][0].shape != g.shape \
+                    or self.moments[i][0].device != g.device:
+                self.moments[i] = (torch.zeros_like(g), torch.zeros((), device=g.device))
             m, s = self.moments[i]
             m = b1 * m + (1 - b1) * g
             s = b2 * s + (1 - b2) * g.square().max()

@@ -209,7 +209,7 @@ def _add_adapt_options(p) -> None:
                    help="l1 weight λ on the gates (higher: smaller rank)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="η: AdamW learning rate of A, B, head")
-    p.add_argument("--rho", type=float, default=None, help="ρ: gradient step on the gates v")
+    p.add_argument("--rho", type=float, default=None, help="ρ: the gates' step ρ·η (gradient normalised per layer)")
     p.add_argument("--seed", type=int, default=None, help="random seed (crops, initialisation)")
     p.add_argument("--targets", nargs="+", metavar="REGEX",
                    help="module-name patterns of the adapted layers (default: the backbone's)")

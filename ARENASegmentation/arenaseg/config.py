@@ -112,7 +112,7 @@ _ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "crops_per_step", "slab
 @dataclass
 class AdaptSettings(LoopSettings, AdapterSettings):
     """Settings of one adaptation: :class:`AdapterSettings` and :class:`LoopSettings` together
-    (defaults chosen by the sweep in ``bench/SWEEP.md``). Validated on creation.
+    (λ and ρ chosen on the new structures, ``bench/COMPARISON.md``). Validated on creation.
 
     Raises:
         ArenaError: a value that cannot work (the message names the option and the rule).

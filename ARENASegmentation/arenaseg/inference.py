@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import platform
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -46,26 +47,34 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-_REUSING = False
+_REUSING: bool | None = None
 
 
-def reuse_freed_memory() -> None:
+def reuse_freed_memory() -> bool:
     """Let glibc keep freed memory in the process instead of returning it to the system after
-    every tensor (``mallopt`` M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 1 GiB): PyTorch has no
-    caching allocator on the CPU, and a 3D network frees tens of MB per layer, so each step
-    otherwise spends as long in the kernel mapping and zeroing pages as in convolutions (about
-    2× faster training on the 2-core benchmark machine, ``bench/REPORT.md``). Once per process;
-    nothing where the C library is not glibc."""
+    every tensor: ``mallopt`` M_MMAP_THRESHOLD at 32 MiB on 64-bit (the largest glibc accepts,
+    4 Mi × ``sizeof(long)``) and M_TRIM_THRESHOLD at 256 MiB. PyTorch has no caching allocator
+    on the CPU, and a 3D network frees tens of MB per layer, so each step otherwise spends much
+    of its time in the kernel mapping and zeroing pages (a training step about 2× faster on the
+    2-core benchmark machine, ``bench/PROFILE.md``). Blocks above the threshold (whole volumes)
+    are still returned at once. Once per process; nothing where the C library is not glibc.
+
+    Returns:
+        True when glibc took both settings.
+    """
     global _REUSING
-    if _REUSING:
-        return
-    _REUSING = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    if _REUSING is not None:
+        return _REUSING
+    _REUSING = False
+    if platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL(None)
+            mmap = libc.mallopt(-3, 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long))  # M_MMAP_THRESHOLD
+            trim = libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
+            _REUSING = mmap == 1 and trim == 1
+        except (OSError, AttributeError):
+            pass
+    return _REUSING
 
 
 @torch.no_grad()

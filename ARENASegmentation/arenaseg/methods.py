@@ -491,18 +491,21 @@ class Arena(Method):
     def initialise(self, batch_loss) -> None:
         """The SVD start: the gradient of ``batch_loss()`` with respect to every adapted
         layer's frozen weight ``W0``, and :meth:`~arenaseg.adapters.ArenaLayer.align` on it.
-        Layers whose gates are not all 0 (a ``--warm-start`` adapter) are left as they are."""
+        Layers whose gates are not all 0 (a ``--warm-start`` adapter) are left as they are: a
+        warm start continues the components it saved and adds none (layers saved at rank 0 stay
+        without adapter)."""
         fresh = [layer for layer in self.layers.values() if not torch.any(layer.v)]
         if not fresh:
             return
         weights = [layer.base.weight for layer in fresh]
+        trained = [w.requires_grad for w in weights]  # --train-decoder may train some
         for w in weights:
             w.requires_grad_(True)
         try:
             grads = torch.autograd.grad(batch_loss(), weights, allow_unused=True)
         finally:
-            for w in weights:
-                w.requires_grad_(False)
+            for w, flag in zip(weights, trained):
+                w.requires_grad_(flag)
         for layer, grad in zip(fresh, grads):
             layer.align(grad if grad is not None else torch.zeros_like(layer.base.weight))
 

@@ -6,8 +6,8 @@ step (poster eq. 4–5): crops of the canonical CT around painted voxels go thro
 network; the logits are sampled (trilinearly) at the exact positions of the painted voxels, so
 the loss sees only the painted slices, at their own resolution, whatever the grids; an AdamW step
 (learning rate η) updates the method's trainable parameters (for ARENA: A, B and the head); then
-the method's hook runs (for ARENA every gate is updated by ``v ← ξ(v − ρ∇v L, ηλ)`` using the
-gradient of the same backward pass; see :mod:`arenaseg.methods`).
+the method's hook runs (for ARENA every gate is updated by ``v ← ξ(v − ρη·∇̂v L, ηλ)``, the
+gradient of the same backward pass normalised per layer; see :mod:`arenaseg.methods`).
 """
 
 from __future__ import annotations
@@ -182,8 +182,10 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         if should_stop and should_stop():
             raise Cancelled()
 
-    if opt:
+    if opt:  # ARENA's SVD start: one more batch before step 1, counted as its own part
+        started = time.perf_counter()
         tuning.initialise(lambda: step_loss(0))
+        log.parts["start (method)"] = time.perf_counter() - started
     run_steps(step_loss, opt, settings.steps if opt else 0, after_step=after_step,
               seconds=log.parts)
     if "after step" in log.parts:  # the method's hook, then logging and progress
