@@ -839,7 +839,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         adapter = results.keepAdapter(job["runDir"] / "adapter.safetensors", job["job"]["structure"])
         summary = {key: done.get(key) for key in (
             "ranks", "effective_rank", "initial_rank", "trainable_parameters", "active_parameters",
-            "seconds", "device")}
+            "seconds", "device", "slice_axis", "next_slice")}
         settings = job["job"]["settings"]
         summary.update(adapter=adapter, method=settings.get("method"), backbone=job["job"].get("backbone"),
                        steps=settings.get("steps"), lam=settings.get("lam"), rank=settings.get("rank"),
@@ -865,6 +865,8 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         for key, value in (("Adapter", adapter), ("Method", summary["method"]), ("Backbone", summary["backbone"])):
             target.SetTag(TAG + key, str(value))  # the next run on this segment can warm-start
         results.showSurface(segmentationNode)
+        if summary["next_slice"] is not None:  # where to paint next: the views go there
+            results.jumpToSlice(volumeNode, summary["slice_axis"], summary["next_slice"])
         return {"segmentId": segmentId, "segmentName": segment.GetName(), "summary": summary}
 
     def _importSegmentResult(self, job: dict, done: dict) -> dict:

@@ -68,3 +68,15 @@ def test_paint_in_two_views_is_refused_and_paint_in_one_view_is_not():
     mixed[i] = np.where(ref[i] == 5, 5, mixed[i])  # ... and one sagittal slice through it
     with pytest.raises(ArenaError, match="paint in two views.*slice 70 across axis i.*one view"):
         find_annotation(mixed, 5, source="mixed.nii.gz")
+
+
+def test_next_slice_is_the_least_sure_unpainted_one():
+    target = np.zeros((4, 5, 6), bool)
+    target[1:3, 1:4, [1, 4]] = True
+    annotation = find_annotation(target.astype(np.uint8), 1, axis=2)
+    probability = np.zeros((4, 5, 6))
+    probability[1:3, 1:4, 2] = 0.5   # unsure
+    probability[1:3, 1:4, 3] = 0.9   # fairly sure
+    probability[:, :, 1] = 0.5       # painted: known, never suggested
+    assert annotation.next_slice(probability) == 2
+    assert annotation.next_slice(np.round(probability)) is None  # sure everywhere

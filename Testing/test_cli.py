@@ -3,6 +3,7 @@ no output file."""
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -39,6 +40,15 @@ def test_adapt_and_segment_print_ranks_and_write_files(adapter, small_liver, tmp
                  "--out", str(tmp_path / "seg.mha")]) == 0
     printed = capsys.readouterr().out
     assert "effective rank" in printed and (tmp_path / "seg.mha").is_file()
+
+
+def test_suggest_names_an_unpainted_slice_to_paint_next(small_liver, tmp_path, capsys):
+    assert main(["adapt", "--image", CT, "--annotations", str(small_liver[0]), "--label", "5",
+                 "--out", str(tmp_path / "seg.nii.gz"), "--steps", "2", "--suggest"]) == 0
+    printed = capsys.readouterr().out
+    painted = re.search(r"axis k: ([\d, ]+)", printed).group(1)
+    suggested = re.search(r"paint slice (\d+) \(voxel axis k\) next", printed)
+    assert suggested and suggested.group(1) not in painted.split(", ")
 
 
 def test_adapt_says_which_painted_slices_it_learned_from(small_liver, tmp_path, capsys):

@@ -138,6 +138,25 @@ def test_three_painted_axial_slices_give_the_liver_in_a_new_segment(module, abdo
     assert module.segmentTag(seg.GetSegment(target), "Adapter") == summary["adapter"]
 
 
+def test_the_slice_to_paint_next_is_shown_and_the_views_go_there(module, abdomen, axial_run):
+    import slicer
+
+    volume, _ = abdomen
+    logic, node, target, painted, outcome, events = axial_run
+    summary = outcome["summary"]
+    painted_k = set(np.flatnonzero(painted.any(axis=(1, 2))))  # axial slices (kji array)
+    assert summary["slice_axis"] == 2 and summary["next_slice"] not in painted_k
+    assert f"paint slice {summary['next_slice']} next" in module.results.summaryText(summary)
+    view = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode")
+    view.SetOrientationToAxial()
+    module.results.jumpToSlice(volume, 2, summary["next_slice"])
+    m = vtk.vtkMatrix4x4()
+    volume.GetRASToIJKMatrix(m)
+    centre = view.GetSliceToRAS()
+    ijk = m.MultiplyPoint([centre.GetElement(0, 3), centre.GetElement(1, 3), centre.GetElement(2, 3), 1.0])
+    assert round(ijk[2]) == summary["next_slice"]
+
+
 def test_result_is_shown_in_3d_named_like_the_target_and_its_adapter_is_kept_per_user(module, axial_run):
     """A surface at the end of the run, the target's terminology entry on the result, the live
     training curve, and the adapter in the documented per-user folder, not the temporary one."""

@@ -44,6 +44,7 @@ def test_worker_reports_progress_and_done(small_liver, tmp_path):
     assert done["segmentation"] == str(tmp_path / "seg.nii.gz") and (tmp_path / "seg.nii.gz").is_file()
     assert done["adapter"] == str(tmp_path / "liver.safetensors")
     assert done["effective_rank"] == sum(done["ranks"].values())
+    assert done["next_slice"] not in done["painted_slices"]  # where to paint next
 
 
 def test_sigterm_stops_mid_run_and_leaves_nothing(small_liver, tmp_path):

@@ -110,7 +110,21 @@ def summaryText(summary: dict) -> str:
                      "adapter+head parameters active")
     if summary.get("seconds"):
         parts.append(f"{summary['seconds']:.0f} s on {summary.get('device') or '?'}")
+    if summary.get("next_slice") is not None:
+        parts.append(f"paint slice {summary['next_slice']} next (voxel axis "
+                     f"{'IJK'[summary.get('slice_axis') or 0]}: the result is least sure there)")
     return "; ".join(parts)
+
+
+def jumpToSlice(volumeNode, axis: int, index: int) -> None:
+    """Centre every slice view on the middle of slice ``index`` along voxel ``axis`` (0 = I,
+    1 = J, 2 = K) of ``volumeNode`` (its IJK to RAS matrix)."""
+    ijk = [(d - 1) / 2 for d in volumeNode.GetImageData().GetDimensions()]
+    ijk[axis] = index
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    ras = matrix.MultiplyPoint([*ijk, 1.0])[:3]
+    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
 
 def _node(className: str, name: str):

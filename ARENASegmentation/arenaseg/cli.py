@@ -142,6 +142,10 @@ def cmd_adapt(args) -> None:
     print(f"{result.method}: {rank}parameters {result.active_parameters:,} active of "
           f"{result.trainable_parameters:,} trained; {result.seconds:.1f} s on {result.device}")
     print(f"wrote {result.segmentation}" + (f" and {result.adapter}" if result.adapter else ""))
+    if args.suggest:
+        print(f"paint slice {result.next_slice} (voxel axis {'ijk'[result.slice_axis]}) next: the "
+              "result is least sure there" if result.next_slice is not None else
+              "no slice to suggest: the result is sure on every unpainted slice")
 
 
 def cmd_segment(args) -> None:
@@ -282,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background-label", type=int,
                    help="label value of voxels known not to be the structure (any slice)")
     p.add_argument("--warm-start", help="continue from this adapter file")
+    p.add_argument("--suggest", action="store_true",
+                   help="also say which slice to paint next: the one where the result is least sure")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help="pretrained backbone: a registry id (see README, Backbones; public "
                         "checkpoints are downloaded once into the cache) or a checkpoint file")

@@ -205,7 +205,8 @@ def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int =
 
     Returns:
         :class:`~arenaseg.postprocessing.Objects`: ``image`` is a labelmap on exactly the input
-        grid, ``label`` inside the structure; with the count and volume (mL) kept and removed.
+        grid, ``label`` inside the structure; with the count and volume (mL) kept and removed,
+        and (with ``annotation``) the slice to paint next.
 
     Raises:
         RuntimeError: out of memory on ``device`` (PyTorch's error; the adapters are unmerged
@@ -224,5 +225,8 @@ def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int =
         del probability
         return select_objects(mask, core, label, classes=classes, expected=expected)
     mask, core = threshold(probability, annotation, scan.outside)
+    doubt = annotation.next_slice(np.transpose(sitk.GetArrayViewFromImage(probability), (2, 1, 0)))
     del probability
-    return select_objects(mask, core, label, annotation.target)
+    objects = select_objects(mask, core, label, annotation.target)
+    objects.next_slice = doubt
+    return objects

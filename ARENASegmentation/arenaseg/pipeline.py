@@ -58,6 +58,8 @@ class AdaptResult:
     away from the paint, and post-processing removed: its false positives on this scan.
     ``profile`` is how the frozen backbone reads the painted structure (class → share, see
     :func:`~arenaseg.postprocessing.profile`), saved in the adapter for ``segment``.
+    ``next_slice`` is the unpainted slice (index along ``slice_axis``) where the adapted
+    backbone is least sure: the one to paint next (None when it is sure everywhere).
     ``training_parts`` is the training's wall time by part (seconds; see
     :attr:`~arenaseg.training.TrainingLog.parts`).
     """
@@ -82,6 +84,7 @@ class AdaptResult:
     removed_ml: float = 0.0
     profile: dict[str, float] = field(default_factory=dict)
     training_parts: dict[str, float] = field(default_factory=dict)
+    next_slice: int | None = None
 
     @property
     def effective_rank(self) -> int:
@@ -315,7 +318,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         seconds=time.perf_counter() - start, device=str(dev), slice_axis=annotation.axis,
         painted_slices=tuple(int(i) for i in annotation.slices), objects=objects.kept,
         volume_ml=objects.kept_ml, removed_objects=objects.removed, removed_ml=objects.removed_ml,
-        profile=result.profile, training_parts=result.log.parts)
+        profile=result.profile, training_parts=result.log.parts, next_slice=objects.next_slice)
     status("writing", f"writing {out}" + (f" and {adapter_out}" if adapter_out else ""))
     # Both files or neither: each is verified before either is published, so a failed or
     # interrupted write (full disk, Ctrl-C, cancel) leaves no segmentation without its adapter,

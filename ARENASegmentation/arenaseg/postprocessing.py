@@ -48,6 +48,8 @@ class Objects:
         kept_ml: their volume in mL.
         removed: number of objects predicted (probability > 0.5) but not kept.
         removed_ml: their volume in mL.
+        next_slice: with painted slices, the unpainted one to paint next, where the prediction
+            is least sure (:meth:`~arenaseg.annotations.Annotation.next_slice`); else None.
     """
 
     image: sitk.Image
@@ -55,6 +57,7 @@ class Objects:
     kept_ml: float
     removed: int
     removed_ml: float
+    next_slice: int | None = None
 
 
 def _zyx(array_ijk: np.ndarray) -> np.ndarray:
