@@ -39,7 +39,7 @@ def native_bf16() -> bool:
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (halves activation memory) and on CPUs with :func:`native_bf16`
-    (a training step in about 60 % of float32's time, ``bench/REPORT.md``); otherwise a no-op."""
+    (a training step in about 70 % of float32's time, ``bench/PROFILE.md``); otherwise a no-op."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cpu" and native_bf16():
