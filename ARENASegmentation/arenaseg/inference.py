@@ -47,6 +47,31 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+class _Bf16SafeConv3d(nn.Conv3d):
+    """A ``Conv3d`` that computes in float32 under CPU autocast when its input is 2 voxels deep
+    (first spatial axis) and its kernel is deeper than 1: there oneDNN's bf16 kernel (PyTorch
+    2.13 on AVX512-BF16/AMX) returns a wrong weight gradient, off by more than its own norm and
+    at times non-finite (``Testing/test_precision.py``). Only the deepest level of a crop that
+    is thin across that axis meets it, so the float32 work is small."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[2] == 2 and self.kernel_size[0] > 1 \
+                and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def guard_bf16_defects(model: nn.Module) -> nn.Module:
+    """Make every ``nn.Conv3d`` of ``model`` (adapters included) a :class:`_Bf16SafeConv3d`,
+    in place: same weights, same state-dict keys, same results in float32. Call it on a model
+    about to be trained under :func:`autocast`; returns ``model``."""
+    for module in model.modules():
+        if type(module) is nn.Conv3d:
+            module.__class__ = _Bf16SafeConv3d
+    return model
+
+
 _REUSING: bool | None = None
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .backbones import DEFAULT_BACKBONE, get_spec, state_checksum
 from .download import path_checksum
 from .imageio import array_ijk, image_like, read_image, read_labels_on
-from .inference import autocast, sliding_window_logits
+from .inference import autocast, guard_bf16_defects, sliding_window_logits
 from .outputs import Outputs, check_writable, write_safetensors, write_text
 from .preprocessing import to_canonical, to_input_grid
 from .training import run_steps
@@ -88,7 +88,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     data = [load_training_scan(i, l, class_values, prep) for i, l in scans]
-    model = spec.build(out_channels=len(class_values) + 1).to(device)
+    model = guard_bf16_defects(spec.build(out_channels=len(class_values) + 1).to(device))
     earlier = None
     if init:
         from safetensors.torch import load_file

@@ -23,7 +23,7 @@ from monai.losses import DiceCELoss
 
 from .config import DEFAULT_LR, FULL_FINE_TUNING_LR, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
-from .inference import autocast, reuse_freed_memory
+from .inference import autocast, guard_bf16_defects, reuse_freed_memory
 from .methods import Method
 
 ProgressFn = Callable[[int, float, dict], None]
@@ -138,7 +138,7 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
     targets_t = torch.as_tensor(targets, dtype=torch.float32)
     positive = np.flatnonzero(targets > 0.5)
 
-    model = tuning.model
+    model = guard_bf16_defects(tuning.model)
     params = tuning.parameters()
     lr = settings.learning_rate
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
