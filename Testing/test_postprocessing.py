@@ -105,7 +105,7 @@ def kidneys(tmp_path_factory):
     both = np.where(np.isin(labels, [KIDNEY_RIGHT, KIDNEY_LEFT]), 7, 0).astype(np.uint8)
     sitk.WriteImage(image_like(paint_slices(both, 7, 3, axis=2), image), str(tmp / "painted.nii.gz"))
     run = _arenaseg("adapt", "--image", ABDOMEN / "ct.nii.gz", "--annotations", tmp / "painted.nii.gz",
-                    "--label", 7, "--steps", 30, "--out", tmp / "adapt.nii.gz",
+                    "--label", 7, "--steps", 60, "--out", tmp / "adapt.nii.gz",
                     "--adapter-out", tmp / "kidneys.safetensors")
     assert run.returncode == 0, run.stderr
     return tmp, both, run

@@ -49,8 +49,9 @@ FULL = dict(structures=tuple(STRUCTURES), ks=(1, 3, 5), k_structures=("liver", "
 QUICK = dict(structures=("liver", "urinary_bladder"), ks=(3,), k_structures=(), seeds=(0,),
              ranks=(2, 8), rank_seeds=(0,), rank_structures=("urinary_bladder",), cross=("liver",),
              long_structures=("urinary_bladder",))
-# The engine's defaults (AdaptSettings: λ, ρ, η, r0 = 8, 60 steps) with one crop per step instead
-# of two, so that the full run fits in 90 minutes on 2 cores.
+# The engine's defaults (AdaptSettings: λ, ρ, η, r0 = 8, one crop per step) with 60 steps instead
+# of 120 (the "steps" protocol runs the defaults' 120), so that the full run fits in 90 minutes on
+# 2 cores.
 BUDGET = dict(steps=60, crops_per_step=1)
 MEMORY_STEPS = 3
 QUICK_BUDGET = dict(steps=6, crops_per_step=1)
