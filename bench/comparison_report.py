@@ -10,7 +10,7 @@ import numpy as np
 
 from arenaseg.config import ADAPTER_METHODS as ADAPTERS
 from arenaseg.config import DEFAULT_BACKBONE
-from paper_comparison import METHODS, STRUCTURES
+from paper_comparison import COMPARED, STRUCTURES
 
 
 def ms(values) -> str:
@@ -155,7 +155,7 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
 
     # the settings the run used (older runs stored the loop budget only: today's defaults)
     p, budget = header["protocol"], header.get("settings") or AdaptSettings(**header["budget"]).to_dict()
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in COMPARED if any(r["method"] == m for r in rows)]
     base = [n for n in p["structures"] if STRUCTURES[n][1]]
     new = [n for n in p["structures"] if not STRUCTURES[n][1]]
     trained = [m for m in methods if m != "zero-shot"]
@@ -185,6 +185,9 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
              f"stated; ARENA λ = {budget['lam']:g}, ρ = {budget['rho']:g}; AdaLoRA (PEFT): target rank "
              "r0/2 per layer on average, tinit 10 %, tfinal 20 % of the steps, orthogonality "
              "weight 0.5; LoRA (PEFT): scaling 1.",
+             "- `fill`: Slicer's *Fill between slices* (ITK's morphological contour "
+             "interpolation, `bench/fill_between_slices.py`) from the same painted slices: no "
+             "training, the same result for every seed; nothing beyond the first and last painted slice.",
              "- Structures the backbone was pretrained on (liver, spleen, aorta, stomach) start "
              "from its own output row; its pretraining used this very scan, so their numbers are "
              "optimistic. The new structures are the real few-shot test.",
@@ -216,15 +219,16 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
         lines.append("")
 
     cross = [r for r in rows if r.get("cross_dice") is not None]
+    transfer = [m for m in methods if m != "fill"]  # Fill between slices needs paint on the target
     if cross:
         lines += ["## Cross-scan transfer: adapter saved on one scan, applied to the other", "",
                   "Dice of the whole other scan (k = 3 painted slices on the source scan; no paint on the target).", "",
-                  "| organ, source → target | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+                  "| organ, source → target | " + " | ".join(transfer) + " |", "|---|" + "---|" * len(transfer)]
         for src, dst in (("abdomen_ct", "abdomen_ct_dicom"), ("abdomen_ct_dicom", "abdomen_ct")):
             for name in p["cross"]:
                 lines.append(f"| {name}, {src} → {dst} | " + " | ".join(
                     ms([r["cross_dice"] for r in cross if r["scan"] == src and r["structure"] == name
-                        and r["method"] == m]) for m in methods) + " |")
+                        and r["method"] == m]) for m in transfer) + " |")
         lines.append("")
 
     rank_rows = [r for r in rows if r["method"] in ("lora", "arena") and r["k"] == 3

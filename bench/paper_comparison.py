@@ -13,6 +13,7 @@ each). Peak memory per method is that of one real ``arenaseg adapt`` process.
     python bench/paper_comparison.py --quick --out /tmp/quick.md   # smoke test, a few minutes
     python bench/paper_comparison.py --rewrite  # report again from the saved results
     python bench/paper_comparison.py --lambda-ablation 8 16  # ARENA's rank sweep at other λ, added
+    python bench/paper_comparison.py --add-method fill      # one method's jobs again, added
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine, run_adapt  # noqa: E402
 
 from arenaseg.config import METHODS, AdaptSettings  # noqa: E402,F401 (every method, from the engine's config)
+#: The engine's methods and Slicer's *Fill between slices* (in-scan protocols only: it needs the
+#: paint on the scan it fills and has nothing to transfer or rank).
+COMPARED = METHODS + ("fill",)
 SCANS = {"abdomen_ct": ("abdomen_ct/ct.nii.gz", "abdomen_ct/labels.nii.gz"),
          "abdomen_ct_dicom": ("abdomen_ct_dicom/dicom", "abdomen_ct_dicom/labels.nii.gz")}
 # name → TotalSegmentator label value (the same in both scans), and whether the backbone knows it
@@ -71,9 +75,9 @@ def plan(p: dict) -> list[dict]:
     for seed in sorted(set(p["seeds"]) | set(p["rank_seeds"])):  # a run cut short has every protocol
         main = seed in p["seeds"]
         for name in p["structures"] if main else ():
-            for method in METHODS:
+            for method in COMPARED:
                 add("in-scan", "abdomen_ct", name, method, 3, seed,
-                    cross_to="abdomen_ct_dicom" if name in p["cross"] else None)
+                    cross_to="abdomen_ct_dicom" if name in p["cross"] and method != "fill" else None)
         for name in p["rank_structures"] if seed in p["rank_seeds"] else ():
             for method in ("lora", "arena"):
                 for r0 in p["ranks"]:
@@ -86,7 +90,7 @@ def plan(p: dict) -> list[dict]:
                              k=3, seed=seed, rank=8, cross_to=None, steps_factor=2))
         for k in p["ks"]:
             for name in p["k_structures"]:
-                for method in METHODS:
+                for method in COMPARED:
                     if k != 3:
                         add("in-scan", "abdomen_ct", name, method, k, seed)
         for name in p["cross"]:
@@ -142,6 +146,15 @@ def run_job(args: tuple) -> dict:
     scan, ref = _scan(data, job["scan"])
     value = STRUCTURES[job["structure"]][0]
     annotation = find_annotation(paint_slices(ref, value, job["k"], axis=2), value, axis=2)
+    started = time.perf_counter()
+    if job["method"] == "fill":
+        from fill_between_slices import fill_between_slices
+
+        painted = paint_slices(ref, value, job["k"], axis=2) == value
+        seg = fill_between_slices(painted, scan.image.GetSpacing())
+        return dict(job, dice=dice(seg, ref == value, ~annotation.known), train_s=0.0,
+                    predict_s=time.perf_counter() - started, ranks={}, initial_ranks={},
+                    total_rank=[], trainable=0, active=0, slices=list(annotation.slices))
     loop = dict(budget, steps=budget["steps"] * job.get("steps_factor", 1))
     settings = AdaptSettings(method=job["method"], rank=job["rank"], seed=job["seed"], **loop,
                              **({"lam": job["lam"]} if "lam" in job else {}))
@@ -229,6 +242,20 @@ def lambda_ablation(data: Path, results: Path, lams, workers: int) -> tuple[dict
     return header, rows
 
 
+def add_methods(data: Path, results: Path, methods, workers: int) -> tuple[dict, list[dict]]:
+    """Run the saved run's jobs of ``methods`` only (e.g. a baseline added later) and put their
+    rows in ``results`` in place of earlier rows of those methods."""
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    header, rows = lines[0], [r for r in lines[1:] if r["method"] not in methods]
+    jobs = [j for j in plan(header["protocol"]) if j["method"] in methods]
+    rows += run_jobs(jobs, data, header["budget"], workers, None, time.perf_counter())
+    header["jobs"] = len(plan(header["protocol"]))
+    header.setdefault("added", []).append({"methods": list(methods), "revision": git_revision(),
+                                           "jobs": len(jobs)})
+    results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
+    return header, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -247,9 +274,16 @@ def main() -> None:
     parser.add_argument("--lambda-ablation", type=float, nargs="+", metavar="LAMBDA",
                         help="after a run: ARENA's rank sweep again at each λ, added to the saved "
                              "results and the report")
+    parser.add_argument("--add-method", nargs="+", choices=COMPARED, metavar="METHOD",
+                        help="after a run: run the jobs of these methods only and put them in "
+                             "the saved results and the report")
     args = parser.parse_args()
     out = Path(args.out)
     results = out.with_suffix(".jsonl")
+    if args.add_method:
+        from comparison_report import write_report
+        write_report(out, *add_methods(Path(args.data), results, args.add_method, args.workers))
+        return
     if args.lambda_ablation:
         from comparison_report import write_report
         write_report(out, *lambda_ablation(Path(args.data), results, args.lambda_ablation, args.workers))
