@@ -80,3 +80,18 @@ def test_next_slice_is_the_least_sure_unpainted_one():
     probability[:, :, 1] = 0.5       # painted: known, never suggested
     assert annotation.next_slice(probability) == 2
     assert annotation.next_slice(np.round(probability)) is None  # sure everywhere
+
+
+def test_next_slice_ignores_doubt_far_from_the_result():
+    """Doubt in a look-alike across the scan is removed with it: it must not send the user to a
+    slice without the structure."""
+    target = np.zeros((8, 5, 6), bool)
+    target[1:3, 1:4, [1, 4]] = True
+    annotation = find_annotation(target.astype(np.uint8), 1, axis=2)
+    probability = np.zeros((8, 5, 6))
+    probability[1:3, 1:4, 2] = 0.7   # a little unsure, next to the result
+    probability[5:8, :, 5] = 0.5     # very unsure, far away
+    near = np.zeros(target.shape, bool)
+    near[0:4] = True
+    assert annotation.next_slice(probability) == 5
+    assert annotation.next_slice(probability, near) == 2

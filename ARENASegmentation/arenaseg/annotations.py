@@ -47,7 +47,7 @@ class Annotation:
         mask[tuple(index)] = True
         return mask
 
-    def next_slice(self, probability: np.ndarray) -> int | None:
+    def next_slice(self, probability: np.ndarray, near: np.ndarray | None = None) -> int | None:
         """The unpainted slice to paint next: where the prediction is least sure, the largest
         sum over the slice of ``p·(1 − p)`` (the expected number of wrong voxels when each
         voxel is right with its own probability; interactive-segmentation benchmarks put the
@@ -55,11 +55,17 @@ class Annotation:
 
         Args:
             probability: ``(I, J, K)`` probability of the structure on the image grid.
+            near: boolean ``(I, J, K)``, where doubt counts (e.g. around the kept result):
+                doubt far from it is removed with the objects not connected to the paint, and
+                would send the user to a slice without the structure.
 
         Returns:
             The slice index along :attr:`axis`, or None when every other slice is certain.
         """
-        doubt = (probability * (1.0 - probability)).sum(axis=tuple(a for a in range(3) if a != self.axis))
+        doubt = probability * (1.0 - probability)
+        if near is not None:
+            doubt = np.where(near, doubt, 0.0)
+        doubt = doubt.sum(axis=tuple(a for a in range(3) if a != self.axis))
         doubt[list(self.slices)] = 0.0
         return int(np.argmax(doubt)) if doubt.max() > 0 else None
 

@@ -102,6 +102,10 @@ def reuse_freed_memory() -> bool:
     return _REUSING
 
 
+#: How far (mm) from the kept result the doubt that chooses the next slice to paint counts.
+NEAR_MM = 10.0
+
+
 @torch.no_grad()
 def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi_size, device: torch.device,
                           overlap: float = 0.25,
@@ -250,8 +254,11 @@ def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int =
         del probability
         return select_objects(mask, core, label, classes=classes, expected=expected)
     mask, core = threshold(probability, annotation, scan.outside)
-    doubt = annotation.next_slice(np.transpose(sitk.GetArrayViewFromImage(probability), (2, 1, 0)))
-    del probability
     objects = select_objects(mask, core, label, annotation.target)
-    objects.next_slice = doubt
+    # Doubt counts within NEAR_MM of the kept result: what lies farther is dropped anyway.
+    radius = [max(1, round(NEAR_MM / s)) for s in objects.image.GetSpacing()]
+    near = sitk.BinaryDilate(objects.image != 0, radius, sitk.sitkBox)
+    objects.next_slice = annotation.next_slice(
+        np.transpose(sitk.GetArrayViewFromImage(probability), (2, 1, 0)),
+        np.transpose(sitk.GetArrayViewFromImage(near), (2, 1, 0)) > 0)
     return objects
