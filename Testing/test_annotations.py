@@ -5,7 +5,7 @@ import pytest
 
 import SimpleITK as sitk
 
-from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.annotations import dice, doubt, find_annotation, paint_slices
 from arenaseg.errors import ArenaError
 from arenaseg.imageio import array_ijk
 
@@ -78,8 +78,8 @@ def test_next_slice_is_the_least_sure_unpainted_one():
     probability[1:3, 1:4, 2] = 0.5   # unsure
     probability[1:3, 1:4, 3] = 0.9   # fairly sure
     probability[:, :, 1] = 0.5       # painted: known, never suggested
-    assert annotation.next_slice(probability) == 2
-    assert annotation.next_slice(np.round(probability)) is None  # sure everywhere
+    assert annotation.next_slice(doubt(probability)) == 2
+    assert annotation.next_slice(doubt(np.round(probability))) is None  # sure everywhere
 
 
 def test_next_slice_ignores_doubt_far_from_the_result():
@@ -93,5 +93,5 @@ def test_next_slice_ignores_doubt_far_from_the_result():
     probability[5:8, :, 5] = 0.5     # very unsure, far away
     near = np.zeros(target.shape, bool)
     near[0:4] = True
-    assert annotation.next_slice(probability) == 5
-    assert annotation.next_slice(probability, near) == 2
+    assert annotation.next_slice(doubt(probability)) == 5
+    assert annotation.next_slice(doubt(probability), near) == 2

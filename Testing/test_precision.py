@@ -7,7 +7,8 @@ level of a 32-voxel slab painted on sagittal slices is; runs then trained on noi
 stopped on a non-finite loss. The kernel reads memory it did not write, so it shows only once
 freed blocks are reused (:func:`~arenaseg.inference.reuse_freed_memory`), not on fresh zeroed
 pages. :func:`arenaseg.inference.guard_bf16_defects` routes those
-convolutions through float32. Autocast is forced here, so the check runs on every CPU.
+convolutions (and AdaLoRA's functional one) through float32. Autocast is forced here, so the check runs on every CPU (it can only catch the defect on one
+with native bf16, where oneDNN runs bf16 kernels).
 """
 
 import copy
@@ -37,7 +38,7 @@ def gradients(model, x, bf16: bool) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["arena", "lora", "full"])
+@pytest.mark.parametrize("method", ["arena", "lora", "adalora", "full"])
 @pytest.mark.parametrize("across", [0, 1, 2])
 def test_bf16_gradients_match_float32(backbone, method, across):
     model, spec = copy.deepcopy(backbone[0]), backbone[1]
@@ -47,7 +48,7 @@ def test_bf16_gradients_match_float32(backbone, method, across):
         for name, p in model.named_parameters():
             if name.endswith(".v"):
                 p.fill_(0.1)
-            elif "lora_B" in name:
+            elif "lora_B" in name or "lora_E" in name:  # LoRA's B, AdaLoRA's singular values
                 p.normal_(0, 0.05)
     guard_bf16_defects(tuning.model)
     crop = list(spec.preprocessing.roi_size)

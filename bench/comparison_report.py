@@ -173,6 +173,8 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
              f"; worker time {sum(r['train_s'] + r['predict_s'] for r in planned) / 60 / header['workers']:.1f} min "
              "(sum of the jobs' training and segmentation seconds / workers; excludes process "
              "start, cross-scan segmentation and the memory runs)",
+             *[f"- Added later (`--add-method`): {', '.join(a['methods'])}, {a['jobs']} jobs at revision "
+               f"{a['revision']}" for a in header.get("added", [])],
              "- Data: `abdomen_ct` (122×101×112, 3 mm) and `abdomen_ct_dicom` (512×512×20, another "
              "patient); references are TotalSegmentator labels. Painted slices: k axial slices "
              "spread evenly inside the structure, taken from the reference; Dice on every "
@@ -304,7 +306,7 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
               "AdaLoRA's masked triplets not counted; the head's 17 included); seconds per job in "
               "the benchmark workers (training, then segmentation of the whole scan; k = 3); peak "
               "resident memory of one real `arenaseg adapt` process per method (liver, k = 3, "
-              "engine defaults: 2 crops per step, 2 threads, but "
+              "the engine's defaults at the run's revision, 2 threads, but "
               f"{header.get('memory_steps', 3)} steps, since every step holds the same tensors; "
               f"{len(header.get('memory', {}))} processes, {header['workers']} at a time, "
               f"{header.get('memory_wall_s', float('nan')) / 60:.1f} min).", "",

@@ -242,6 +242,9 @@ def report(rows: list[dict], zs: dict, command: str, args, revision: str, host: 
     target(max(peaks) <= 1536, f"peak memory ≤ 1.5 GB: max {max(peaks):.0f} MB")
     losses = {n: previous["dice"][f"{n}/arena"] - by[(n, "arena")]["dice"] for n in names
               if previous and f"{n}/arena" in previous["dice"] and (n, "arena") in by}
+    if not previous:
+        lines.append(f"- NOT CHECKED: Dice against the report before the rank and speed work (revision "
+                     f"{BASELINE}): its bench/REPORT.json is not in this checkout's history")
     if losses:
         worst = max(losses, key=losses.get)
         target(losses[worst] <= 0.02, f"no structure's ARENA Dice more than 0.02 below the report "

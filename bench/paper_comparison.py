@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine, run_adapt  # noqa: E402
 
 from arenaseg.config import METHODS, AdaptSettings  # noqa: E402,F401 (every method, from the engine's config)
-#: The engine's methods and Slicer's *Fill between slices* (in-scan protocols only: it needs the
-#: paint on the scan it fills and has nothing to transfer or rank).
+#: The engine's methods and Slicer's *Fill between slices* (in-scan protocols of the full run
+#: only: it needs the paint on the scan it fills, has nothing to transfer or rank, and needs ITK,
+#: the bench extra, which the quick run in the test suite does without).
 COMPARED = METHODS + ("fill",)
 SCANS = {"abdomen_ct": ("abdomen_ct/ct.nii.gz", "abdomen_ct/labels.nii.gz"),
          "abdomen_ct_dicom": ("abdomen_ct_dicom/dicom", "abdomen_ct_dicom/labels.nii.gz")}
@@ -49,7 +50,7 @@ CROSS = ("liver", "spleen", "aorta", "stomach")
 NEW = ("urinary_bladder", "iliopsoas_left", "inferior_vena_cava")
 FULL = dict(structures=tuple(STRUCTURES), ks=(1, 3, 5), k_structures=("liver", "urinary_bladder"),
             seeds=(0, 1, 2), ranks=(2, 4, 8, 16, 32), rank_seeds=(0, 1, 2),
-            rank_structures=NEW, cross=CROSS, long_structures=NEW)
+            rank_structures=NEW, cross=CROSS, long_structures=NEW, baselines=("fill",))
 QUICK = dict(structures=("liver", "urinary_bladder"), ks=(3,), k_structures=(), seeds=(0,),
              ranks=(2, 8), rank_seeds=(0,), rank_structures=("urinary_bladder",), cross=("liver",),
              long_structures=("urinary_bladder",))
@@ -65,17 +66,19 @@ def plan(p: dict) -> list[dict]:
     """Every job of a protocol set ``p`` (FULL or QUICK), each a dict of its settings."""
     jobs = []
 
+    methods = METHODS + p.get("baselines", ())
+
     def add(protocol, scan, name, method, k, seed, rank=8, cross_to=None):
         if method == "zero-shot" and not STRUCTURES[name][1]:
             return
-        if method == "zero-shot" and seed != p["seeds"][0]:
+        if method in ("zero-shot", "fill") and seed != p["seeds"][0]:
             return  # nothing random in it
         jobs.append(dict(protocol=protocol, scan=scan, structure=name, method=method, k=k,
                          seed=seed, rank=rank, cross_to=cross_to))
     for seed in sorted(set(p["seeds"]) | set(p["rank_seeds"])):  # a run cut short has every protocol
         main = seed in p["seeds"]
         for name in p["structures"] if main else ():
-            for method in COMPARED:
+            for method in methods:
                 add("in-scan", "abdomen_ct", name, method, 3, seed,
                     cross_to="abdomen_ct_dicom" if name in p["cross"] and method != "fill" else None)
         for name in p["rank_structures"] if seed in p["rank_seeds"] else ():
@@ -90,7 +93,7 @@ def plan(p: dict) -> list[dict]:
                              k=3, seed=seed, rank=8, cross_to=None, steps_factor=2))
         for k in p["ks"]:
             for name in p["k_structures"]:
-                for method in COMPARED:
+                for method in methods:
                     if k != 3:
                         add("in-scan", "abdomen_ct", name, method, k, seed)
         for name in p["cross"]:
@@ -247,6 +250,8 @@ def add_methods(data: Path, results: Path, methods, workers: int) -> tuple[dict,
     rows in ``results`` in place of earlier rows of those methods."""
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     header, rows = lines[0], [r for r in lines[1:] if r["method"] not in methods]
+    extra = tuple(m for m in methods if m not in METHODS)  # a baseline the saved run did not plan
+    header["protocol"]["baselines"] = tuple(dict.fromkeys(header["protocol"].get("baselines", ()) + extra))
     jobs = [j for j in plan(header["protocol"]) if j["method"] in methods]
     rows += run_jobs(jobs, data, header["budget"], workers, None, time.perf_counter())
     header["jobs"] = len(plan(header["protocol"]))

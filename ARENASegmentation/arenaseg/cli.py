@@ -145,7 +145,7 @@ def cmd_adapt(args) -> None:
     if args.suggest:
         print(f"paint slice {result.next_slice} (voxel axis {'ijk'[result.slice_axis]}) next: the "
               "result is least sure there" if result.next_slice is not None else
-              "no slice to suggest: the result is sure on every unpainted slice")
+              "no slice to suggest: the result is sure on every unpainted slice near it")
 
 
 def cmd_segment(args) -> None:

@@ -17,6 +17,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from .annotations import doubt
 from .postprocessing import Objects, select_objects, threshold
 
 if TYPE_CHECKING:
@@ -47,16 +48,22 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def bf16_defective(x: torch.Tensor, kernel_size) -> bool:
+    """True where a 3D convolution of ``x`` ``(B, C, D, H, W)`` must not run in bf16 on the CPU:
+    under CPU autocast, ``D == 2`` and a kernel deeper than 1. There oneDNN's bf16 kernel
+    (PyTorch 2.13, seen on an AVX512-BF16 CPU) reads memory it did not write and returns a wrong
+    weight gradient, off by more than its own norm and at times non-finite
+    (``Testing/test_precision.py``). Only the deepest level of a crop that is thin across the
+    first axis (a 32-voxel slab painted on sagittal slices) meets it, so the float32 work is small."""
+    return (x.device.type == "cpu" and x.dim() == 5 and x.shape[2] == 2 and kernel_size[0] > 1
+            and torch.is_autocast_enabled("cpu"))
+
+
 class _Bf16SafeConv3d(nn.Conv3d):
-    """A ``Conv3d`` that computes in float32 under CPU autocast when its input is 2 voxels deep
-    (first spatial axis) and its kernel is deeper than 1: there oneDNN's bf16 kernel (PyTorch
-    2.13 on AVX512-BF16/AMX) returns a wrong weight gradient, off by more than its own norm and
-    at times non-finite (``Testing/test_precision.py``). Only the deepest level of a crop that
-    is thin across that axis meets it, so the float32 work is small."""
+    """A ``Conv3d`` that computes in float32 where :func:`bf16_defective`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.shape[2] == 2 and self.kernel_size[0] > 1 \
-                and torch.is_autocast_enabled("cpu"):
+        if bf16_defective(x, self.kernel_size):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)
@@ -65,7 +72,8 @@ class _Bf16SafeConv3d(nn.Conv3d):
 def guard_bf16_defects(model: nn.Module) -> nn.Module:
     """Make every ``nn.Conv3d`` of ``model`` (adapters included) a :class:`_Bf16SafeConv3d`,
     in place: same weights, same state-dict keys, same results in float32. Call it on a model
-    about to be trained under :func:`autocast`; returns ``model``."""
+    about to be trained under :func:`autocast`; returns ``model``. (AdaLoRA's functional
+    convolution checks :func:`bf16_defective` itself.)"""
     for module in model.modules():
         if type(module) is nn.Conv3d:
             module.__class__ = _Bf16SafeConv3d
@@ -102,7 +110,7 @@ def reuse_freed_memory() -> bool:
     return _REUSING
 
 
-#: How far (mm) from the kept result the doubt that chooses the next slice to paint counts.
+#: How far (mm, along each axis) from the kept result the doubt that chooses the next slice counts.
 NEAR_MM = 10.0
 
 
@@ -254,11 +262,13 @@ def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int =
         del probability
         return select_objects(mask, core, label, classes=classes, expected=expected)
     mask, core = threshold(probability, annotation, scan.outside)
+    uncertain = np.transpose(doubt(sitk.GetArrayViewFromImage(probability)), (2, 1, 0))
+    del probability
     objects = select_objects(mask, core, label, annotation.target)
-    # Doubt counts within NEAR_MM of the kept result: what lies farther is dropped anyway.
+    del mask, core
+    # Doubt counts within NEAR_MM (per axis: a box) of the kept result; farther is dropped anyway.
     radius = [max(1, round(NEAR_MM / s)) for s in objects.image.GetSpacing()]
     near = sitk.BinaryDilate(objects.image != 0, radius, sitk.sitkBox)
     objects.next_slice = annotation.next_slice(
-        np.transpose(sitk.GetArrayViewFromImage(probability), (2, 1, 0)),
-        np.transpose(sitk.GetArrayViewFromImage(near), (2, 1, 0)) > 0)
+        uncertain, np.transpose(sitk.GetArrayViewFromImage(near), (2, 1, 0)).view(bool))
     return objects

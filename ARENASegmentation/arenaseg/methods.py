@@ -35,6 +35,7 @@ layers PEFT supports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any
@@ -46,6 +47,7 @@ from torch import nn
 from .adapters import ArenaLayer, GateSteps, effective_ranks, inject_adapters
 from .config import ADAPTER_METHODS, METHODS, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
+from .inference import bf16_defective
 from .registry import BackboneSpec
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -83,8 +85,12 @@ def _svd_conv3d_class():
             for name in self.active_adapters:
                 if name in self.lora_A:
                     delta = self.get_delta_weight(name).to(x.dtype)
-                    result = result + F.conv3d(self.lora_dropout[name](x), delta, None, base.stride,
-                                               base.padding, base.dilation, base.groups)
+                    inputs = self.lora_dropout[name](x)
+                    exact = bf16_defective(inputs, base.kernel_size)
+                    with torch.autocast("cpu", enabled=False) if exact else contextlib.nullcontext():
+                        result = result + F.conv3d(inputs.float() if exact else inputs,
+                                                   delta.float() if exact else delta, None,
+                                                   base.stride, base.padding, base.dilation, base.groups)
             return result
 
     return SVDConv3d

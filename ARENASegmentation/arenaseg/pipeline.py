@@ -59,7 +59,8 @@ class AdaptResult:
     ``profile`` is how the frozen backbone reads the painted structure (class → share, see
     :func:`~arenaseg.postprocessing.profile`), saved in the adapter for ``segment``.
     ``next_slice`` is the unpainted slice (index along ``slice_axis``) where the adapted
-    backbone is least sure: the one to paint next (None when it is sure everywhere).
+    backbone is least sure: the one to paint next (None when it is sure on every unpainted
+    slice near the result).
     ``training_parts`` is the training's wall time by part (seconds; see
     :attr:`~arenaseg.training.TrainingLog.parts`).
     """
