@@ -5,11 +5,44 @@ The Segment Editor effect runs ITK's morphological contour interpolation
 ``itk::MorphologicalContourInterpolator`` with its default settings) on the painted labelmap; the
 same filter comes from PyPI as ``itk-morphologicalcontourinterpolation`` (Albu, Beugeling and
 Laurendeau 2008; Zukić et al., Insight Journal 2016).
+
+The filter runs in its own Python process: ITK's wheels and SimpleITK (which carries its own
+ITK) in one process corrupt the heap (glibc aborts with "unaligned fastbin chunk detected",
+reproduced with the two libraries alone), and every benchmark reads images with SimpleITK.
 """
 
 from __future__ import annotations
 
+import atexit
+import pickle
+import subprocess
+import sys
+
 import numpy as np
+
+_SERVER = r"""
+import pickle, sys
+import numpy as np
+import itk  # itk-morphologicalcontourinterpolation (bench extra); no SimpleITK in this process
+src, dst = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    try:
+        painted, spacing = pickle.load(src)
+    except EOFError:
+        break
+    image = itk.image_from_array(np.ascontiguousarray(np.transpose(painted, (2, 1, 0))).astype(np.uint8))
+    image.SetSpacing([float(s) for s in spacing])
+    filled = np.transpose(itk.array_from_image(itk.morphological_contour_interpolator(image)), (2, 1, 0)) > 0
+    pickle.dump(filled, dst)
+    dst.flush()
+"""
+_process: subprocess.Popen | None = None
+
+
+def _close() -> None:
+    if _process is not None and _process.poll() is None:
+        _process.stdin.close()
+        _process.wait(timeout=30)
 
 
 def fill_between_slices(painted: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -24,9 +57,14 @@ def fill_between_slices(painted: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndar
         boolean ``(I, J, K)``: the painted slices and the contours interpolated between them
         (nothing beyond the first and last painted slice).
     """
-    import itk  # itk-morphologicalcontourinterpolation (bench extra)
-
-    image = itk.image_from_array(np.ascontiguousarray(np.transpose(painted > 0, (2, 1, 0))).astype(np.uint8))
-    image.SetSpacing([float(s) for s in spacing])
-    filled = itk.morphological_contour_interpolator(image)
-    return np.transpose(itk.array_from_image(filled), (2, 1, 0)) > 0
+    global _process
+    if _process is None or _process.poll() is not None:
+        _process = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE)
+        atexit.register(_close)
+    pickle.dump((np.asarray(painted) > 0, tuple(float(s) for s in spacing)), _process.stdin)
+    _process.stdin.flush()
+    try:
+        return pickle.load(_process.stdout)
+    except EOFError:
+        raise RuntimeError(f"the Fill between slices process ended (exit code {_process.wait()})") from None
