@@ -65,9 +65,11 @@ class Annotation:
             (where it counts).
         """
         sums = np.zeros(doubt.shape[self.axis])
-        for i in set(range(len(sums))) - {int(s) for s in self.slices}:  # one slice at a time: no full-size temporaries
+        for i in set(range(len(sums))) - {int(s) for s in self.slices}:  # no full-size temporaries
             d = np.take(doubt, i, axis=self.axis)
-            sums[i] = d[np.take(near, i, axis=self.axis)].sum(dtype=float) if near is not None else d.sum(dtype=float)
+            if near is not None:
+                d = d[np.take(near, i, axis=self.axis)]
+            sums[i] = d.sum(dtype=float)
         return int(np.argmax(sums)) if sums.max() > 0 else None
 
     def points(self) -> tuple[np.ndarray, np.ndarray]:
