@@ -5,7 +5,7 @@ import pytest
 
 import SimpleITK as sitk
 
-from arenaseg.annotations import dice, doubt, find_annotation, paint_slices
+from arenaseg.annotations import dice, doubt, find_annotation, interpolate, paint_slices
 from arenaseg.errors import ArenaError
 from arenaseg.imageio import array_ijk
 
@@ -95,3 +95,27 @@ def test_next_slice_ignores_doubt_far_from_the_result():
     near[0:4] = True
     assert annotation.next_slice(doubt(probability)) == 5
     assert annotation.next_slice(doubt(probability), near) == 2
+
+
+def test_interpolation_between_two_discs_grows_the_radius_linearly_and_weights_by_distance():
+    # Discs of radius 6 and 14 mm (1 mm pixels) painted across axis 1 on slices 2 and 10 (4 mm
+    # apart), background painted on slice 6 left: no pseudo-label there, none beyond the ends.
+    labels = np.zeros((60, 14, 60), np.uint8)
+    u, v = np.mgrid[:60, :60]
+    r = np.hypot(u - 30, v - 30)
+    labels[:, 2, :][r <= 6] = 1
+    labels[:, 10, :][r <= 14] = 1
+    labels[:5, 6, :5] = 2
+    ann = find_annotation(labels, 1, axis=1, background=2)
+    spacing = (1.0, 4.0, 1.0)
+    points, targets, weights = interpolate(ann, spacing, half_life_mm=4.0, band_mm=6.0)
+    assert set(np.unique(points[:, 1])) == set(range(3, 10))  # between the painted slices only
+    for t in range(3, 10):
+        area = targets[points[:, 1] == t].sum()  # mm²
+        assert abs(np.sqrt(area / np.pi) - (6 + (t - 2))) < 0.5  # radius 6 → 14 mm, linearly
+    assert np.allclose(weights[points[:, 1] == 3], 0.5)          # one slice (4 mm) from slice 2
+    assert np.allclose(weights[points[:, 1] == 6], 0.5 ** 4)     # halfway: 16 mm from both
+    kept = points[points[:, 1] == 6]
+    assert not ((kept[:, 0] < 5) & (kept[:, 2] < 5)).any()       # painted background stays out
+    assert np.hypot(points[:, 0] - 30, points[:, 2] - 30).max() <= 14 + 6 + 1  # the band
+    assert len(interpolate(find_annotation(labels[:, :3], 1, axis=1), spacing, 4.0)[0]) == 0

@@ -19,7 +19,7 @@ def test_pretrain_writes_loadable_weights_and_a_model_card(tmp_path, capsys):
     out = tmp_path / "base.safetensors"
     rc = main(["pretrain", "--scan", str(ABDOMEN_SMALL / "ct.nii.gz"),
                str(ABDOMEN_SMALL / "labels.nii.gz"), "--classes", "spleen=1,liver=5",
-               "--steps", "2", "--out", str(out)])
+               "--steps", "2", "--augment", "--out", str(out)])
     assert rc == 0
     model = get_spec("arena-small-ct-unet").build(out_channels=3)
     model.load_state_dict(load_file(str(out)), strict=True)
@@ -28,12 +28,14 @@ def test_pretrain_writes_loadable_weights_and_a_model_card(tmp_path, capsys):
     assert sums["abdomen_ct_small/ct.nii.gz"] in card
     assert "| scan | spleen | liver |" in card and "Training time" in card
     assert "Wasserthal" in card
+    assert "- Augmentation: rotation, scaling" in card
     first = hashlib.sha256(out.read_bytes()).hexdigest()
     assert main(["pretrain", "--scan", str(ABDOMEN_SMALL / "ct.nii.gz"),
                  str(ABDOMEN_SMALL / "labels.nii.gz"), "--classes", "spleen=1,liver=5",
                  "--steps", "1", "--init", str(out), "--out", str(out)]) == 0
     again = out.with_suffix(".md").read_text()
     assert "## Earlier training" in again and first in again and "--steps 2" in again
+    assert "- Augmentation: intensity shift\n" in again  # without --augment
 
 
 def test_demo_on_local_data_reports_dice(tmp_path, capsys):

@@ -30,7 +30,8 @@ def cmd_pretrain(args) -> None:
     from .pretrain import pretrain
 
     report = pretrain([tuple(s) for s in args.scan], parse_classes(args.classes), Path(args.out),
-                      steps=args.steps, lr=args.lr, seed=args.seed, device=pick_device(args.device),
+                      steps=args.steps, lr=args.lr, seed=args.seed, augment=args.augment,
+                      device=pick_device(args.device),
                       init=Path(args.init) if args.init else None, command=args.command_line)
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} "
           f"({report['seconds']:.0f} s)")
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--init", help="start from these weights (.safetensors) instead of scratch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="random rotation, scaling, intensity, gamma, noise, smoothing and bias "
+                        "field on each crop (for patients and contrast phases not trained on)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_pretrain)
 

@@ -92,6 +92,9 @@ class LoopSettings:
             lives on the painted slices only, so thin slabs save most of the compute.
         max_points: painted voxels sampled per crop for the loss (memory bound).
         seed: random seed of crops and initialisation.
+        interpolate_mm: pseudo-labels interpolated between the painted slices
+            (:func:`arenaseg.annotations.interpolate`) also train, weighted by half at each
+            ``interpolate_mm`` mm from the nearest painted slice; 0: only the painted slices.
         checkpointing: gradient checkpointing inside the backbone (SwinUNETR), trading compute
             for GPU memory.
     """
@@ -101,12 +104,13 @@ class LoopSettings:
     slab: int = 32
     max_points: int = 50_000
     seed: int = 0
+    interpolate_mm: float = 0.0
     checkpointing: bool = False
 
 
 #: Field order of the flat settings (as adapters and jobs have always stored them).
 _ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "crops_per_step", "slab",
-          "max_points", "seed", "targets", "train_decoder", "checkpointing")
+          "max_points", "seed", "targets", "train_decoder", "checkpointing", "interpolate_mm")
 
 
 @dataclass

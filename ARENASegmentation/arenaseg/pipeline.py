@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .adapter_file import apply_adapter, read_adapter, save_adapter
-from .annotations import Annotation, dice, find_annotation
+from .annotations import Annotation, dice, find_annotation, interpolate
 from .backbones import DEFAULT_BACKBONE, load_backbone, state_checksum
 from .errors import ArenaError
 from .checks import (backbone_preprocessing, check_extent, check_intensities, check_paint,
@@ -217,9 +217,14 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     crop = list(spec.preprocessing.roi_size)
     across = scan.canonical_axis(annotation.axis)
     crop[across] = min(crop[across], settings.slab)
+    pseudo = None
+    if settings.interpolate_mm > 0:
+        weak, weak_targets, weights = interpolate(annotation, scan.image.GetSpacing(),
+                                                  settings.interpolate_mm, seed=settings.seed)
+        pseudo = (scan.points_to_canonical(weak), weak_targets, weights)
     status("training", f"training {settings.steps} steps ({tuning.method})")
     log = train(tuning, scan.x, coords, targets, crop, settings, dev,
-                progress=progress, should_stop=should_stop)
+                progress=progress, should_stop=should_stop, pseudo=pseudo)
     return Fit(tuning, spec, scan, log, checksum, zero_shot_dice, painted_profile)
 
 

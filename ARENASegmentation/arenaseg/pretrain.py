@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
-from monai.transforms import Compose, RandCropByPosNegLabeld, RandShiftIntensityd, SpatialPad
+from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandBiasFieldd,
+                              RandCropByPosNegLabeld, RandGaussianNoised, RandGaussianSmoothd,
+                              RandScaleIntensityd, RandShiftIntensityd, SpatialPad)
 from tqdm import tqdm
 
 from .backbones import DEFAULT_BACKBONE, get_spec, state_checksum
@@ -47,6 +49,25 @@ def load_training_scan(image_path, labels_path, class_values: dict[str, int], pr
             "x_eval": x, "affine": affine}
 
 
+def augmentation(augment: bool) -> list:
+    """MONAI transforms applied to each training crop (dictionary keys ``x``, ``y``). Without
+    ``augment``: an intensity shift only. With it, also what differs between patients, scanners
+    and contrast phases: rotation (±15° about each axis) and scaling (±15 %), intensity scale,
+    gamma (contrast), Gaussian noise, smoothing (reconstruction kernel) and a smooth bias field."""
+    shift = [RandShiftIntensityd(keys="x", offsets=0.1, prob=0.5)]
+    if not augment:
+        return shift
+    return [RandAffined(keys=("x", "y"), prob=0.5, rotate_range=(0.26, 0.26, 0.26),
+                        scale_range=(0.15, 0.15, 0.15), mode=("bilinear", "nearest"),
+                        padding_mode="border"),
+            RandScaleIntensityd(keys="x", factors=0.1, prob=0.5), *shift,
+            RandAdjustContrastd(keys="x", gamma=(0.7, 1.5), prob=0.5),
+            RandGaussianNoised(keys="x", std=0.03, prob=0.3),
+            RandGaussianSmoothd(keys="x", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
+                                sigma_z=(0.5, 1.0), prob=0.2),
+            RandBiasFieldd(keys="x", coeff_range=(0.0, 0.1), prob=0.3)]
+
+
 def per_class_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float | None]:
     """Dice per foreground class (MONAI ``compute_dice``); None where the class is absent."""
     p = torch.nn.functional.one_hot(torch.from_numpy(pred.astype(np.int64)), n_classes)
@@ -58,7 +79,7 @@ def per_class_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[fl
 
 def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Path,
              steps: int = 1500, lr: float = 2e-3, crops_per_step: int = 2, seed: int = 0,
-             device: torch.device = torch.device("cpu"), init: Path | None = None,
+             augment: bool = False, device: torch.device = torch.device("cpu"), init: Path | None = None,
              command: str = "") -> dict:
     """Train the default backbone from scratch on ``scans`` (image, labels) pairs.
 
@@ -70,6 +91,8 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
             suffix ``.md``.
         steps: optimizer steps, each on ``crops_per_step`` random crops (positive:negative 1:1,
             MONAI ``RandCropByPosNegLabel``) of one scan.
+        augment: random spatial and intensity transforms on each crop (:func:`augmentation`),
+            for a backbone that reads patients, scanners and contrast phases it never saw.
         init: start from these weights instead of from scratch (e.g. to go on training the
             default backbone on your own scans); the training and data sections of their model
             card, when there is one, are carried into the new card.
@@ -100,17 +123,16 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    augment = Compose([
+    transforms = Compose([
         RandCropByPosNegLabeld(keys=("x", "y"), label_key="y", spatial_size=prep.roi_size,
                                pos=1, neg=1, num_samples=crops_per_step),
-        RandShiftIntensityd(keys="x", offsets=0.1, prob=0.5),
-    ]).set_random_state(seed)
+        *augmentation(augment)]).set_random_state(seed)
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="pretrain", unit="step")
 
     def step_loss(step: int) -> torch.Tensor:
         scan = data[rng.integers(len(data))]
-        crops = augment({"x": scan["x"], "y": scan["y"]})
+        crops = transforms({"x": scan["x"], "y": scan["y"]})
         x = torch.stack([c["x"].as_tensor() for c in crops]).to(device)
         y = torch.stack([c["y"].as_tensor() for c in crops]).to(device)
         with autocast(device):
@@ -142,7 +164,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
                           what="weights", option="--out", outputs=outputs)
         report = {"backbone": spec.id, "classes": names, "class_values": class_values,
                   "command": command, "init": earlier, "steps": steps, "lr": lr,
-                  "crops_per_step": crops_per_step, "seed": seed,
+                  "crops_per_step": crops_per_step, "seed": seed, "augment": augment,
                   "seconds": round(seconds, 1), "device": str(device), "evaluation": evaluation,
                   "weights_sha256": path_checksum(outputs.temporary(out)),
                   "state_checksum": state_checksum(model),
@@ -166,6 +188,9 @@ def model_card(report: dict, prep) -> str:
              f"- Steps: {report['steps']} × {report['crops_per_step']} crops of "
              f"{'×'.join(map(str, prep.roi_size))} voxels, AdamW, one-cycle lr {report['lr']}, "
              f"seed {report['seed']}, Dice + cross-entropy (MONAI `DiceCELoss`)",
+             "- Augmentation: " + ("rotation, scaling, intensity scale and shift, gamma, noise, "
+                                   "smoothing, bias field (`arenaseg.pretrain.augmentation`)"
+                                   if report.get("augment") else "intensity shift"),
              f"- Preprocessing: orientation {prep.orientation}, spacing "
              f"{'×'.join(map(str, prep.spacing_mm))} mm, HU window {list(prep.hu_window)} → [0, 1]",
              f"- Training time: {report['seconds']:.0f} s on {report['device']} "

@@ -57,6 +57,14 @@ def _crop_starts(center: np.ndarray, shape, roi, rng) -> np.ndarray:
     return np.clip(start, 0, np.asarray(shape) - np.asarray(roi))
 
 
+def _inside(coords: np.ndarray, start: np.ndarray, roi, most: int, rng) -> torch.Tensor:
+    """Indices of the ``(N, 3)`` points inside the crop at ``start`` (at most ``most``, random)."""
+    inside = np.flatnonzero(np.all((coords >= start) & (coords <= start + roi - 1), axis=1))
+    if inside.size > most:
+        inside = rng.choice(inside, most, replace=False)
+    return torch.as_tensor(inside)
+
+
 def sample_logits(logits: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of ``logits`` ``(1, C, X, Y, Z)`` at continuous voxel coordinates
     ``coords`` ``(N, 3)`` (x, y, z order) → ``(1, C, N)`` (``torch.nn.functional.grid_sample``)."""
@@ -110,7 +118,8 @@ def run_steps(step_loss: Callable[[int], torch.Tensor], optimizer: torch.optim.O
 def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarray, roi_size,
           settings: AdaptSettings, device: torch.device, loss_fn: Callable | None = None,
           progress: ProgressFn | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainingLog:
+          should_stop: Callable[[], bool] | None = None,
+          pseudo: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> TrainingLog:
     """Train ``tuning``'s parameters (adapters, head, …) on painted voxels.
 
     Args:
@@ -123,6 +132,9 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         progress: called after each step with (step, loss, per-layer effective ranks).
             Zero-shot (nothing to train) runs no step.
         should_stop: polled every step; when it returns True, :class:`Cancelled` is raised.
+        pseudo: weak labels ``(coords (M, 3), targets (M,), weights (M,))`` in canonical voxel
+            coordinates (e.g. :func:`arenaseg.annotations.interpolate`): a weighted binary
+            cross-entropy on them is added to the loss.
 
     Returns:
         A :class:`TrainingLog`.
@@ -137,6 +149,10 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
     coords_t = torch.as_tensor(coords, dtype=torch.float32)
     targets_t = torch.as_tensor(targets, dtype=torch.float32)
     positive = np.flatnonzero(targets > 0.5)
+    if pseudo is not None and len(pseudo[0]):
+        pseudo_t = [torch.as_tensor(a, dtype=torch.float32) for a in pseudo]
+    else:
+        pseudo = None
 
     model = guard_bf16_defects(tuning.model)
     params = tuning.parameters()
@@ -151,19 +167,26 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         for c in range(settings.crops_per_step):
             pool = positive if (c % 2 == 0 and positive.size) else np.arange(len(coords))
             s = _crop_starts(coords[rng.choice(pool)], shape, roi, rng)
-            inside = np.flatnonzero(np.all((coords >= s) & (coords <= s + roi - 1), axis=1))
-            if inside.size > settings.max_points:
-                inside = rng.choice(inside, settings.max_points, replace=False)
+            inside = _inside(coords, s, roi, settings.max_points, rng)
             crops.append(x[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]])
-            picks.append((torch.as_tensor(s, dtype=torch.float32), torch.as_tensor(inside)))
+            picks.append((torch.as_tensor(s, dtype=torch.float32), inside,
+                          _inside(pseudo[0], s, roi, settings.max_points, rng) if pseudo else None))
         batch = torch.stack(crops).to(device)
         with autocast(device):
             logits = model(batch)
         sampled = torch.cat([sample_logits(logits[b:b + 1].float(),
                                            (coords_t[idx] - s).to(device))
-                             for b, (s, idx) in enumerate(picks)], dim=-1)
-        target = torch.cat([targets_t[idx] for _, idx in picks]).to(device).view(1, 1, -1)
+                             for b, (s, idx, _) in enumerate(picks)], dim=-1)
+        target = torch.cat([targets_t[idx] for _, idx, _ in picks]).to(device).view(1, 1, -1)
         loss = loss_fn(sampled, target) + tuning.penalty()
+        if pseudo:
+            weak = torch.cat([sample_logits(logits[b:b + 1].float(), (pseudo_t[0][idx] - s).to(device))
+                              for b, (s, _, idx) in enumerate(picks)], dim=-1).view(-1)
+            idx = torch.cat([idx for _, _, idx in picks])
+            if len(idx):
+                bce = F.binary_cross_entropy_with_logits(weak, pseudo_t[1][idx].to(device),
+                                                         reduction="none")
+                loss = loss + (pseudo_t[2][idx].to(device) * bce).mean()
         if not torch.isfinite(loss):
             raise ArenaError(f"the training loss became {loss.item()} at step {step} (learning "
                              f"rate {lr}): lower --lr, or start without --warm-start")
