@@ -65,3 +65,21 @@ def test_larger_lambda_discovers_smaller_rank(tmp_path):
         totals.append(run.effective_rank)
     assert totals[0] == 9 * AdaptSettings().rank  # λ = 0 switches nothing off
     assert totals[0] > totals[1] > totals[2]
+
+
+def test_interpolated_pseudo_labels_enter_the_loss():
+    # The first step's crop is drawn before any pseudo-label is, so the two runs see the same
+    # crop: with pseudo-labels the loss has one more (positive) term.
+    import SimpleITK as sitk
+
+    from arenaseg.imageio import array_ijk, read_labels_on
+
+    ct = sitk.ReadImage(str(ABDOMEN / "ct.nii.gz"))
+    paint = np.zeros(ct.GetSize(), np.uint8)
+    ref = array_ijk(read_labels_on(ct, ABDOMEN / "labels.nii.gz", "labels"))
+    slices = np.flatnonzero((ref == BLADDER).any(axis=(0, 1)))[[2, 8]]
+    paint[:, :, slices] = (ref[:, :, slices] == BLADDER) * BLADDER
+    annotation = find_annotation(paint, BLADDER, axis=2)
+    plain, weak = (pipeline.fit(ct, annotation, AdaptSettings(steps=1, interpolate_mm=h)).log.loss[0]
+                   for h in (0.0, 6.0))
+    assert weak > plain

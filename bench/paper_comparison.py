@@ -14,6 +14,7 @@ each). Peak memory per method is that of one real ``arenaseg adapt`` process.
     python bench/paper_comparison.py --rewrite  # report again from the saved results
     python bench/paper_comparison.py --lambda-ablation 8 16  # ARENA's rank sweep at other λ, added
     python bench/paper_comparison.py --add-method fill      # one method's jobs again, added
+    python bench/paper_comparison.py --rank-sweep --out bench/RANK_SWEEP.md  # r0 sweep, defaults
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ FULL = dict(structures=tuple(STRUCTURES), ks=(1, 3, 5), k_structures=("liver", "
 QUICK = dict(structures=("liver", "urinary_bladder"), ks=(3,), k_structures=(), seeds=(0,),
              ranks=(2, 8), rank_seeds=(0,), rank_structures=("urinary_bladder",), cross=("liver",),
              long_structures=("urinary_bladder",))
+# Rank robustness alone, ARENA against LoRA on the new structures, at the engine's own step
+# budget (the full run's 60 steps would not fit in 90 minutes at 120).
+RANK_SWEEP = dict(structures=NEW, ks=(3,), k_structures=(), seeds=(0, 1, 2), ranks=(2, 4, 8, 16, 32),
+                  rank_seeds=(0, 1, 2), rank_structures=NEW, cross=(), long_structures=NEW,
+                  methods=("lora", "arena"))
 # The engine's defaults (AdaptSettings: λ, ρ, η, r0 = 8, one crop per step) with 60 steps instead
 # of 120 (the "steps" protocol runs the defaults' 120), so that the full run fits in 90 minutes on
 # 2 cores.
@@ -66,7 +72,7 @@ def plan(p: dict) -> list[dict]:
     """Every job of a protocol set ``p`` (FULL or QUICK), each a dict of its settings."""
     jobs = []
 
-    methods = METHODS + p.get("baselines", ())
+    methods = tuple(p.get("methods", METHODS)) + p.get("baselines", ())
 
     def add(protocol, scan, name, method, k, seed, rank=8, cross_to=None):
         if method == "zero-shot" and not STRUCTURES[name][1]:
@@ -269,6 +275,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "COMPARISON.md"),
                         help="Markdown report; results go to the same name with .jsonl, plots .png")
     parser.add_argument("--quick", action="store_true", help="smoke test: few jobs, few steps")
+    parser.add_argument("--rank-sweep", action="store_true",
+                        help="only ARENA and LoRA across r0 on the new structures, at the engine's "
+                             "default steps")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel worker processes (one thread each)")
     parser.add_argument("--rewrite", action="store_true",
@@ -307,7 +316,10 @@ def main() -> None:
     data = Path(args.data)
     if not out.parent.is_dir():
         parser.error(f"folder of --out '{out}' does not exist: create it first")
-    protocol, budget = (QUICK, QUICK_BUDGET) if args.quick else (FULL, BUDGET)
+    defaults = AdaptSettings()
+    protocol, budget = ((QUICK, QUICK_BUDGET) if args.quick else
+                        (RANK_SWEEP, dict(steps=defaults.steps, crops_per_step=defaults.crops_per_step))
+                        if args.rank_sweep else (FULL, BUDGET))
     jobs = plan(protocol)
     start = time.perf_counter()
     header = {"command": "python bench/paper_comparison.py " + " ".join(sys.argv[1:]),
@@ -320,8 +332,8 @@ def main() -> None:
         f.write(json.dumps(header) + "\n")
         rows = run_jobs(jobs, data, budget, args.workers, f, start)
     started = time.perf_counter()
-    header["memory"] = peak_memory(data, ("linear-probe", "arena") if args.quick else METHODS[1:],
-                                   args.workers)
+    header["memory"] = peak_memory(data, ("linear-probe", "arena") if args.quick else
+                                   protocol.get("methods", METHODS[1:]), args.workers)
     header["memory_wall_s"], header["memory_steps"] = time.perf_counter() - started, MEMORY_STEPS
     header["wall_s"] = time.perf_counter() - start
     results.write_text("\n".join(json.dumps(x) for x in [header] + rows) + "\n")
