@@ -161,7 +161,9 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
     trained = [m for m in methods if m != "zero-shot"]
     seeds = p["seeds"]
     planned = [r for r in rows if r["protocol"] != "lambda"]
-    lines = [f"# Paper comparison: few-slice adaptation of the embedded backbone{' (QUICK smoke run)' if header['quick'] else ''}", "",
+    kind = (" (QUICK smoke run)" if header["quick"] else
+            f" (rank sweep: {' and '.join(p['methods'])} only, the engine's default steps)" if "methods" in p else "")
+    lines = [f"# Paper comparison: few-slice adaptation of the embedded backbone{kind}", "",
              f"- Date: {datetime.date.today()}; git revision {header['revision']}",
              f"- Machine: {header['machine']}; CPU only, {header['workers']} worker processes "
              "× 1 thread",
