@@ -64,3 +64,24 @@ def test_failed_download_says_how_to_fetch_by_hand(tmp_path, monkeypatch):
     with pytest.raises(ArenaError, match="--data DIR"):
         demo.sample_data(tmp_path)
     assert not list((tmp_path / "totalsegmentator-example").iterdir())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--out": "w.md"}, "must end in .safetensors"),
+    ({"--steps": "0"}, "--steps 0 must be >= 1"),
+    ({"--lr": "-1"}, "--lr -1.0 must be a finite number > 0"),
+    ({"--classes": "spleen=1,liver=1"}, "one label value to two classes"),
+    ({"--classes": "spleen=1,spleen=5"}, "names a class twice"),
+    ({"--classes": "liver=999"}, "no class of --classes is on its scan's grid"),
+    ({"--init": "missing.safetensors"}, "is not a file"),
+    ({"--init": "README.md"}, "is not arena-small-ct-unet weights with 2 classes"),
+])
+def test_pretrain_refuses_what_cannot_give_a_usable_backbone(tmp_path, capsys, change, message):
+    (tmp_path / "README.md").write_text("not weights")
+    options = {"--classes": "spleen=1,liver=5", "--steps": "1", "--out": "w.safetensors", **change}
+    args = ["pretrain", "--scan", str(ABDOMEN_SMALL / "ct.nii.gz"), str(ABDOMEN_SMALL / "labels.nii.gz")]
+    for option, value in options.items():
+        args += [option, str(tmp_path / value) if option in ("--out", "--init") else value]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # nothing written

@@ -19,10 +19,14 @@ TOTALSEG_BASE_ORGANS = ("spleen=1,kidney_right=2,kidney_left=3,gallbladder=4,liv
 def parse_classes(text: str) -> dict[str, int]:
     """``name=value,name=value`` → ordered dict of class name → label value."""
     try:
-        return {name.strip(): int(value) for name, value in
-                (item.split("=") for item in text.split(",") if item.strip())}
+        pairs = [(name.strip(), int(value)) for name, value in
+                 (item.split("=") for item in text.split(",") if item.strip())]
     except ValueError:
         raise ArenaError(f"--classes '{text}' is not of the form name=value,name=value") from None
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        raise ArenaError(f"--classes '{text}' names a class twice: give each class once")
+    return dict(pairs)
 
 
 def cmd_pretrain(args) -> None:

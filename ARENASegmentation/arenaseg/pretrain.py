@@ -8,8 +8,10 @@ command, the training time and the per-organ Dice on the training scans.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from .backbones import DEFAULT_BACKBONE, get_spec, state_checksum
 from .download import path_checksum
+from .errors import ArenaError
 from .imageio import array_ijk, image_like, read_image, read_labels_on
 from .inference import autocast, guard_bf16_defects, sliding_window_logits
 from .outputs import Outputs, check_writable, write_safetensors, write_text
@@ -68,6 +71,25 @@ def augmentation(augment: bool) -> list:
             RandBiasFieldd(keys="x", coeff_range=(0.0, 0.1), prob=0.3)]
 
 
+def _check_request(out: Path, steps: int, lr: float, class_values: dict[str, int], init) -> None:
+    """Refuse, before any work, what cannot give a usable backbone."""
+    problems = []
+    if out.suffix != ".safetensors":
+        problems.append(f"--out '{out}' must end in .safetensors (the model card is written "
+                        "beside it, with .md)")
+    if steps < 1:
+        problems.append(f"--steps {steps} must be >= 1")
+    if not (math.isfinite(lr) and lr > 0):
+        problems.append(f"--lr {lr} must be a finite number > 0")
+    if len(set(class_values.values())) < len(class_values):
+        problems.append(f"--classes gives one label value to two classes ({class_values}): give "
+                        "each class its own value")
+    if init and not Path(init).is_file():
+        problems.append(f"--init '{init}' is not a file: give a weights file (.safetensors)")
+    if problems:
+        raise ArenaError("; ".join(problems))
+
+
 def per_class_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float | None]:
     """Dice per foreground class (MONAI ``compute_dice``); None where the class is absent."""
     p = torch.nn.functional.one_hot(torch.from_numpy(pred.astype(np.int64)), n_classes)
@@ -103,6 +125,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     """
     out = Path(out)
     card_path = out.with_suffix(".md")
+    _check_request(out, steps, lr, class_values, init)
     # Before hours of training: both files must be writable (read-only folder, full disk).
     check_writable(out, "weights", "--out")
     check_writable(card_path, "model card", "--out")
@@ -111,12 +134,28 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     data = [load_training_scan(i, l, class_values, prep) for i, l in scans]
+    absent = [f"{name} ({value})" for index, (name, value) in enumerate(class_values.items(), 1)
+              if not any((scan["labels"] == index).any() for scan in data)]
+    where = f"on its scan's grid in any labels file ({', '.join(str(l) for _, l in scans)})"
+    if len(absent) == len(class_values):
+        raise ArenaError(f"no class of --classes is {where}: check the label values, and that "
+                         "each labels file belongs to its scan (it is resampled onto the scan in "
+                         "world space)")
+    if absent:  # still trained, as background everywhere (e.g. a scan that does not reach it)
+        print(f"warning: classes {', '.join(absent)} are not {where}; they learn background only",
+              file=sys.stderr)
     model = guard_bf16_defects(spec.build(out_channels=len(class_values) + 1).to(device))
     earlier = None
     if init:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(init)), strict=True)
+        try:
+            model.load_state_dict(load_file(str(init)), strict=True)
+        except Exception as err:  # not safetensors, an adapter, other classes or network
+            raise ArenaError(f"--init '{init}' is not {spec.id} weights with "
+                             f"{len(class_values)} classes ({str(err).splitlines()[0][:200]}): "
+                             "give weights written by arenaseg pretrain with the same --classes"
+                             ) from None
         card = Path(init).with_suffix(".md")
         earlier = {"path": str(init), "sha256": path_checksum(Path(init)),
                    "card": card.read_text(encoding="utf-8") if card.is_file() else None}
