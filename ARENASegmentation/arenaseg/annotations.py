@@ -142,8 +142,8 @@ def interpolate(annotation: Annotation, spacing_mm, half_life_mm: float, band_mm
         ijk = np.insert(uv, axis, t, axis=1)
         points.append(ijk)
         targets.append((d[uv[:, 0], uv[:, 1]] < 0).astype(np.float32))
-        weights.append(np.full(len(uv), 0.5 ** (min(t - a, b - t) * spacing_mm[axis] / half_life_mm),
-                               np.float32))
+        from_painted = min(t - a, b - t) * spacing_mm[axis]  # mm to the nearest painted slice
+        weights.append(np.full(len(uv), 0.5 ** (from_painted / half_life_mm), np.float32))
     if not points:
         return np.zeros((0, 3), int), np.zeros(0, np.float32), np.zeros(0, np.float32)
     return np.concatenate(points), np.concatenate(targets), np.concatenate(weights)

@@ -101,7 +101,8 @@ def per_class_dice(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[fl
 
 def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Path,
              steps: int = 1500, lr: float = 2e-3, crops_per_step: int = 2, seed: int = 0,
-             augment: bool = False, device: torch.device = torch.device("cpu"), init: Path | None = None,
+             augment: bool = False, device: torch.device = torch.device("cpu"),
+             init: Path | None = None,
              command: str = "") -> dict:
     """Train the default backbone from scratch on ``scans`` (image, labels) pairs.
 
@@ -219,9 +220,10 @@ def model_card(report: dict, prep) -> str:
     """The Markdown model card written next to pretrained weights."""
     names = report["classes"]
     lines = [f"# Model card: {report['backbone']}", "",
-             "A small MONAI UNet (2.5 M parameters) pretrained by `arenaseg pretrain` as the "
-             "embedded default backbone of ARENASegmentation. It is a CPU-friendly starting point "
-             "for few-slice adaptation, not a clinical segmentation model: it saw very few scans.",
+             "A small MONAI UNet (2.5 M parameters), the network of ARENASegmentation's "
+             "embedded default backbone, pretrained by `arenaseg pretrain`. It is a CPU-friendly "
+             "starting point for few-slice adaptation, not a clinical segmentation model: it saw "
+             "very few scans.",
              "", "## Training", "",
              f"- Command: `{report['command']}`",
              f"- Steps: {report['steps']} × {report['crops_per_step']} crops of "
