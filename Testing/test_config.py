@@ -80,7 +80,7 @@ def test_method_and_backbone_names_are_written_once_in_the_engine():
     """The names live in config (methods) and the registry (backbone ids); every other engine
     file refers to them."""
     engine = MODULE_DIR / "arenaseg"
-    for path in sorted(engine.glob("*.py")):
+    for path in sorted(engine.rglob("*.py")):
         if path.name in ("config.py", "registry.py"):
             continue
         found = [f"{path.name}:{line}: {what}" for line, what in _literals(path)]

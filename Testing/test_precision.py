@@ -5,8 +5,8 @@ Found the hard way: oneDNN's bf16 3D convolution (PyTorch 2.13, AVX512-BF16/AMX)
 weight gradient when the input is 2 voxels deep along the first spatial axis, which the deepest
 level of a 32-voxel slab painted on sagittal slices is; runs then trained on noise and, at times,
 stopped on a non-finite loss. The kernel reads memory it did not write, so it shows only once
-freed blocks are reused (:func:`~arenaseg.inference.reuse_freed_memory`), not on fresh zeroed
-pages. :func:`arenaseg.inference.guard_bf16_defects` routes those
+freed blocks are reused (:func:`~arenaseg.precision.reuse_freed_memory`), not on fresh zeroed
+pages. :func:`arenaseg.precision.guard_bf16_defects` routes those
 convolutions (and AdaLoRA's functional one) through float32. Autocast is forced here, so the check runs on every CPU (it can only catch the defect on one
 with native bf16, where oneDNN runs bf16 kernels).
 """
@@ -18,7 +18,7 @@ import torch
 
 from arenaseg.backbones import load_backbone
 from arenaseg.config import AdaptSettings
-from arenaseg.inference import guard_bf16_defects, reuse_freed_memory
+from arenaseg.precision import guard_bf16_defects, reuse_freed_memory
 from arenaseg.methods import prepare
 
 SLAB = AdaptSettings().slab

@@ -9,7 +9,7 @@ from arenaseg.adapters import ArenaLayer, GateSteps
 from arenaseg.annotations import find_annotation, paint_slices
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.pipeline import Scan, fit
-from arenaseg.registry import get_spec
+from arenaseg.backbones import get_spec
 from arenaseg.config import AdaptSettings
 
 from conftest import ABDOMEN

@@ -40,7 +40,8 @@ from arenaseg.config import AdapterSettings  # noqa: E402
 from arenaseg.adapters import GateSteps, adapter_parameters, inject_adapters  # noqa: E402
 from arenaseg.backbones import load_backbone  # noqa: E402
 from arenaseg.methods import replace_head  # noqa: E402
-from arenaseg.inference import autocast, pick_device, sliding_window_logits  # noqa: E402
+from arenaseg.inference import pick_device, sliding_window_logits  # noqa: E402
+from arenaseg.precision import autocast  # noqa: E402
 from arenaseg.preprocessing import to_canonical, to_input_grid  # noqa: E402
 
 DATA = Path(os.environ.get("ARENASEG_DATA", ROOT.parent / "shared" / "data"))

@@ -34,7 +34,7 @@ from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.inference import predict, sliding_window_logits
 from arenaseg.pipeline import Scan, fit
 from arenaseg.preprocessing import to_canonical, to_input_grid
-from arenaseg.registry import DEFAULT_BACKBONE
+from arenaseg.backbones import DEFAULT_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import BASE_VALUES, git_revision, machine  # noqa: E402

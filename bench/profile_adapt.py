@@ -31,12 +31,12 @@ STRUCTURE, VALUE, K = "urinary_bladder", 21, 3
 
 def one_run(data: Path, bf16: bool, reuse: bool) -> dict:
     """One adapt in this process, timed by phase (status events) and by training part."""
-    from arenaseg import inference
+    from arenaseg import precision
 
     if not bf16:
-        inference.native_bf16 = lambda: False
+        precision.native_bf16 = lambda: False
     if not reuse:
-        inference._REUSING = False  # as if already tried: glibc's defaults stay
+        precision._REUSING = False  # as if already tried: glibc's defaults stay
     import SimpleITK as sitk
 
     from arenaseg.annotations import paint_slices

@@ -39,7 +39,7 @@ from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.inference import predict
 from arenaseg.pipeline import Scan, fit
-from arenaseg.registry import DEFAULT_BACKBONE, get_spec
+from arenaseg.backbones import DEFAULT_BACKBONE, get_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fill_between_slices import fill_between_slices  # noqa: E402

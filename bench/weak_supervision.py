@@ -29,7 +29,7 @@ from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.inference import predict
 from arenaseg.pipeline import Scan, fit
-from arenaseg.registry import DEFAULT_BACKBONE
+from arenaseg.backbones import DEFAULT_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine  # noqa: E402

@@ -1,13 +1,13 @@
 """Settings, method and backbone names, and jobs: the engine's vocabulary, without torch.
 
 Everything a client needs to describe a run lives here and imports only the standard library
-(and :mod:`arenaseg.registry`, itself torch-free), so the 3D Slicer module can build a job
+(and :mod:`arenaseg.backbones.registry`, itself torch-free), so the 3D Slicer module can build a job
 before PyTorch is installed, and the command line, the worker and the benchmarks all spell a
 method, a backbone or a job field the same way:
 
 - :data:`METHODS`, :data:`ADAPTER_METHODS`, :data:`DEFAULT_METHOD`: the method names
   (:mod:`arenaseg.methods` registers one class per name);
-- :data:`BACKBONES`, :data:`DEFAULT_BACKBONE`: the backbone ids (:mod:`arenaseg.registry`);
+- :data:`BACKBONES`, :data:`DEFAULT_BACKBONE`: the backbone ids (:mod:`arenaseg.backbones.registry`);
 - :class:`AdapterSettings` (what a method builds and how its adapters step: saved with the
   adapter), :class:`LoopSettings` (how the training loop runs) and :class:`AdaptSettings`
   (both, flat: the object the engine takes);
@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import ArenaError
-from .registry import DEFAULT_BACKBONE, REGISTRY
+from .backbones.registry import DEFAULT_BACKBONE, REGISTRY
 
 #: Every method, from no training to ARENA (:mod:`arenaseg.methods` has one class per name).
 METHODS = ("zero-shot", "linear-probe", "bitfit", "affine-ln", "full", "lora", "adalora", "arena")

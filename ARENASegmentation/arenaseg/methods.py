@@ -47,8 +47,8 @@ from torch import nn
 from .adapters import ArenaLayer, GateSteps, effective_ranks, inject_adapters
 from .config import ADAPTER_METHODS, METHODS, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
-from .inference import bf16_defective
-from .registry import BackboneSpec
+from .precision import bf16_defective
+from .backbones.registry import BackboneSpec
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 

@@ -149,7 +149,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         annotation: the painted slices on the input grid (:func:`~arenaseg.annotations.find_annotation`):
             boolean ``(I, J, K)`` arrays of known and structure voxels, and the slice axis.
         settings: :class:`~arenaseg.config.AdaptSettings` (method, rank, λ, steps, seed, …).
-        backbone: registry id (:data:`arenaseg.registry.REGISTRY`) or a checkpoint path.
+        backbone: registry id (:data:`arenaseg.backbones.REGISTRY`) or a checkpoint path.
         structure: a class name the backbone knows starts the head from its pretrained row.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (:func:`~arenaseg.inference.pick_device`).
         warm: ``(tensors, metadata)`` of an adapter to continue from (its method and ranks).

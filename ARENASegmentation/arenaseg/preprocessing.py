@@ -20,7 +20,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
-from .registry import Preprocessing
+from .backbones.registry import Preprocessing
 from .checks import fill_outside
 from .imageio import array_ijk, image_from_ras_affine, ras_affine, resample_to
 
@@ -121,7 +121,7 @@ class Scan:
 
     Examples:
         >>> import SimpleITK as sitk
-        >>> from arenaseg.registry import get_spec
+        >>> from arenaseg.backbones import get_spec
         >>> ct = sitk.ReadImage("ct.nii.gz")                                   # doctest: +SKIP
         >>> scan = Scan.from_image(ct, get_spec("arena-small-ct-unet"))      # doctest: +SKIP
         >>> scan.x.shape, scan.to_input_grid(scan.x[0].numpy()).GetSize() == ct.GetSize()  # doctest: +SKIP
@@ -136,7 +136,7 @@ class Scan:
     @classmethod
     def from_image(cls, image: sitk.Image, spec) -> "Scan":
         """Bring ``image`` (HU) onto the canonical grid of ``spec`` (a
-        :class:`~arenaseg.registry.BackboneSpec`, or its :class:`Preprocessing`)."""
+        :class:`~arenaseg.backbones.BackboneSpec`, or its :class:`Preprocessing`)."""
         image, outside = fill_outside(image)
         return cls(image, *to_canonical(image, getattr(spec, "preprocessing", spec)), outside)
 

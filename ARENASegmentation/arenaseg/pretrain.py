@@ -28,7 +28,8 @@ from .backbones import DEFAULT_BACKBONE, get_spec, state_checksum
 from .download import path_checksum
 from .errors import ArenaError
 from .imageio import array_ijk, image_like, read_image, read_labels_on
-from .inference import autocast, guard_bf16_defects, sliding_window_logits
+from .inference import sliding_window_logits
+from .precision import autocast, guard_bf16_defects
 from .outputs import Outputs, check_writable, write_safetensors, write_text
 from .preprocessing import to_canonical, to_input_grid
 from .training import run_steps

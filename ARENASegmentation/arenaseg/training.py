@@ -23,7 +23,7 @@ from monai.losses import DiceCELoss
 
 from .config import DEFAULT_LR, FULL_FINE_TUNING_LR, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
-from .inference import autocast, guard_bf16_defects, reuse_freed_memory
+from .precision import autocast, guard_bf16_defects, reuse_freed_memory
 from .methods import Method
 
 ProgressFn = Callable[[int, float, dict], None]

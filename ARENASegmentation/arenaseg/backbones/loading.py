@@ -5,7 +5,7 @@ local file), load them strictly and freeze.
 (``$ARENASEG_CACHE/backbones``, default ``~/.cache/arenaseg/backbones``), verifies and loads them
 strictly; ``load_backbone("fseft-swinunetr", weights="fseft.pth")`` uses a local file instead
 (firewalled machines). The specs are data in :mod:`arenaseg.registry` (re-exported here), the
-networks in :mod:`arenaseg.networks`.
+networks in the family modules (:mod:`.monai_nets`, :mod:`.suprem`, :mod:`.merlin`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .download import cache_dir
-from .errors import ArenaError
+from ..download import cache_dir
+from ..errors import ArenaError
 from .registry import (BASE_ORGANS, DEFAULT_BACKBONE, REGISTRY, BackboneSpec,  # noqa: F401
                        Preprocessing, WeightsSource, get_spec, spec_for_file)
 
@@ -50,7 +50,7 @@ def state_checksum(model: nn.Module) -> str:
 
 
 def _locate_weights(spec: BackboneSpec, download: bool, progress) -> Path:
-    from .download import fetch, verify
+    from ..download import fetch, verify
 
     src = spec.source
     path = cached_weights_path(spec)

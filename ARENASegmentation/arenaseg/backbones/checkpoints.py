@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ArenaError
+from ..errors import ArenaError
 
 #: Container keys under which training scripts store the state dict, tried in order.
 CONTAINER_KEYS = ("state_dict", "net", "model")

@@ -4,8 +4,8 @@ decoder and where its public weights come from (URLs, hashes, licence, citation,
 checkpoint's keys map onto the network).
 
 Specs of one family (SwinUNETR, SegResNet) are written once as a base and varied with
-:func:`dataclasses.replace`. The networks are in :mod:`arenaseg.networks`; loading a backbone
-with its weights is :func:`arenaseg.backbones.load_backbone`.
+:func:`dataclasses.replace`. The networks are in their family modules of this package; loading a backbone
+with its weights is :func:`arenaseg.backbones.loading.load_backbone`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .errors import ArenaError
+from ..errors import ArenaError
 
 BASE_ORGANS = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach",
                "pancreas", "duodenum", "aorta")
@@ -127,8 +127,8 @@ class BackboneSpec:
 
     Attributes:
         id: registry name, stored in every adapter made on it.
-        network: name of the function or class in :mod:`arenaseg.networks` that builds the
-            untrained network; ``network_args`` its keyword arguments (pairs). :attr:`build`
+        network: ``module.name`` of the function or class in :mod:`arenaseg.backbones` that
+            builds the untrained network (e.g. ``monai_nets.small_ct_unet``); ``network_args`` its keyword arguments (pairs). :attr:`build`
             gives the callable (keyword overrides, e.g. ``feature_size``, allowed).
         classes: names of the pretrained output channels. With ``multilabel=False`` channel 0 is
             background (softmax head); with ``multilabel=True`` every channel is an independent
@@ -171,10 +171,11 @@ class BackboneSpec:
     def build(self) -> Callable:
         """The untrained network's constructor (imports torch): ``spec.build(**overrides)``."""
         from functools import partial
+        from importlib import import_module
 
-        from . import networks
-
-        return partial(getattr(networks, self.network), **dict(self.network_args))
+        module, _, name = self.network.rpartition(".")
+        return partial(getattr(import_module(f"{__package__}.{module}"), name),
+                       **dict(self.network_args))
 
     def pretrained_channel(self, structure: str | None) -> int | None:
         """Output channel of ``structure`` in the pretrained head, or None when it is new.
@@ -247,7 +248,7 @@ def _universal(filename: str, citation: str, homepage: str, reinit: tuple[str, .
 #: The SwinUNETR family's base: untrained (fixed seed), 29 output channels.
 SWIN = BackboneSpec(
     id="swinunetr",
-    network="swin_unetr",
+    network="monai_nets.swin_unetr",
     classes=("background",) + tuple(f"class_{i}" for i in range(1, 29)),
     head="out.conv.conv",
     targets=SWIN_TARGETS,
@@ -271,7 +272,7 @@ BTCV_SWIN = replace(SWIN, network_args=(("out_channels", 14),), classes=BTCV_CLA
 #: The SegResNet of the MONAI ``wholeBody_ct_segmentation`` bundle (1.5 mm model).
 WHOLEBODY = BackboneSpec(
     id="monai-bundle-wholebody-ct",
-    network="wholebody_segresnet",
+    network="monai_nets.wholebody_segresnet",
     classes=WHOLEBODY_CLASSES,
     head="conv_final.2.conv",
     targets=(r"^down_layers\.\d+\.\d+\.conv[12]\.conv$",),
@@ -300,7 +301,7 @@ REGISTRY: dict[str, BackboneSpec] = {
     spec.id: spec for spec in (
         BackboneSpec(
             id=DEFAULT_BACKBONE,
-            network="small_ct_unet",
+            network="monai_nets.small_ct_unet",
             classes=("background",) + BASE_ORGANS,
             head="classifier",
             targets=(r"^features\..*conv\.unit0\.conv$",),
@@ -378,7 +379,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         ),
         BackboneSpec(
             id="suprem-unet",
-            network="SupremUNet3D",
+            network="suprem.SupremUNet3D",
             classes=(),
             head="classifier",
             targets=(r"^down_tr\d+\.ops\.\d+\.conv1$",),
