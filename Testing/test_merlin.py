@@ -128,6 +128,31 @@ def test_cached_crops_give_what_the_full_network_gives(merlin):
     assert model.crops(x, device) is cache  # reused, not recomputed
 
 
+def test_a_training_crop_gives_what_the_whole_volume_gives(merlin):
+    """The adapted blocks of a training crop read their whole receptive field from the cache
+    (not zero padding at the crop's edge), so the crop's logits are the whole volume's, up to
+    the decoder's own upsampling at the crop's far end."""
+    torch.manual_seed(0)
+    model = MerlinSegmenter(stages=("stem", "layer1", "layer2"))
+    model.load_state_dict({k: v for k, v in merlin.state_dict().items() if not k.startswith(("encoder.layer3", "decoder", "classifier"))},
+                          strict=False)
+    model.eval()
+    tuning = prepare(model, dataclasses.replace(SPEC, targets=(r"^encoder\.layer2\.[67]\.conv2$",)),
+                     AdaptSettings(steps=1))
+    for layer in tuning.layers.values():
+        layer.v.data.fill_(0.05)
+    x = torch.rand(1, 96, 96, 48)
+    device = torch.device("cpu")
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        full = model(x[None])[0]
+        state, start = model.crops(x, device, roi=(64, 64, 32)).crop((16, 16, 8), (64, 64, 32), device)
+        crop = model(state)[0]
+    assert start == [16, 16, 8] and crop.shape == (1, 64, 64, 32)
+    inner = (slice(None), slice(8, 56), slice(8, 56), slice(4, 28))
+    ref = full[:, 16:80, 16:80, 8:40]
+    assert torch.allclose(crop[inner], ref[inner], atol=0.05 * float(full.abs().max()))
+
+
 def test_bf16_gradients_match_float32_on_the_adapted_blocks():
     """The adapted blocks' gradients under bf16 autocast (on a CPU with bf16) point where the
     float32 ones do, on a crop two voxels deep at layer3 (the oneDNN defect's shape)."""

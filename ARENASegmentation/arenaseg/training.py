@@ -7,7 +7,9 @@ network; the logits are sampled (trilinearly) at the exact positions of the pain
 the loss sees only the painted slices, at their own resolution, whatever the grids; an AdamW step
 (learning rate η) updates the method's trainable parameters (for ARENA: A, B and the head); then
 the method's hook runs (for ARENA every gate is updated by ``v ← ξ(v − ρη·∇̂v L, ηλ)``, the
-gradient of the same backward pass normalised per layer; see :mod:`arenaseg.methods`).
+gradient of the same backward pass normalised per layer; see :mod:`arenaseg.methods`). On a
+backbone whose decoder starts untrained, η warms up linearly over the first steps
+(``Method.warmup``, PyTorch ``LinearLR``); the gates' step keeps the full η.
 """
 
 from __future__ import annotations
@@ -228,8 +230,10 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
         started = time.perf_counter()
         tuning.initialise(lambda: step_loss(0))
         log.parts["start (method)"] = time.perf_counter() - started
-    run_steps(step_loss, opt, settings.steps if opt else 0, after_step=after_step,
-              seconds=log.parts)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, 0.05, total_iters=tuning.warmup) \
+        if opt and tuning.warmup else None
+    run_steps(step_loss, opt, settings.steps if opt else 0, scheduler=warmup,
+              after_step=after_step, seconds=log.parts)
     if "after step" in log.parts:  # the method's hook, then logging and progress
         log.parts["progress"] = log.parts.pop("after step") - log.parts.get("method hook", 0.0)
     model.eval()

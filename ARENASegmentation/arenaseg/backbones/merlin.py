@@ -116,22 +116,30 @@ def upsample_exact(t: torch.Tensor, factors) -> torch.Tensor:
 
 class FeatureDecoder(nn.Module):
     """Top-down decoder (FPN style): a 1×1×1 projection of each stage to ``width`` channels, from
-    the deepest stage down each level upsampled (:func:`upsample_exact`), added to the next
-    projection and refined by a 3×3×3 convolution and ReLU. Output ``(B, width, Z, X/2, Y/2)``
-    on the stem's grid."""
+    the deepest stage down each level upsampled (:func:`upsample_exact`) and added to the next
+    projection, with a residual refinement ``p + conv3×3×3(ReLU(p))`` at each level. Output
+    ``(B, width, Z, X/2, Y/2)`` on the stem's grid.
+
+    The refinements start at zero, so a fresh decoder is a linear read of the four stages (what
+    the frozen-feature linear probe fits) and grows its non-linear part as the loss asks: a
+    decoder with ReLUs in its main path, trained from scratch on a few hundred painted voxels,
+    collapsed to a constant on some crop orders (IVC and bladder, k = 3)."""
 
     def __init__(self, stages: tuple[str, ...], width: int = 32):
         super().__init__()
         self.stages = stages
         self.lateral = nn.ModuleList(nn.Conv3d(TAPS[s][0], width, 1) for s in stages)
         self.refine = nn.ModuleList(nn.Conv3d(width, width, 3, padding=1) for _ in stages[:-1])
+        for conv in self.refine:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         p = self.lateral[-1](taps[self.stages[-1]])
         for i in range(len(self.stages) - 2, -1, -1):
             up = [a // b for a, b in zip(TAPS[self.stages[i + 1]][1], TAPS[self.stages[i]][1])]
             p = upsample_exact(p, up) + self.lateral[i](taps[self.stages[i]])
-            p = F.relu(self.refine[i](F.relu(p)))
+            p = p + self.refine[i](F.relu(p))
         return p
 
 
@@ -160,6 +168,7 @@ class FeatureCrops:
                       "taps": {k: v.to(torch.bfloat16) for k, v in state["taps"].items()}}
         self.strides = {"x": model.unit_strides[boundary - 1] if boundary else (1, 1, 1),
                         **{k: TAPS[k][1] for k in self.state["taps"]}}
+        self.halo = model.context(boundary)
 
     def snap(self, start) -> list[int]:
         """``start`` ``(X, Y, Z)`` moved down onto the alignment grid."""
@@ -172,15 +181,23 @@ class FeatureCrops:
         Returns:
             ``(state, start)``: the model's input for that box and the start used."""
         start = self.snap(start)
+        # the units still to run see their whole receptive field (:meth:`MerlinSegmenter.context`),
+        # as in a pass over the whole volume: zero padding at a crop's edge would change deep
+        # features the decoder then never meets at inference
+        lo = [min(h, s) for h, s in zip(self.halo, start)]
+        hi = [min(h, n - s - r) for h, n, s, r in zip(self.halo, self.shape, start, roi)]
 
-        def cut(t, stride):  # t is (1, C, Z, X, Y); stride (Z, X, Y)
-            (sx, sy, sz), (rx, ry, rz) = start, roi
+        def cut(t, stride, a, b):  # t is (1, C, Z, X, Y); stride (Z, X, Y); box a … b (X, Y, Z)
             z, x, y = stride
-            return t[:, :, sz // z:(sz + rz) // z, sx // x:(sx + rx) // x,
-                     sy // y:(sy + ry) // y].to(device, torch.float32)
+            return t[:, :, a[2] // z:b[2] // z, a[0] // x:b[0] // x, a[1] // y:b[1] // y].to(
+                device, torch.float32)
 
-        state = {"at": self.state["at"], "x": cut(self.state["x"], self.strides["x"]),
-                 "taps": {k: cut(v, self.strides[k]) for k, v in self.state["taps"].items()}}
+        end = [s + r for s, r in zip(start, roi)]
+        state = {"at": self.state["at"],
+                 "x": cut(self.state["x"], self.strides["x"], [s - m for s, m in zip(start, lo)],
+                          [e + m for e, m in zip(end, hi)]),
+                 "taps": {k: cut(v, self.strides[k], start, end) for k, v in self.state["taps"].items()},
+                 "window": (tuple(lo), tuple(roi))}
         return state, start
 
 
@@ -233,6 +250,18 @@ class MerlinSegmenter(nn.Module):
                         return i
         return len(self.encoder.units())
 
+    def context(self, boundary: int) -> tuple[int, int, int]:
+        """Canonical voxels ``(X, Y, Z)`` on each side of a box that the encoder's units from
+        ``boundary`` on read to compute their output over the box exactly (the radius of every
+        3×3×3 convolution or pooling and the stem's 3×7×7, each on its own input grid), rounded
+        up to :attr:`align`."""
+        z = x = y = 0
+        for i in range(boundary, len(self.unit_strides)):
+            sz, sx, sy = self.unit_strides[i - 1] if i else (1, 1, 1)
+            rz, rx, ry = (1, 3, 3) if i == 0 else (1, 1, 1)
+            z, x, y = z + rz * sz, x + rx * sx, y + ry * sy
+        return tuple(-(-n // a) * a for n, a in zip((x, y, z), self.align))
+
     def encoder_state(self, x: torch.Tensor, stop: int | None = None, state: dict | None = None) -> dict:
         """Run the encoder's units on ``x`` ``(B, 1, X, Y, Z)`` (or continue ``state``) up to
         unit ``stop`` (exclusive; None: all). Returns ``{"at", "x", "taps"}`` in (Z, X, Y)."""
@@ -250,6 +279,12 @@ class MerlinSegmenter(nn.Module):
     def forward(self, x: torch.Tensor | dict) -> torch.Tensor:
         if isinstance(x, dict):
             state = self.encoder_state(None, state=x)
+            if "window" in x:  # stages computed here ran with context around the crop: cut it off
+                (lx, ly, lz), (rx, ry, rz) = x["window"]
+                for k in set(state["taps"]) - set(x["taps"]):
+                    z, sx, sy = TAPS[k][1]
+                    state["taps"][k] = state["taps"][k][:, :, lz // z:(lz + rz) // z,
+                                                        lx // sx:(lx + rx) // sx, ly // sy:(ly + ry) // sy]
         else:
             size = x.shape[2:]
             pad = [-n % a for n, a in zip(size, self.align)]
