@@ -4,11 +4,16 @@ part gives what the full network gives, and the decoder's upsampling keeps the g
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 
+import numpy as np
+
 import pytest
 import torch
+
+from conftest import ABDOMEN
 
 from arenaseg.backbones import REGISTRY, get_spec, load_backbone
 from arenaseg.backbones.merlin import MerlinSegmenter, upsample_exact
@@ -32,12 +37,17 @@ def test_real_file_fits_the_network_shape_for_shape(merlin):
     state = read_state_dict(package.path("astra"))
     assert len(state) == 930
     expected = merlin.state_dict()
-    used = {k: v for k, v in state.items() if not k.startswith("layer4.")}
-    for key, value in used.items():  # every key of stem to layer3, same shape, loaded
+    used = {k: v for k, v in state.items() if not k.startswith(("layer3.", "layer4."))}
+    for key, value in used.items():  # every key of stem to layer2 (the decoder's), loaded
         assert expected["encoder." + key].shape == value.shape, key
         assert torch.equal(expected["encoder." + key], value.float()), key
+    deeper = MerlinSegmenter(stages=("stem", "layer1", "layer2", "layer3")).state_dict()
+    for key, value in state.items():  # layer3 too, built on request, fits shape for shape
+        if key.startswith("layer3."):
+            assert deeper["encoder." + key].shape == value.shape, key
     assert tuple(state["conv1.weight"].shape) == (64, 3, 3, 7, 7)
-    assert [len(getattr(merlin.encoder, f"layer{i}")) for i in (1, 2, 3)] == [3, 8, 36]
+    assert [len(getattr(merlin.encoder, f"layer{i}")) for i in (1, 2)] == [3, 8]
+    assert not hasattr(merlin.encoder, "layer3")
     assert set(merlin.load_report.reinitialised) == {k for k in expected
                                                      if k.startswith(("decoder.", "classifier."))}
     assert not merlin.training and not merlin.encoder.training
@@ -103,8 +113,8 @@ def test_cached_crops_give_what_the_full_network_gives(merlin):
     """Training and inference start from the cache of everything before the first adapted
     block; the result equals running the whole network on the same volume (float32)."""
     torch.manual_seed(0)
-    model = MerlinSegmenter(stages=("stem", "layer1", "layer2"))
-    model.load_state_dict({k: v for k, v in merlin.state_dict().items() if not k.startswith(("encoder.layer3", "decoder", "classifier"))},
+    model = MerlinSegmenter()
+    model.load_state_dict({k: v for k, v in merlin.state_dict().items() if k.startswith("encoder.")},
                           strict=False)
     model.eval()
     tuning = prepare(model, dataclasses.replace(SPEC, targets=(r"^encoder\.layer2\.[67]\.conv2$",)),
@@ -133,8 +143,8 @@ def test_a_training_crop_gives_what_the_whole_volume_gives(merlin):
     (not zero padding at the crop's edge), so the crop's logits are the whole volume's, up to
     the decoder's own upsampling at the crop's far end."""
     torch.manual_seed(0)
-    model = MerlinSegmenter(stages=("stem", "layer1", "layer2"))
-    model.load_state_dict({k: v for k, v in merlin.state_dict().items() if not k.startswith(("encoder.layer3", "decoder", "classifier"))},
+    model = MerlinSegmenter()
+    model.load_state_dict({k: v for k, v in merlin.state_dict().items() if k.startswith("encoder.")},
                           strict=False)
     model.eval()
     tuning = prepare(model, dataclasses.replace(SPEC, targets=(r"^encoder\.layer2\.[67]\.conv2$",)),
@@ -155,22 +165,51 @@ def test_a_training_crop_gives_what_the_whole_volume_gives(merlin):
 
 def test_bf16_gradients_match_float32_on_the_adapted_blocks():
     """The adapted blocks' gradients under bf16 autocast (on a CPU with bf16) point where the
-    float32 ones do, on a crop two voxels deep at layer3 (the oneDNN defect's shape)."""
+    float32 ones do, on a crop four voxels deep at layer2 (the oneDNN defect's shape)."""
     tuning = prepare(load_backbone(SPEC.id)[0], SPEC, AdaptSettings(steps=1))
     for layer in tuning.layers.values():
         layer.v.data.fill_(0.05)
     from arenaseg.precision import guard_bf16_defects
 
     guard_bf16_defects(tuning.model)
-    x = torch.rand(1, 64, 64, 16)
+    x = torch.rand(1, 64, 64, 8)
     grads = {}
     for bf16 in (False, True):
         tuning.model.zero_grad(set_to_none=True)
         tuning.model._cache = None
-        state, _ = tuning.model.crops(x, torch.device("cpu")).crop((0, 0, 0), (64, 64, 16),
+        state, _ = tuning.model.crops(x, torch.device("cpu")).crop((0, 0, 0), (64, 64, 8),
                                                                    torch.device("cpu"))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             tuning.model(state).float().mean().backward()
         grads[bf16] = torch.cat([l.lora_A.weight.grad.flatten() for l in tuning.layers.values()])
     cos = torch.nn.functional.cosine_similarity(grads[False], grads[True], dim=0)
     assert torch.isfinite(grads[True]).all() and cos > 0.95, float(cos)
+
+
+def test_the_decoder_starts_as_the_linear_probe_and_reads_unpainted_slices(merlin):
+    """``start_decoder`` fits the frozen-feature probe on the painted voxels and writes it into
+    the decoder: on a real CT, bone (HU > 300) painted on three axial slices is found on the
+    slices between them before any training step, and only the lateral projections' first
+    channel is read."""
+    from arenaseg.imageio import read_image
+    from arenaseg.preprocessing import Scan
+
+    model = copy.deepcopy(merlin)
+    scan = Scan.from_image(read_image(ABDOMEN / "ct.nii.gz"), SPEC)
+    x = scan.x[:, 58:186, 37:165, 32:80].contiguous()  # (1, 128, 128, 48), the middle of the body
+    bone = (x[0] > 0.65).numpy()  # HU > 300 in the [-1000, 1000] window
+    painted = (8, 24, 40)
+    grid = np.stack(np.meshgrid(*map(np.arange, x.shape[1:3]), indexing="ij"), -1).reshape(-1, 2)
+    coords = np.concatenate([np.c_[grid, np.full(len(grid), z)] for z in painted]).astype(np.float32)
+    targets = np.concatenate([bone[:, :, z].reshape(-1) for z in painted]).astype(np.float32)
+    assert 100 < targets.sum() < len(targets) / 4  # both classes there
+    device = torch.device("cpu")
+    model.start_decoder(model.crops(x, device), coords, targets, device)
+    found = (model.volume_logits(x, device)[0] > 0).numpy()
+    unpainted = np.ones(x.shape[3], bool)
+    unpainted[list(painted)] = False
+    overlap = (found & bone)[..., unpainted].sum()
+    assert 2 * overlap / (found[..., unpainted].sum() + bone[..., unpainted].sum()) > 0.7  # 0.79
+    head = model.classifier.weight.flatten()
+    assert head[0] == 1 and not head[1:].any()
+    assert all(not conv.weight.any() for conv in model.decoder.refine)

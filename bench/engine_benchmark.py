@@ -53,16 +53,24 @@ BASE_VALUES = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 
                "stomach": 6, "pancreas": 7, "duodenum": 19, "aorta": 52}
 
 
+# The peak is read by a small launcher: Linux starts a child's maxrss at its parent's resident
+# size at fork, and a benchmark holding a backbone would otherwise report its own memory.
+PEAK_LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); "
+                 "_, s, u = os.wait4(p.pid, 0); print(f'PEAK_KB {u.ru_maxrss}', file=sys.stderr); "
+                 "sys.exit(os.waitstatus_to_exitcode(s))")
+
+
 def run_adapt(cmd: list[str]) -> tuple[float, float, str]:
-    """Run one command; return wall seconds, peak RSS in MB (os.wait4) and its output."""
+    """Run one command; return wall seconds, its peak RSS in MB (``os.wait4`` in a launcher) and
+    its output."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", PEAK_LAUNCHER, *cmd], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    output, _, peak = proc.stdout.rpartition("PEAK_KB ")
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output}")
-    return wall, usage.ru_maxrss / 1024, output
+    return wall, int(peak) / 1024, output
 
 
 def zero_shot(data: Path) -> dict:

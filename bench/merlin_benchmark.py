@@ -13,6 +13,9 @@ labels), Dice on the unpainted slices of:
   trained) and, at k = 3, the same with no adapter (decoder and head only, ``linear-probe``);
 - the small U-Net held out from that patient, from ``LOPO.json`` (read, not re-run).
 
+At k = 3 on ``abdomen_ct``, which stages the decoder should read (the probe with ``layer3``
+too) and what the decoder's linear start gives (ARENA with a decoder started at random).
+
 All three trained ones go through the engine's own post-processing (threshold 0.5, objects
 connected to the paint). Then ARENA's rank at r0 = 8 and 32 and at twice the steps, and one
 ``arenaseg adapt`` process with the defaults (wall time, peak resident memory) on
@@ -24,6 +27,7 @@ connected to the paint). Then ARENA's rank at r0 = 8 and 32 and at twice the ste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,8 +40,11 @@ import SimpleITK as sitk
 import torch
 
 from arenaseg.annotations import dice, find_annotation, paint_slices
-from arenaseg.backbones import load_backbone
-from arenaseg.backbones.merlin import TAPS, upsample_exact
+from contextlib import contextmanager
+
+from arenaseg.backbones import REGISTRY, get_spec, load_backbone
+from arenaseg.backbones.merlin import TAPS, MerlinSegmenter, upsample_exact
+from arenaseg.backbones.registry import merlin_key_rules
 from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
 from arenaseg.inference import predict
@@ -59,18 +66,39 @@ SCANS = {  # scan: (image, labels, structures, k)
 PROBE_STAGES = ("stem", "layer1", "layer2")
 
 
-def frozen_probe(scan: Scan, ann, model) -> sitk.Image:
+def deep_encoder() -> MerlinSegmenter:
+    """The encoder kept down to ``layer3`` (for the stage table)."""
+    spec = get_spec(BACKBONE)
+    deep = dataclasses.replace(spec, id=BACKBONE + "-to-layer3",
+                               network_args=(("stages", PROBE_STAGES + ("layer3",)),),
+                               source=dataclasses.replace(spec.source, key_rules=merlin_key_rules("", 3)))
+    REGISTRY[deep.id] = deep
+    return load_backbone(deep.id)[0]
+
+
+@contextmanager
+def random_decoder_start():
+    """ARENA with the decoder started at random, not as the linear probe."""
+    saved = MerlinSegmenter.start_decoder
+    MerlinSegmenter.start_decoder = None
+    try:
+        yield
+    finally:
+        MerlinSegmenter.start_decoder = saved
+
+
+def frozen_probe(scan: Scan, ann, model, stages=PROBE_STAGES) -> sitk.Image:
     """The frozen-feature linear probe's probability on the input grid (see the module text)."""
     with torch.no_grad():
         x = scan.x
         pad = [-n % a for n, a in zip(x.shape[1:], model.align)]
         xp = torch.nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))
-        state = model.encoder_state(xp[None], stop=2 + 3 + 8)  # stem, maxpool, layer1, layer2
-        feats = [state["taps"][s].float() for s in PROBE_STAGES]
+        state = model.encoder_state(xp[None])
+        feats = [state["taps"][s].float() for s in stages]
         points, targets = ann.points()
         coords = torch.as_tensor(scan.points_to_canonical(points), dtype=torch.float32)
         columns = []
-        for stage, f in zip(PROBE_STAGES, feats):
+        for stage, f in zip(stages, feats):
             z, sx, sy = TAPS[stage][1]
             tap_xyz = f.permute(0, 1, 3, 4, 2)  # (1, C, X, Y, Z)
             columns.append(sample_logits(tap_xyz, coords / torch.tensor([sx, sy, z]))[0].T)
@@ -94,7 +122,7 @@ def frozen_probe(scan: Scan, ann, model) -> sitk.Image:
         w, scale = w / std, 0
         logit = (b - (mean * w).sum()) + w[-1] * xp[0]
         start = 0
-        for stage, f in zip(PROBE_STAGES, feats):
+        for stage, f in zip(stages, feats):
             c = f.shape[1]
             part = torch.einsum("c,bczxy->bzxy", w[start:start + c], f)[:, None]
             z, sx, sy = TAPS[stage][1]
@@ -133,7 +161,8 @@ def cli_runs(data: Path, tmp: Path) -> list[dict]:
     labels = read_labels_on(ct, data / "abdomen_ct/labels.nii.gz", "labels")
     size, spacing = (233, 167, 191), (1.5, 1.5, 1.5)
     centre = ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in ct.GetSize()])
-    origin = [c - (n - 1) / 2 * s for c, n, s in zip(centre, size, spacing)]
+    half = np.array(ct.GetDirection()).reshape(3, 3) @ ((np.array(size) - 1) / 2 * np.array(spacing))
+    origin = list(np.array(centre) - half)
     big = sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, origin, spacing,
                         ct.GetDirection(), -1024.0, sitk.sitkInt16)
     big_labels = sitk.Resample(labels, big, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
@@ -173,7 +202,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     model, _ = load_backbone(BACKBONE)
-    model.eval()
+    deep = deep_encoder()
     for scan_name, (image, labels, values, ks) in SCANS.items():
         ct = read_image(data / image)
         lab = array_ijk(read_labels_on(ct, data / labels, "labels"))
@@ -192,6 +221,11 @@ def main() -> None:
                 row["arena"] = adapt_dice(ct, ann, ref, AdaptSettings())
                 if k == 3:
                     row["decoder_only"] = adapt_dice(ct, ann, ref, AdaptSettings(method="linear-probe"))
+                if k == 3 and scan_name == "abdomen_ct":
+                    row["probe_with_layer3"] = segment_dice(
+                        frozen_probe(scan, ann, deep, PROBE_STAGES + ("layer3",)), ann, scan, ref)
+                    with random_decoder_start():
+                        row["arena_random_start"] = adapt_dice(ct, ann, ref, AdaptSettings())
                 record(row)
     ct = read_image(data / "abdomen_ct/ct.nii.gz")
     lab = array_ijk(read_labels_on(ct, data / "abdomen_ct/labels.nii.gz", "labels"))
@@ -244,6 +278,16 @@ def report(rows: list[dict], lopo: dict, command: str) -> str:
                       f"decoder only {md:.3f}, frozen-feature linear probe {mp:.3f} (ARENA − probe "
                       f"{ma - mp:+.3f}); ARENA − Fill per structure: "
                   + ", ".join(f"{r['structure']} {r['arena']['dice'] - r['fill']:+.3f}" for r in k3) + "."]
+    if k3 and all("probe_with_layer3" in r for r in k3):
+        lines += ["", "## What the decoder reads and how it starts", "",
+                  "`abdomen_ct`, k = 3. The frozen-feature linear probe on stem to `layer2` (the "
+                  "decoder's stages) and with `layer3` (24 mm) added; ARENA with its decoder "
+                  "started as that probe (the default) and started at random.", "",
+                  "| structure | probe, stem to layer2 | probe, + layer3 | ARENA, linear start | ARENA, random start |",
+                  "|---|---|---|---|---|"]
+        for r in k3:
+            lines.append(f"| {r['structure']} | {r['probe']:.3f} | {r['probe_with_layer3']:.3f} | "
+                         f"{r['arena']['dice']:.3f} | {r['arena_random_start']['dice']:.3f} |")
     ranks = [r for r in rows if r["kind"] == "rank"]
     if ranks:
         lines += ["", "## Rank: a property of the task, not of r0 or the step count",

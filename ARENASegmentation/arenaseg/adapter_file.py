@@ -101,4 +101,5 @@ def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch
     tuning = prepare(model, spec, AdaptSettings.from_dict(meta["settings"]), meta.get("structure"),
                      ranks=meta["stored_ranks"])
     load_state(tuning, tensors, source)
+    tuning.fresh_decoder = False
     return tuning

@@ -207,6 +207,10 @@ class Method:
     #: learning-rate warm-up steps (:data:`WARMUP_STEPS` on a backbone whose decoder starts
     #: untrained, else 0)
     warmup = 0
+    #: the backbone's decoder is untrained (``spec.trains_decoder``, not loaded from an adapter):
+    #: training starts it as the frozen-feature linear probe where the network can
+    #: (``model.start_decoder``)
+    fresh_decoder = False
 
     def __init__(self, model: nn.Module, head: nn.Module, layers: dict | None = None):
         self.model, self.head, self.layers = model, head, layers or {}
@@ -249,7 +253,7 @@ class Method:
                 if any(re.search(p, name) for p in spec.decoder):
                     module.requires_grad_(True)
         if spec.trains_decoder and method.parameters():
-            method.warmup = WARMUP_STEPS
+            method.warmup, method.fresh_decoder = WARMUP_STEPS, True
         return method
 
     @classmethod

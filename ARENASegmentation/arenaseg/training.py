@@ -8,8 +8,10 @@ the loss sees only the painted slices, at their own resolution, whatever the gri
 (learning rate η) updates the method's trainable parameters (for ARENA: A, B and the head); then
 the method's hook runs (for ARENA every gate is updated by ``v ← ξ(v − ρη·∇̂v L, ηλ)``, the
 gradient of the same backward pass normalised per layer; see :mod:`arenaseg.methods`). On a
-backbone whose decoder starts untrained, η warms up linearly over the first steps
-(``Method.warmup``, PyTorch ``LinearLR``); the gates' step keeps the full η.
+backbone whose decoder starts untrained, the decoder first becomes the frozen-feature linear
+probe fitted on all painted voxels (``model.start_decoder``: linear probing, then fine-tuning;
+Kumar et al., ICLR 2022), and η warms up linearly over the first steps (``Method.warmup``,
+PyTorch ``LinearLR``); the gates' step keeps the full η.
 """
 
 from __future__ import annotations
@@ -178,6 +180,10 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
     model.to(device).train()
     source = model.crops(x, device, roi) if hasattr(model, "crops") else ImageCrops(x, roi)
+    start_decoder = getattr(model, "start_decoder", None)
+    if tuning.fresh_decoder and start_decoder:
+        start_decoder(source, coords, targets, device)
+        tuning.fresh_decoder = False
     shape = np.asarray(source.shape)
     log = TrainingLog()
     start = time.perf_counter()
