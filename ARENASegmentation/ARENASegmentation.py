@@ -305,12 +305,13 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._parameterNode:
             self._parameterNode.backgroundSegmentID = segmentId or ""
 
-    def ensureDependencies(self, method: str) -> bool:
-        """First use: one question, then torch through PyTorchUtils and the rest with pip. The
-        button is disabled meanwhile, so a second click cannot start a second pip."""
+    def ensureDependencies(self, method: str, backbone: str = DEFAULT_BACKBONE) -> bool:
+        """First use: one question, then torch through PyTorchUtils and the rest with pip (the
+        backbone's weights package too). The button is disabled meanwhile, so a second click
+        cannot start a second pip."""
         if dependencies.isInstalling():
             return False
-        if not dependencies.unmet(dependencies.requirementsFor(method), dependencies.installedVersions()):
+        if not dependencies.unmet(dependencies.requirementsFor(method, backbone), dependencies.installedVersions()):
             return True
         self.ui.applyButton.enabled = False
         self.ui.statusLabel.text = _("Installing the Python packages ARENA needs...")
@@ -320,7 +321,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             # here, or a declined or failed install escapes the button's slot as a traceback.
             with slicer.util.tryWithErrorDisplay(_("Installing the Python packages ARENA needs failed."),
                                                  waitCursor=True):
-                dependencies.install(method, askConfirmation=True)
+                dependencies.install(method, askConfirmation=True, backbone=backbone)
                 self.ui.statusLabel.text = _("Python packages installed.")
                 return True
         except Exception as err:  # already shown by tryWithErrorDisplay
@@ -336,7 +337,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.statusLabel.text = _("Cancelling...")
             return
         p = self._parameterNode
-        if not self.ensureDependencies(p.method):
+        if not self.ensureDependencies(p.method, p.backbone):
             return
         with slicer.util.tryWithErrorDisplay(_("ARENA could not start."), waitCursor=True):
             self.logic.startAdapt(

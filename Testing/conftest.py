@@ -11,6 +11,10 @@ import SimpleITK as sitk
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The embedded U-Net is the default of every test (and of the processes they start) unless a test
+# names its backbone: the default Merlin encoder is tested by name (test_merlin.py,
+# test_default_backbone.py), and each of its adapts costs about a minute on two cores.
+os.environ.setdefault("ARENASEG_BACKBONE", "arena-small-ct-unet")
 
 DATA = Path(os.environ.get("ARENASEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 ABDOMEN = DATA / "abdomen_ct"

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from arenaseg.adapters import inject_adapters
-from arenaseg.backbones import (DEFAULT_BACKBONE, REGISTRY, cached_weights_path, get_spec,
+from arenaseg.backbones import (EMBEDDED_BACKBONE, REGISTRY, cached_weights_path, get_spec,
                                 load_backbone, spec_for_file)
 from arenaseg.errors import ArenaError
 from arenaseg.methods import replace_head
@@ -162,7 +162,7 @@ def test_gradient_checkpointing_option():
     assert all(layer.blocks[0].use_checkpoint for layer in
                (model.swinViT.layers1[0], model.swinViT.layers4[0]))
     with pytest.raises(ArenaError, match="gradient checkpointing"):
-        load_backbone(DEFAULT_BACKBONE, use_checkpoint=True)
+        load_backbone(EMBEDDED_BACKBONE, use_checkpoint=True)
 
 
 def test_wrong_file_names_missing_and_unexpected_keys(tmp_path):
@@ -223,11 +223,11 @@ def test_embedded_default_keeps_its_api(tmp_path):
     from safetensors.torch import save_file
 
     model, spec = load_backbone()
-    assert spec.id == DEFAULT_BACKBONE and spec.weights == "arena-small-ct-unet.safetensors"
+    assert spec.id == EMBEDDED_BACKBONE and spec.weights == "arena-small-ct-unet.safetensors"
     assert spec.decoder == () and model.load_report.reinitialised == ()
     state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "mine.safetensors"))
-    mine, _ = load_backbone(DEFAULT_BACKBONE, weights=tmp_path / "mine.safetensors")
+    mine, _ = load_backbone(EMBEDDED_BACKBONE, weights=tmp_path / "mine.safetensors")
     assert all(torch.equal(v, state[k]) for k, v in mine.state_dict().items())
 
 
@@ -269,7 +269,7 @@ def test_real_ct_preprocessing_matches_the_entry(abdomen_ct, prep):
 
 
 def test_organ_names_match_as_users_write_them():
-    spec = get_spec(DEFAULT_BACKBONE)
+    spec = get_spec(EMBEDDED_BACKBONE)
     liver = spec.classes.index("liver")
     assert [spec.pretrained_channel(n) for n in ("liver", "Liver", " LIVER ")] == [liver] * 3
     kidney = spec.classes.index("kidney_right")

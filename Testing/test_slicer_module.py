@@ -254,7 +254,7 @@ def test_a_declined_install_returns_false_instead_of_raising_from_the_slot(monke
     monkeypatch.setattr(qt, "Qt", types.SimpleNamespace(WaitCursor=3), raising=False)
     monkeypatch.setattr(dependencies, "installedVersions", lambda: {})
 
-    def declined(method, askConfirmation=True):
+    def declined(method, askConfirmation=True, backbone=None):
         raise RuntimeError("The Python packages were not installed: ARENA cannot run without them.")
 
     monkeypatch.setattr(dependencies, "install", declined)

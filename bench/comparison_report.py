@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from arenaseg.config import ADAPTER_METHODS as ADAPTERS
-from arenaseg.config import DEFAULT_BACKBONE
+from arenaseg.backbones import EMBEDDED_BACKBONE
 from paper_comparison import COMPARED, STRUCTURES
 
 
@@ -181,7 +181,7 @@ def write_report(out: Path, header: dict, rows: list[dict]) -> None:
              "patient); references are TotalSegmentator labels. Painted slices: k axial slices "
              "spread evenly inside the structure, taken from the reference; Dice on every "
              "unpainted slice (in-scan) or on the whole other scan (cross-scan).",
-             f"- Same for every method: backbone `{DEFAULT_BACKBONE}`, painted voxels, crops "
+             f"- Same for every method: backbone `{EMBEDDED_BACKBONE}`, painted voxels, crops "
              f"(96×96×{budget['slab']} voxels around painted voxels, {budget['crops_per_step']} per "
              f"step), loss (Dice + CE at the painted voxels), {budget['steps']} AdamW steps, seeds "
              f"{list(seeds)} (rank robustness: {list(p.get('rank_seeds', seeds))}), post-processing (region connected to the paint). η = 5e-3 (full "

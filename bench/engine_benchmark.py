@@ -31,7 +31,7 @@ import torch
 
 from arenaseg.adapter_file import read_adapter
 from arenaseg.annotations import dice, find_annotation, paint_slices
-from arenaseg.backbones import DEFAULT_BACKBONE, load_backbone
+from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
 from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
 from arenaseg.inference import sliding_window_logits
 from arenaseg.preprocessing import to_canonical, to_input_grid
@@ -75,7 +75,7 @@ def run_adapt(cmd: list[str]) -> tuple[float, float, str]:
 
 def zero_shot(data: Path) -> dict:
     """Dice of the backbone's own output classes (argmax, no adaptation) per scan and organ."""
-    model, spec = load_backbone(DEFAULT_BACKBONE)
+    model, spec = load_backbone(EMBEDDED_BACKBONE)
     results = {}
     for scan, image_path, labels_path in ZERO_SHOT_SCANS:
         ct = read_image(data / image_path)
@@ -154,7 +154,7 @@ def main() -> None:
             cmd = base_cmd + ["adapt", "--image", str(ct_path), "--annotations", str(ann),
                               "--label", str(value), "--out", str(seg), "--adapter-out",
                               str(adapter), "--method", method, "--structure", name,
-                              "--device", "cpu"] + args.extra.split()
+                              "--device", "cpu", "--backbone", EMBEDDED_BACKBONE] + args.extra.split()
             wall, peak_mb, _ = run_adapt(cmd)
             loads.append(os.getloadavg()[0])
             pred = array_ijk(sitk.ReadImage(str(seg))) == value

@@ -23,6 +23,7 @@ import torch
 
 import arenaseg.inference as inference
 from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.backbones import EMBEDDED_BACKBONE
 from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.pipeline import fit
@@ -61,7 +62,7 @@ def main() -> None:
             for k in args.k:
                 painted = paint_slices(labels, value, k, axis=2)
                 annotation = find_annotation(painted, value, axis=2)
-                result = fit(ct, annotation, AdaptSettings(seed=0))
+                result = fit(ct, annotation, AdaptSettings(seed=0), EMBEDDED_BACKBONE)
                 probability = own(result.tuning, result.spec, result.scan, cpu)
                 ref, unpainted = labels == value, ~annotation.known
                 slices = np.asarray(annotation.slices)

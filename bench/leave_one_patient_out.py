@@ -34,7 +34,7 @@ from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.inference import predict, sliding_window_logits
 from arenaseg.pipeline import Scan, fit
 from arenaseg.preprocessing import to_canonical, to_input_grid
-from arenaseg.backbones import DEFAULT_BACKBONE
+from arenaseg.backbones import EMBEDDED_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import BASE_VALUES, git_revision, machine  # noqa: E402
@@ -53,7 +53,7 @@ RECIPES = {"": [], "_augmented": ["--augment"]}
 
 def zero_shot(weights: Path | None, ct, ref: np.ndarray) -> dict:
     """Dice of the backbone's own classes (argmax over the whole scan) per organ present."""
-    model, spec = load_backbone(DEFAULT_BACKBONE, weights)
+    model, spec = load_backbone(EMBEDDED_BACKBONE, weights)
     x, affine = to_canonical(ct, spec.preprocessing)
     pred = sliding_window_logits(model, x, spec.preprocessing.roi_size, torch.device("cpu")).argmax(0)
     pred = array_ijk(to_input_grid(pred.numpy(), affine, ct, linear=False))
@@ -64,7 +64,8 @@ def zero_shot(weights: Path | None, ct, ref: np.ndarray) -> dict:
 def adapt_dice(weights: Path | None, ct, scan: Scan, ref: np.ndarray, value: int, k: int) -> float:
     painted = paint_slices(ref, value, k, axis=2)
     annotation = find_annotation(painted, value, axis=2)
-    result = fit(scan, annotation, AdaptSettings(seed=0), weights=str(weights) if weights else None)
+    result = fit(scan, annotation, AdaptSettings(seed=0), EMBEDDED_BACKBONE,
+                 weights=str(weights) if weights else None)
     seg = array_ijk(predict(result.tuning, result.spec, scan, torch.device("cpu"), value, annotation).image)
     return dice(seg == value, ref == value, ~annotation.known)
 
@@ -88,7 +89,7 @@ def main() -> None:
             (train,) = [p for p in PATIENTS if p != held_out]
             ct = read_image(data / PATIENTS[held_out][0])
             ref = array_ijk(read_labels_on(ct, data / PATIENTS[held_out][1], "labels"))
-            scan = Scan.from_image(ct, load_backbone(DEFAULT_BACKBONE)[1])
+            scan = Scan.from_image(ct, load_backbone(EMBEDDED_BACKBONE)[1])
             row = {"trained_on": train, "zero_shot_embedded": zero_shot(None, ct, ref), "new": []}
             old = earlier.get("held_out", {}).get(held_out, {})
             weights = {}

@@ -119,7 +119,7 @@ def frozen_probe(scan: Scan, ann, model, stages=PROBE_STAGES) -> sitk.Image:
         return loss
     opt.step(closure)
     with torch.no_grad():
-        w, scale = w / std, 0
+        w = w / std
         logit = (b - (mean * w).sum()) + w[-1] * xp[0]
         start = 0
         for stage, f in zip(stages, feats):

@@ -122,13 +122,13 @@ _SCANS: dict = {}
 def _scan(data: Path, name: str):
     """(Scan on the default backbone's grid, reference labels on the image grid), cached."""
     if name not in _SCANS:
-        from arenaseg.backbones import load_backbone
+        from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
         from arenaseg.imageio import array_ijk, read_image, read_labels_on
         from arenaseg.pipeline import Scan
 
         image_path, labels_path = SCANS[name]
         ct = read_image(data / image_path)
-        _, spec = load_backbone()
+        _, spec = load_backbone(EMBEDDED_BACKBONE)
         _SCANS[name] = (Scan.from_image(ct, spec), array_ijk(read_labels_on(ct, data / labels_path, "labels")))
     return _SCANS[name]
 
@@ -146,7 +146,7 @@ def run_job(args: tuple) -> dict:
 
     from arenaseg.adapter_file import apply_adapter, read_adapter, save_adapter
     from arenaseg.annotations import dice, find_annotation, paint_slices
-    from arenaseg.backbones import load_backbone
+    from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
     from arenaseg.imageio import array_ijk
     from arenaseg.pipeline import fit, predict
     from arenaseg.training import AdaptSettings
@@ -168,7 +168,7 @@ def run_job(args: tuple) -> dict:
     settings = AdaptSettings(method=job["method"], rank=job["rank"], seed=job["seed"], **loop,
                              **({"lam": job["lam"]} if "lam" in job else {}))
     start = time.perf_counter()
-    result = fit(scan, annotation, settings, structure=job["structure"], device="cpu")
+    result = fit(scan, annotation, settings, EMBEDDED_BACKBONE, structure=job["structure"], device="cpu")
     trained = time.perf_counter()
     seg = array_ijk(predict(result.tuning, result.spec, scan, cpu, value, annotation).image) == value
     row = dict(job, dice=dice(seg, ref == value, ~annotation.known),
@@ -184,7 +184,7 @@ def run_job(args: tuple) -> dict:
                                                "backbone_checksum": result.checksum,
                                                "settings": settings.to_dict(),
                                                "structure": job["structure"], "label": value})
-            model, spec = load_backbone()
+            model, spec = load_backbone(EMBEDDED_BACKBONE)
             tuning = apply_adapter(model, spec, *read_adapter(path), source=str(path))
         other, other_ref = _scan(data, job["cross_to"])
         pred = array_ijk(predict(tuning, spec, other, cpu, value).image) == value

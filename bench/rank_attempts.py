@@ -69,7 +69,7 @@ import numpy as np, torch
 from torch import nn
 from arenaseg import adapters as ad
 from arenaseg.annotations import dice, find_annotation, paint_slices
-from arenaseg.backbones import load_backbone
+from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.pipeline import fit, predict, Scan
 from arenaseg.config import AdaptSettings
@@ -259,7 +259,7 @@ ad.ArenaLayer.merge = lambda self: None
 ad.ArenaLayer.unmerge = lambda self: None
 ct = read_image("/work/shared/data/abdomen_ct/ct.nii.gz")
 ref = array_ijk(read_labels_on(ct, "/work/shared/data/abdomen_ct/labels.nii.gz", "labels"))
-_, spec = load_backbone()
+_, spec = load_backbone(EMBEDDED_BACKBONE)
 scan = Scan.from_image(ct, spec)
 for name in structs:
     value = VAL[name]
@@ -268,7 +268,7 @@ for name in structs:
         for seed in seeds:
             s = AdaptSettings(rank=r0, seed=seed, **settings_kw)
             t = time.perf_counter()
-            res = fit(scan, ann, s, structure=name, device="cpu")
+            res = fit(scan, ann, s, EMBEDDED_BACKBONE, structure=name, device="cpu")
             seg = array_ijk(predict(res.tuning, res.spec, scan, torch.device("cpu"), value, ann).image) == value
             tr = res.log.total_rank
             row = dict(variant=variant, **kv, structure=name, r0=r0, seed=seed,

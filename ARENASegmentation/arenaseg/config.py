@@ -33,7 +33,7 @@ ADAPTER_METHODS = METHODS[-3:]
 DEFAULT_METHOD = METHODS[-1]
 #: The baselines that come from PEFT (their own dependency).
 PEFT_METHODS = tuple(m for m in ADAPTER_METHODS if m != DEFAULT_METHOD)
-#: Every backbone id of the registry; :data:`DEFAULT_BACKBONE` is the embedded one.
+#: Every backbone id of the registry; :data:`DEFAULT_BACKBONE` is the one a run uses unless told.
 BACKBONES = tuple(REGISTRY)
 #: The backbones a GUI offers: the embedded one and those with public pretrained weights that a
 #: user adapts as they are (not the untrained or decoder-less ones, see ``BackboneSpec.offered``).

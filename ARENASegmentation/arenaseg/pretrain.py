@@ -24,7 +24,7 @@ from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandBia
                               RandScaleIntensityd, RandShiftIntensityd, SpatialPad)
 from tqdm import tqdm
 
-from .backbones import DEFAULT_BACKBONE, get_spec, state_checksum
+from .backbones import EMBEDDED_BACKBONE, get_spec, state_checksum
 from .download import path_checksum
 from .errors import ArenaError
 from .imageio import array_ijk, image_like, read_image, read_labels_on
@@ -131,7 +131,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
     # Before hours of training: both files must be writable (read-only folder, full disk).
     check_writable(out, "weights", "--out")
     check_writable(card_path, "model card", "--out")
-    spec = get_spec(DEFAULT_BACKBONE)
+    spec = get_spec(EMBEDDED_BACKBONE)
     prep = spec.preprocessing
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ import it when first used.
 
 from __future__ import annotations
 
-from .registry import (BASE_ORGANS, DEFAULT_BACKBONE, REGISTRY, BackboneSpec,  # noqa: F401
+from .registry import (BASE_ORGANS, DEFAULT_BACKBONE, EMBEDDED_BACKBONE, REGISTRY, BackboneSpec,  # noqa: F401
                        Preprocessing, WeightsSource, get_spec, spec_for_file)
 
 _LOADING = ("load_backbone", "state_checksum", "weights_path", "cached_weights_path",

