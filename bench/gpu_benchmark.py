@@ -13,7 +13,13 @@ It writes ``--report`` (Markdown) and the same figures as JSON next to it: machi
 revision, seconds per step, end-to-end adapt-and-segment seconds and peak GPU memory. Targets on
 one modern GPU: adapt-and-segment ≤ 60 s, peak GPU memory ≤ 8 GB.
 
+With ``--engine BACKBONE`` it times the engine's own ``adapt`` instead (read, resample onto the
+backbone's grid, cache, train with the defaults on 3 painted axial liver slices, segment, write),
+e.g. on the default ``merlin-resnet152``: one call from the input file to the written
+segmentation, wall seconds and peak GPU memory, in ``--report`` (default ``bench/GPU_ENGINE.md``).
+
     python bench/gpu_benchmark.py                      # on a CUDA machine: the real figures
+    python bench/gpu_benchmark.py --engine merlin-resnet152   # the default backbone, end to end
     python bench/gpu_benchmark.py --device cpu --grid 128 128 64 --steps 2 --feature-size 12 \\
         --report /tmp/gpu_smoke.md                     # a quick end-to-end check on a CPU
 """
@@ -171,6 +177,55 @@ def run(args) -> dict:
     }
 
 
+def run_engine(args) -> dict:
+    """``arenaseg.pipeline.adapt`` on ``args.engine`` with the engine's defaults (see the module
+    text); returns the figures for :func:`engine_report`."""
+    import tempfile
+
+    from arenaseg.annotations import paint_slices
+    from arenaseg.config import AdaptSettings
+    from arenaseg.imageio import array_ijk, image_like
+    from arenaseg.pipeline import adapt
+
+    device = pick_device(args.device)
+    ct = resample_to_grid(sitk.ReadImage(str(DATA / "abdomen_ct" / "ct.nii.gz")), args.grid, True)
+    labels = resample_to_grid(sitk.ReadImage(str(DATA / "abdomen_ct" / "labels.nii.gz")),
+                              args.grid, False)
+    settings = AdaptSettings(**({"steps": args.steps} if args.steps else {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        image, paint, seg = (Path(tmp) / n for n in ("ct.nii.gz", "paint.nii.gz", "seg.nii.gz"))
+        sitk.WriteImage(ct, str(image))
+        sitk.WriteImage(image_like(paint_slices(array_ijk(labels), LIVER, 3, axis=2), ct), str(paint))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        result = adapt(str(image), str(paint), LIVER, str(seg), settings=settings,
+                       backbone=args.engine, device=str(device))
+        seconds = time.perf_counter() - start
+    return {"machine": machine(device), "device": str(device), "backbone": args.engine,
+            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            "git_revision": git_revision(), "grid": list(args.grid), "steps": settings.steps,
+            "adapt_and_segment_seconds": seconds, "effective_rank": sum(result.ranks.values()),
+            "training_parts": result.training_parts,
+            "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                    if device.type == "cuda" else None)}
+
+
+def engine_report(r: dict) -> str:
+    gpu = r["peak_gpu_memory_gib"]
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in r["training_parts"].items())
+    return "\n".join([
+        f"# GPU benchmark: the engine's `adapt` on `{r['backbone']}`", "",
+        "Written by `bench/gpu_benchmark.py --engine` (see its docstring): one `adapt` call from "
+        "the input file to the written segmentation, engine defaults, 3 painted axial liver slices.",
+        "", f"- Machine: {r['machine']}", f"- Command: `{r['command']}`",
+        f"- Git revision: {r['git_revision']}", f"- Input grid {r['grid']}; {r['steps']} steps; "
+        f"effective rank found {r['effective_rank']}; training: {parts}.", "",
+        "| Device | Adapt and segment (s) | Peak GPU memory (GiB) |", "|---|---|---|",
+        f"| {r['device']} | {r['adapt_and_segment_seconds']:.1f} | "
+        f"{'n/a (CPU)' if gpu is None else f'{gpu:.2f}'} |", ""])
+
+
 def report(r: dict) -> str:
     gpu = r["peak_gpu_memory_gib"]
     lines = [
@@ -207,7 +262,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--grid", type=int, nargs=3, default=(512, 512, 300))
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: 60; with --engine the engine's default)")
     p.add_argument("--feature-size", type=int, default=48)
     p.add_argument("--crops", type=int, default=2, help="crops per step (batch)")
     p.add_argument("--crop", type=int, nargs=3, default=(96, 96, 96))
@@ -218,12 +274,20 @@ def main(argv=None):
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="turn gradient checkpointing off")
     p.add_argument("--train-decoder", action="store_true")
-    p.add_argument("--report", type=Path, default=ROOT / "bench" / "GPU.md")
+    p.add_argument("--engine", metavar="BACKBONE",
+                   help="time the engine's own adapt on this backbone (e.g. merlin-resnet152)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="default bench/GPU.md, with --engine bench/GPU_ENGINE.md")
     args = p.parse_args(argv)
-    result = run(args)
-    args.report.write_text(report(result))
-    args.report.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    print(report(result))
+    if args.engine:
+        result, write = run_engine(args), engine_report
+    else:
+        args.steps = args.steps or 60
+        result, write = run(args), report
+    out = args.report or ROOT / "bench" / ("GPU_ENGINE.md" if args.engine else "GPU.md")
+    out.write_text(write(result))
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    print(write(result))
 
 
 if __name__ == "__main__":

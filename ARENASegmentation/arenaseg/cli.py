@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="arenaseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="train the small default backbone on labelled CT scans")
+    p = sub.add_parser("pretrain", help="train the embedded backbone (arena-small-ct-unet) on labelled CT scans")
     p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("IMAGE", "LABELS"),
                    help="a CT (file or DICOM folder) and its labelmap; repeat for more scans")
     p.add_argument("--classes", default=TOTALSEG_BASE_ORGANS,

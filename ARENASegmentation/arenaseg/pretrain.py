@@ -1,4 +1,4 @@
-"""Pretrain the embedded default backbone on labelled CT scans (``arenaseg pretrain``).
+"""Pretrain the embedded backbone on labelled CT scans (``arenaseg pretrain``).
 
 Users with their own labelled scans can train their own base model the same way. The command
 writes the weights (safetensors) and a model card (Markdown) with the data checksums, the exact
@@ -105,7 +105,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
              augment: bool = False, device: torch.device = torch.device("cpu"),
              init: Path | None = None,
              command: str = "") -> dict:
-    """Train the default backbone from scratch on ``scans`` (image, labels) pairs.
+    """Train the embedded backbone from scratch on ``scans`` (image, labels) pairs.
 
     Args:
         scans: (image path, label path) pairs; any grid, labels resampled onto each image.
@@ -118,7 +118,7 @@ def pretrain(scans: list[tuple[str, str]], class_values: dict[str, int], out: Pa
         augment: random spatial and intensity transforms on each crop (:func:`augmentation`),
             for a backbone that reads patients, scanners and contrast phases it never saw.
         init: start from these weights instead of from scratch (e.g. to go on training the
-            default backbone on your own scans); the training and data sections of their model
+            embedded backbone on your own scans); the training and data sections of their model
             card, when there is one, are carried into the new card.
         command: the command line, recorded in the model card.
 
@@ -222,7 +222,7 @@ def model_card(report: dict, prep) -> str:
     names = report["classes"]
     lines = [f"# Model card: {report['backbone']}", "",
              "A small MONAI UNet (2.5 M parameters), the network of ARENASegmentation's "
-             "embedded default backbone, pretrained by `arenaseg pretrain`. It is a CPU-friendly "
+             "embedded backbone, pretrained by `arenaseg pretrain`. It is a CPU-friendly "
              "starting point for few-slice adaptation, not a clinical segmentation model: it saw "
              "very few scans.",
              "", "## Training", "",
