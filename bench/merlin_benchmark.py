@@ -43,7 +43,7 @@ from arenaseg.annotations import dice, find_annotation, paint_slices
 from contextlib import contextmanager
 
 from arenaseg.backbones import REGISTRY, get_spec, load_backbone
-from arenaseg.backbones.merlin import TAPS, MerlinSegmenter, upsample_exact
+from arenaseg.backbones.merlin import TAPS, MerlinSegmenter, fit_logistic, upsample_exact
 from arenaseg.backbones.registry import merlin_key_rules
 from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
@@ -103,24 +103,9 @@ def frozen_probe(scan: Scan, ann, model, stages=PROBE_STAGES) -> sitk.Image:
             tap_xyz = f.permute(0, 1, 3, 4, 2)  # (1, C, X, Y, Z)
             columns.append(sample_logits(tap_xyz, coords / torch.tensor([sx, sy, z]))[0].T)
         columns.append(sample_logits(xp[None], coords)[0].T)
-        a = torch.cat(columns, 1)
-        mean, std = a.mean(0), a.std(0) + 1e-6
-        a = (a - mean) / std
-    y = torch.as_tensor(targets, dtype=torch.float32)
-    w = torch.zeros(a.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():  # sklearn's default: C = 1, i.e. ½‖w‖² + Σ log-loss
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(a @ w + b, y, reduction="sum") \
-            + 0.5 * w.square().sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
+    w, b = fit_logistic(torch.cat(columns, 1), torch.as_tensor(targets, dtype=torch.float32))
     with torch.no_grad():
-        w = w / std
-        logit = (b - (mean * w).sum()) + w[-1] * xp[0]
+        logit = b + w[-1] * xp[0]
         start = 0
         for stage, f in zip(stages, feats):
             c = f.shape[1]

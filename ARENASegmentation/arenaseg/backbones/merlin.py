@@ -340,24 +340,9 @@ class MerlinSegmenter(nn.Module):
                 tap = taps.pop(stage).float().permute(0, 1, 3, 4, 2)  # (1, C, X, Y, Z)
                 columns.append(sample_logits(tap, (points / torch.tensor([sx, sy, z])).to(device))[0].T.cpu())
             del state, taps, tap
-            a = torch.cat(columns, 1)
-            mean, std = a.mean(0), a.std(0) + 1e-6
-            a = (a - mean) / std
-        y = torch.as_tensor(targets, dtype=torch.float32)
-        w = torch.zeros(a.shape[1], requires_grad=True)
-        b = torch.zeros((), requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(a @ w + b, y, reduction="sum") + 0.5 * w.square().sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            opt.step(closure)
+        with torch.autocast(device.type, enabled=False):
+            w, b = fit_logistic(torch.cat(columns, 1), torch.as_tensor(targets, dtype=torch.float32))
         with torch.no_grad():
-            w = w / std
             start = 0
             for stage, lateral in zip(self.decoder.stages, self.decoder.lateral):
                 n = TAPS[stage][0]
@@ -366,7 +351,7 @@ class MerlinSegmenter(nn.Module):
                 start += n
             self.classifier.weight.zero_()
             self.classifier.weight[0, 0] = 1.0
-            self.classifier.bias.fill_(float(b - (mean * w).sum()))
+            self.classifier.bias.fill_(float(b))
 
     @torch.no_grad()
     def volume_logits(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -378,6 +363,33 @@ class MerlinSegmenter(nn.Module):
             logits = self(state)
         sx, sy, sz = cache.size
         return logits[0, :, :sx, :sy, :sz].float().cpu()
+
+
+def fit_logistic(a: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen-feature linear probe: a logistic regression of targets ``y`` ``(N,)`` (0 or 1)
+    on features ``a`` ``(N, C)``, standardised per column, with scikit-learn's default penalty
+    (½‖w‖² + Σ log-loss), fitted by L-BFGS (strong Wolfe line search, 200 iterations).
+
+    Returns:
+        ``(w (C,), b)`` on the raw features: the logit is ``a @ w + b``.
+    """
+    mean, std = a.mean(0), a.std(0) + 1e-6
+    a = (a - mean) / std
+    w = torch.zeros(a.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(a @ w + b, y, reduction="sum") + 0.5 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        w = w / std
+        return w, b - (mean * w).sum()
 
 
 def merlin_segmenter(**kwargs) -> MerlinSegmenter:
