@@ -39,7 +39,7 @@ from arenaseg.config import AdaptSettings
 from arenaseg.imageio import array_ijk, read_image, read_labels_on
 from arenaseg.inference import predict
 from arenaseg.pipeline import Scan, fit
-from arenaseg.backbones import EMBEDDED_BACKBONE, get_spec
+from arenaseg.backbones import DEFAULT_BACKBONE, EMBEDDED_BACKBONE, get_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fill_between_slices import fill_between_slices  # noqa: E402
@@ -57,6 +57,12 @@ GOAL, MAX_SLICES, AXIS = 0.90, 12, 2
 PROTOCOLS = (("fill", "worst"), ("fill", "even"), ("arena", "worst"), ("arena", "suggested"))
 
 
+def backbone_of(row: dict) -> str:
+    """The backbone ARENA adapted in a row (rows before the option: the embedded U-Net); None
+    for Fill between slices."""
+    return None if row["method"] == "fill" else row.get("backbone", EMBEDDED_BACKBONE)
+
+
 def next_worst(result: np.ndarray, ref: np.ndarray, painted: list[int]) -> int | None:
     """The unpainted slice (holding the structure) with the most wrong voxels; None if none."""
     wrong = (result != ref).sum(axis=(0, 1)).astype(float)
@@ -64,7 +70,8 @@ def next_worst(result: np.ndarray, ref: np.ndarray, painted: list[int]) -> int |
     return max(candidates, key=lambda z: wrong[z]) if candidates else None
 
 
-def session(method: str, follow: str, ct, scan: Scan, ref: np.ndarray, settings: AdaptSettings):
+def session(method: str, follow: str, ct, scan: Scan, ref: np.ndarray, settings: AdaptSettings,
+            backbone: str):
     """One simulated user: yields (painted slices, Dice, seconds) after each slice."""
     if follow == "even":  # no user choice: k slices spread evenly, as in bench/REPORT.md
         for k in range(1, MAX_SLICES + 1):
@@ -85,7 +92,7 @@ def session(method: str, follow: str, ct, scan: Scan, ref: np.ndarray, settings:
             result = fill_between_slices(labels == 1, ct.GetSpacing())
         else:  # a suggested slice without the structure is painted as background (eraser)
             annotation = find_annotation(labels, 1, axis=AXIS, background=2)
-            adapted = fit(scan, annotation, settings, EMBEDDED_BACKBONE)
+            adapted = fit(scan, annotation, settings, backbone)
             objects = predict(adapted.tuning, adapted.spec, scan, torch.device("cpu"), 1, annotation)
             result, suggestion = array_ijk(objects.image) > 0, objects.next_slice
         score = dice(result, ref)
@@ -103,25 +110,31 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "SIMULATED_USER.md"))
     parser.add_argument("--rewrite", action="store_true", help="only rewrite the report from the JSON lines")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone ARENA adapts (registry id)")
+    parser.add_argument("--protocols", nargs="+", default=[f"{m}-{n}" for m, n in PROTOCOLS],
+                        choices=[f"{m}-{n}" for m, n in PROTOCOLS], help="which users to simulate")
     args = parser.parse_args()
+    protocols = [tuple(p.split("-")) for p in args.protocols]
     out = Path(args.out)
     results = out.with_suffix(".jsonl")
     if not args.rewrite:
         settings = AdaptSettings(seed=0)
         rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-        done = {(r["scan"], r["structure"], r["method"], r["next"]) for r in rows}  # resume
+        done = {(r["scan"], r["structure"], r["method"], r["next"], backbone_of(r)) for r in rows}  # resume
         log = results.open("a")
         for scan_name, (image, labels) in SCANS.items():
             ct = read_image(Path(args.data) / image)
             all_labels = array_ijk(read_labels_on(ct, Path(args.data) / labels, "labels"))
-            scan = Scan.from_image(ct, get_spec(EMBEDDED_BACKBONE))
+            scan = Scan.from_image(ct, get_spec(args.backbone))
             for name, value in ((n, v) for s, n, v in STRUCTURES if s == scan_name):
                 ref = all_labels == value
-                for method, follow in PROTOCOLS:
-                    if (scan_name, name, method, follow) in done:
+                for method, follow in protocols:
+                    # Fill between slices reads no backbone: measured once, whatever --backbone.
+                    if (scan_name, name, method, follow, args.backbone if method == "arena" else None) in done:
                         continue
-                    for painted, score, seconds in session(method, follow, ct, scan, ref, settings):
+                    for painted, score, seconds in session(method, follow, ct, scan, ref, settings, args.backbone):
                         row = {"scan": scan_name, "structure": name, "method": method, "next": follow,
+                               "backbone": args.backbone if method == "arena" else None,
                                "slices": len(painted), "painted": painted, "dice": score,
                                "seconds": seconds}
                         print(json.dumps(row), flush=True)
@@ -145,14 +158,24 @@ def report(rows: list[dict], meta: dict, plot: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def key(r: dict) -> str:
+        return f"{r['method']} ({r['next']})" + (f" [{backbone_of(r)}]" if r["method"] == "arena" else "")
+
     curves = {}
     for r in rows:
-        curves.setdefault((r["scan"], r["structure"]), {}).setdefault(f"{r['method']} ({r['next']})", []).append(r)
-    protocols = [f"{m} ({n})" for m, n in PROTOCOLS]
+        curves.setdefault((r["scan"], r["structure"]), {}).setdefault(key(r), []).append(r)
+    backbones = sorted({backbone_of(r) for r in rows if r["method"] == "arena"},
+                       key=lambda b: b != DEFAULT_BACKBONE)  # the default first
+    protocols = ["fill (worst)", "fill (even)"] + [f"arena ({n}) [{b}]" for b in backbones
+                                                    for m, n in PROTOCOLS if m == "arena"]
     labels = {"fill (worst)": "Fill between slices, worst slice next",
-              "fill (even)": "Fill between slices, k slices spread evenly",
-              "arena (worst)": "ARENA, worst slice next",
-              "arena (suggested)": "ARENA, its suggested slice next"}
+              "fill (even)": "Fill between slices, k slices spread evenly"}
+    for b in backbones:
+        name = f"ARENA on {b}" + (" (default)" if b == DEFAULT_BACKBONE else " (old default)" if b == EMBEDDED_BACKBONE else "")
+        labels[f"arena (worst) [{b}]"] = f"{name}, worst slice next"
+        labels[f"arena (suggested) [{b}]"] = f"{name}, its suggested slice next"
+    protocols = [p for p in protocols if any(p in by for by in curves.values())]
+    verdict_on = f"arena (worst) [{DEFAULT_BACKBONE}]"
 
     def needed(points: list[dict]) -> str:
         reached = [p["slices"] for p in points if p["dice"] >= GOAL]
@@ -169,18 +192,22 @@ def report(rows: list[dict], meta: dict, plot: Path) -> str:
         f"slices or Dice {GOAL}; Fill between slices also from k slices spread evenly. Dice over "
         "the whole structure, painted slices included. The meta file lists the revisions the rows "
         "were measured at.", "",
-        "**Pretraining.** The embedded backbone was pretrained on both scans (`abdomen_ct` and the "
-        "DICOM patient) but never on these structures' labels: these are new structures on seen "
-        "scans, not unseen patients.", "",
+        f"**Pretraining.** `{DEFAULT_BACKBONE}` (the default) never saw either scan: Merlin and "
+        "Astra were trained on other hospitals' CT. The embedded small U-Net "
+        f"(`{EMBEDDED_BACKBONE}`, the old default) was pretrained on both scans (`abdomen_ct` and "
+        "the DICOM patient) but never on these structures' labels: for it these are new "
+        "structures on seen scans, not unseen patients.", "",
         f"## Slices painted to reach Dice {GOAL}", "",
-        "| scan | structure | " + " | ".join(labels[p] for p in protocols) + " | ARENA (worst) ≤ half of Fill's better count |",
+        "| scan | structure | " + " | ".join(labels[p] for p in protocols) + f" | ARENA on {DEFAULT_BACKBONE} (worst) ≤ half of Fill's better count |",
         "|---|---|" + "---|" * (len(protocols) + 1)]
     for (scan, structure), by in curves.items():
         cells = [needed(by[p]) if p in by else "—" for p in protocols]
         fill_n = min((p["slices"] for q in ("fill (worst)", "fill (even)") for p in by.get(q, [])
                       if p["dice"] >= GOAL), default=None)  # Fill at its better placement
-        arena_n = next((p["slices"] for p in by.get("arena (worst)", []) if p["dice"] >= GOAL), None)
-        if arena_n is None:
+        arena_n = next((p["slices"] for p in by.get(verdict_on, []) if p["dice"] >= GOAL), None)
+        if verdict_on not in by:
+            verdict = "not measured"
+        elif arena_n is None:
             verdict = "NOT MET"
         elif fill_n is None:
             verdict = "MET" if arena_n <= MAX_SLICES / 2 else "undetermined (Fill: > 12)"
@@ -196,10 +223,10 @@ def report(rows: list[dict], meta: dict, plot: Path) -> str:
                 dices = {r["slices"]: r["dice"] for r in by[p]}
                 lines.append(f"| {scan} | {structure} | {labels[p]} | "
                              + " | ".join(f"{dices[i]:.3f}" if i in dices else "" for i in range(1, MAX_SLICES + 1)) + " |")
-    seconds = [r["seconds"] for r in rows if r["method"] == "arena"]
-    if seconds:
-        lines += ["", f"One ARENA adaptation and segmentation (in process, after the imports): median "
-                      f"{np.median(seconds):.1f} s, max {max(seconds):.1f} s."]
+    for b in backbones:
+        seconds = [r["seconds"] for r in rows if r["method"] == "arena" and backbone_of(r) == b]
+        lines += ["", f"One ARENA adaptation and segmentation on `{b}` (in process, after the imports): "
+                      f"median {np.median(seconds):.1f} s, max {max(seconds):.1f} s."]
 
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.2), sharey=True, squeeze=False)
     for ax, ((scan, structure), by) in zip(axes[0], curves.items()):
