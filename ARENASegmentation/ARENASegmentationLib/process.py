@@ -23,11 +23,32 @@ from pathlib import Path
 #: Workers of this process, stopped when Python exits (no orphan process).
 RUNNING: set = set()
 
+#: ``subprocess.CREATE_NO_WINDOW`` (Windows only; the constant does not exist elsewhere).
+CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+
+
+def noConsoleWindow() -> dict:
+    """Keyword arguments for ``subprocess.Popen``/``run`` that start a console program (the
+    ``PythonSlicer`` launcher, ``taskkill``, pip) without a console window on Windows: the
+    ``CREATE_NO_WINDOW`` creation flag, plus a hidden-window ``STARTUPINFO`` as Slicer's own
+    ``launchConsoleProcess`` uses. Empty elsewhere (``creationflags`` is Windows-only)."""
+    if os.name != "nt":
+        return {}
+    args = {"creationflags": CREATE_NO_WINDOW}
+    startupInfo = getattr(subprocess, "STARTUPINFO", None)
+    if startupInfo is not None:
+        info = startupInfo()
+        info.dwFlags |= getattr(subprocess, "STARTF_USESHOWWINDOW", 1)
+        info.wShowWindow = 0  # SW_HIDE
+        args["startupinfo"] = info
+    return args
+
 
 def killProcessTree(process: subprocess.Popen) -> None:
     """Kill ``process`` and every process it started (launcher, interpreter, data loaders)."""
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False)
+    if os.name == "nt":  # taskkill is a console program: no window may flash
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False,
+                       **noConsoleWindow())
         return
     try:  # the worker leads its own session: its group holds the launcher and all its children
         os.killpg(process.pid, signal.SIGKILL)
@@ -49,10 +70,8 @@ class WorkerProcess:
         self.graceSeconds = graceSeconds
         self._log = open(logPath, "wb")
         popenArgs = {}
-        if os.name == "nt":  # hide the console window
-            info = subprocess.STARTUPINFO()
-            info.dwFlags = subprocess.STARTF_USESHOWWINDOW
-            popenArgs["startupinfo"] = info
+        if os.name == "nt":  # no console window for the launcher or the interpreter it starts
+            popenArgs.update(noConsoleWindow())
         else:  # own process group, so that the safety net reaches the launcher's children
             popenArgs["start_new_session"] = True
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
