@@ -84,45 +84,63 @@ def ijk_to_ras(node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(m)
 
 
+class EditorOf:
+    """Slicer's Qt-free Segment Editor logic on ``node`` (its undo history, masking, overwrite)."""
+
+    def __init__(self, node, volume):
+        import slicer
+
+        self.node = node.GetScene().AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        self.node.SetAndObserveSegmentationNode(node)
+        self.logic = slicer.vtkSlicerSegmentEditorLogic()
+        self.logic.SetMRMLScene(node.GetScene())
+        self.logic.SetSegmentEditorNode(self.node)
+        self.logic.SetSourceVolumeNode(volume)
+
+
 @pytest.fixture(scope="module")
 def axial_run(module, abdomen):
-    """The full default adaptation on 3 painted axial liver slices (new segment mode)."""
+    """The full default adaptation on 3 painted axial liver slices, run by the effect's logic."""
+    from ARENASegmentationLib import editing
+
     volume, reference = abdomen
     node, target, painted = paint(module, volume, reference, axis_ijk=2, node_name="axial")
     node.GetSegmentation().GetSegment(target).SetTag(TERMINOLOGY_TAG, LIVER_TERMINOLOGY)
     logic = module.ARENASegmentationLogic()
+    effect = editing.EffectLogic(logic, lambda: {"device": "cpu"})
     events = []
-    logic.startAdapt(volume, node, target, device="cpu", onProgress=events.append)
+    effect.run(node, target, volume, onProgress=events.append)
     outcome = logic.waitForCompletion(timeout=900)
-    return logic, node, target, painted, outcome, events
+    return logic, node, target, painted, outcome, events, effect
 
 
-def test_three_painted_axial_slices_give_the_liver_in_a_new_segment(module, abdomen, axial_run):
+def test_three_painted_axial_slices_give_the_liver_as_a_preview_then_apply_and_undo(module, abdomen, axial_run):
     import slicer
 
+    from ARENASegmentationLib import editing
+
     volume, reference = abdomen
-    logic, node, target, painted, outcome, events = axial_run
+    logic, node, target, painted, outcome, events, effect = axial_run
     assert outcome["status"] == "done", outcome["message"]
     seg = node.GetSegmentation()
-    assert seg.GetNumberOfSegments() == 2
-    result_id = outcome["segmentId"]
-    assert result_id != target and seg.GetSegment(result_id).GetName() == "liver (ARENA)"
+    assert seg.GetNumberOfSegments() == 1 and outcome["segmentId"] == target
+    target_now = module.ARENASegmentationLogic.segmentArray(node, target, volume)
+    assert np.array_equal(target_now > 0, painted > 0)  # the run wrote nothing into the segment
 
-    # On the volume's geometry: the segment's own labelmap lies on the volume's voxel grid.
+    # The preview lies on the volume's voxel grid and holds the liver.
+    preview = effect.session.previewNode
+    assert preview is not None and preview.GetScene() is slicer.mrmlScene
     image = slicer.vtkOrientedImageData()
-    node.GetBinaryLabelmapRepresentation(result_id, image)
+    preview.GetBinaryLabelmapRepresentation("preview", image)
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
     assert np.allclose(slicer.util.arrayFromVTKMatrix(m), ijk_to_ras(volume), atol=1e-4)
-    result = module.ARENASegmentationLogic.segmentArray(node, result_id, volume)
+    result = module.ARENASegmentationLogic.segmentArray(preview, "preview", volume)
     assert result.shape == slicer.util.arrayFromVolume(volume).shape
-
+    assert np.array_equal(result > 0, outcome["result"])
     dice = unpainted_dice(result, reference, painted, axis_kji=0)
     print(f"axial: Dice {dice:.3f} on unpainted slices, effective rank {outcome['summary']['effective_rank']}")
     assert dice >= 0.85
-    assert np.all(result[painted > 0])  # every painted voxel is in the result ...
-    target_now = module.ARENASegmentationLogic.segmentArray(node, target, volume)
-    assert np.array_equal(target_now > 0, painted > 0)  # ... and the painting is untouched
 
     # Progress was reported step by step; the discovered ranks are shown and stored.
     summary = outcome["summary"]
@@ -132,17 +150,25 @@ def test_three_painted_axial_slices_give_the_liver_in_a_new_segment(module, abdo
     table, chart = logic.rankNodes()
     assert module.ARENASegmentationLogic.rankTable(table) == summary["ranks"]
     assert chart.GetNumberOfPlotSeriesNodes() == 1
-    segment = seg.GetSegment(result_id)
-    assert module.segmentTag(segment, "EffectiveRank") == str(summary["effective_rank"])
-    assert module.segmentTag(segment, "SourceSegment") == target
     assert module.segmentTag(seg.GetSegment(target), "Adapter") == summary["adapter"]
+
+    # Apply through the editor, then one Ctrl+Z: the painting exactly.
+    editor = EditorOf(node, volume)
+    written = effect.apply(editing.SegmentEditorLogicEditor(editor.logic))
+    applied = module.ARENASegmentationLogic.segmentArray(node, target, volume) > 0
+    assert np.array_equal(applied, written) and np.all(applied[painted > 0])
+    assert unpainted_dice(applied, reference, painted, axis_kji=0) >= 0.85
+    assert preview.GetScene() is None  # the preview is gone
+    editor.logic.Undo()
+    assert np.array_equal(module.ARENASegmentationLogic.segmentArray(node, target, volume), painted)
+    slicer.mrmlScene.RemoveNode(editor.node)
 
 
 def test_the_slice_to_paint_next_is_shown_and_the_views_go_there(module, abdomen, axial_run):
     import slicer
 
     volume, _ = abdomen
-    logic, node, target, painted, outcome, events = axial_run
+    logic, node, target, painted, outcome, events, _ = axial_run
     summary = outcome["summary"]
     painted_k = set(np.flatnonzero(painted.any(axis=(1, 2))))  # axial slices (kji array)
     assert summary["slice_axis"] == 2 and summary["next_slice"] not in painted_k
@@ -155,22 +181,21 @@ def test_the_slice_to_paint_next_is_shown_and_the_views_go_there(module, abdomen
     centre = view.GetSliceToRAS()
     ijk = m.MultiplyPoint([centre.GetElement(0, 3), centre.GetElement(1, 3), centre.GetElement(2, 3), 1.0])
     assert round(ijk[2]) == summary["next_slice"]
+    slicer.mrmlScene.RemoveNode(view)
 
 
-def test_result_is_shown_in_3d_named_like_the_target_and_its_adapter_is_kept_per_user(module, axial_run):
-    """A surface at the end of the run, the target's terminology entry on the result, the live
-    training curve, and the adapter in the documented per-user folder, not the temporary one."""
+def test_a_run_leaves_3d_display_alone_and_keeps_its_adapter_per_user(module, axial_run):
+    """No surface forced on (the user's Show 3D choice, and no frozen GUI on big
+    segmentations), the live training curve, and the adapter in the documented per-user folder."""
     import os
     import tempfile
     from pathlib import Path
 
     import slicer
 
-    logic, node, target, painted, outcome, events = axial_run
+    logic, node, target, painted, outcome, events, _ = axial_run
     seg = node.GetSegmentation()
-    assert seg.ContainsRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
-    value = vtk.reference("")
-    assert seg.GetSegment(outcome["segmentId"]).GetTag(TERMINOLOGY_TAG, value) and str(value) == LIVER_TERMINOLOGY
+    assert not seg.ContainsRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
     adapter = Path(outcome["summary"]["adapter"])
     assert adapter.is_file() and adapter.parent == Path(os.environ["ARENASEG_ADAPTERS"])
     assert not str(adapter).startswith(tempfile.gettempdir() + os.sep + "arena-runs")
@@ -221,14 +246,13 @@ def test_seg_nrrd_and_labelmap_exports_read_back_with_the_same_voxels(module, ab
     import slicerio
 
     volume, _ = abdomen
-    logic, node, _, _, outcome, _ = axial_run
-    result_id = outcome["segmentId"]
-    voxels = module.ARENASegmentationLogic.segmentArray(node, result_id, volume).transpose(2, 1, 0) > 0  # ijk
+    logic, node, target, _, outcome, _, _ = axial_run
+    voxels = module.ARENASegmentationLogic.segmentArray(node, target, volume).transpose(2, 1, 0) > 0  # ijk
 
-    path = logic.exportSegment(node, result_id, volume, tmp_path / "liver.seg.nrrd")
+    path = logic.exportSegment(node, target, volume, tmp_path / "liver.seg.nrrd")
     segmentation = slicerio.read_segmentation(str(path))
     (segment,) = segmentation["segments"]
-    assert segment["name"] == "liver (ARENA)"
+    assert segment["name"] == "liver"
     mask = slicerio.segment_mask(segmentation, segment)
     # The file may hold only the segment's extent: place it on the volume grid through its geometry.
     ijk_to_lps = np.diag([-1, -1, 1, 1]) @ ijk_to_ras(volume)
@@ -242,7 +266,7 @@ def test_seg_nrrd_and_labelmap_exports_read_back_with_the_same_voxels(module, ab
     assert np.array_equal(placed, voxels)
 
     for name in ("liver.nii.gz", "liver.nrrd"):
-        path = logic.exportSegment(node, result_id, volume, tmp_path / name)
+        path = logic.exportSegment(node, target, volume, tmp_path / name)
         image, ct = sitk.ReadImage(str(path)), sitk.ReadImage(str(ABDOMEN / "ct.nii.gz"))
         assert image.GetSize() == ct.GetSize()
         assert np.allclose(image.GetOrigin(), ct.GetOrigin(), atol=1e-3)
@@ -253,11 +277,13 @@ def test_seg_nrrd_and_labelmap_exports_read_back_with_the_same_voxels(module, ab
 def test_correct_and_rerun_starts_from_the_previous_adapter_and_respects_background(
         module, abdomen, axial_run, tmp_path):
     """Second press: warm start from the adapter of the first run; a background segment clears
-    the result there (painted voxels excepted); the result segment is updated, not duplicated."""
+    the result there. A saved adapter applied to a volume makes a new segment each time: an
+    existing result (maybe corrected) is never replaced; a segmentation stored as surfaces is
+    refused before the run."""
     import slicer
 
     volume, reference = abdomen
-    logic, node, target, painted, first, _ = axial_run
+    logic, node, target, painted, first, _, _ = axial_run
     background = np.zeros_like(painted)
     background[:, :, : painted.shape[2] // 2] = 1  # "not the liver": half the volume (i < I/2) ...
     background[painted > 0] = 1  # ... even where painted: painting wins
@@ -268,20 +294,35 @@ def test_correct_and_rerun_starts_from_the_previous_adapter_and_respects_backgro
         assert logic.job["job"]["warm_start"] == first["summary"]["adapter"]
         outcome = logic.waitForCompletion(timeout=600)
         assert outcome["status"] == "done", outcome["message"]
-        assert outcome["segmentId"] == first["segmentId"]
-        assert node.GetSegmentation().GetNumberOfSegments() == 3
-        result = module.ARENASegmentationLogic.segmentArray(node, outcome["segmentId"], volume)
-        assert np.all(result[painted > 0])
-        assert not np.any(result[(background > 0) & (painted == 0)])
+        assert node.GetSegmentation().GetNumberOfSegments() == 2
+        assert not np.any(outcome["result"][(background > 0) & (painted == 0)])
 
-        # Save the adapter, then apply it to a volume ("a new patient": here the same CT).
+        # Save the adapter, then apply it twice to a volume ("a new patient": here the same CT).
         saved = logic.saveAdapter(outcome["summary"]["adapter"], tmp_path / "liver.safetensors")
         other = module.ARENASegmentationLogic.createSegmentationNode(volume, "new patient")
-        logic.startApplyAdapter(volume, str(saved), other, device="cpu")
-        applied = logic.waitForCompletion(timeout=600)
-        assert applied["status"] == "done", applied["message"]
-        assert other.GetSegmentation().GetSegment(applied["segmentId"]).GetName() == "liver (ARENA)"
+        names = []
+        for _ in range(2):
+            logic.startApplyAdapter(volume, str(saved), other, device="cpu")
+            applied = logic.waitForCompletion(timeout=600)
+            assert applied["status"] == "done", applied["message"]
+            names.append(other.GetSegmentation().GetSegment(applied["segmentId"]).GetName())
+            if len(names) == 1:  # the user corrects the first result
+                corrected = np.zeros_like(painted)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(corrected + painted, other, applied["segmentId"],
+                                                                 volume)
+                first_id = applied["segmentId"]
+        assert names == ["liver (ARENA)", "liver (ARENA) 2"]
+        assert np.array_equal(module.ARENASegmentationLogic.segmentArray(other, first_id, volume), painted)
         assert module.ARENASegmentationLogic.segmentArray(other, applied["segmentId"], volume).any()
+
+        surfaces = module.ARENASegmentationLogic.createSegmentationNode(volume, "surfaces")
+        surfaces.GetSegmentation().SetSourceRepresentationName(
+            slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+        with pytest.raises(RuntimeError, match="Binary labelmap"):
+            logic.startApplyAdapter(volume, str(saved), surfaces, device="cpu")
+        assert not logic.isRunning
+        for n in (other, surfaces):
+            slicer.mrmlScene.RemoveNode(n)
     finally:
         node.GetSegmentation().RemoveSegment(background_id)
 
@@ -307,29 +348,24 @@ def test_cancel_mid_run_leaves_the_segmentation_unchanged(module, abdomen):
     assert not logic.isRunning
 
 
-def test_sagittal_painting_fills_the_target_segment(module, abdomen):
-    """Slices painted on a sagittal plane, result written into the target segment itself."""
+def test_sagittal_painting_gives_the_liver(module, abdomen):
+    """Slices painted on a sagittal plane: the training input and the result follow that axis."""
+    from ARENASegmentationLib import editing
+
     volume, reference = abdomen
     node, target, painted = paint(module, volume, reference, axis_ijk=0, node_name="sagittal")
     logic = module.ARENASegmentationLogic()
-    logic.startAdapt(volume, node, target, device="cpu", fillTarget=True)
+    effect = editing.EffectLogic(logic, lambda: {"device": "cpu"})
+    session = effect.run(node, target, volume)
+    assert session.run.axis == 2  # (K, J, I): the I axis
     outcome = logic.waitForCompletion(timeout=900)
     assert outcome["status"] == "done", outcome["message"]
-    assert outcome["segmentId"] == target
-    assert node.GetSegmentation().GetNumberOfSegments() == 1
-    result = module.ARENASegmentationLogic.segmentArray(node, target, volume)
-    assert np.all(result[painted > 0])
-    dice = unpainted_dice(result, reference, painted, axis_kji=2)
+    dice = unpainted_dice(outcome["result"], reference, painted, axis_kji=2)
     print(f"sagittal: Dice {dice:.3f} on unpainted slices, effective rank {outcome['summary']['effective_rank']}")
     assert dice >= 0.85
-
-    # Undo: the painting comes back exactly, and only once.
-    assert logic.canUndoFill()
-    logic.undoFill()
+    effect.cancel()  # Cancel drops the preview; the painting stays
+    assert session.previewNode is None
     assert np.array_equal(module.ARENASegmentationLogic.segmentArray(node, target, volume), painted)
-    assert not logic.canUndoFill()
-    with pytest.raises(RuntimeError, match="Nothing to undo"):
-        logic.undoFill()
 
 
 def test_input_problems_are_refused_before_any_process_and_worker_errors_change_nothing(module, abdomen):

@@ -49,7 +49,7 @@ def test_ui_parameter_bindings_name_parameter_node_fields():
     fields = parameter_names()
     assert bound <= fields, f"bound in .ui but not parameters: {sorted(bound - fields)}"
     assert {"inputVolume", "segmentationNode", "method", "initialRank", "lam", "steps", "device",
-            "fillTarget", "warmStart", "backbone"} <= bound
+            "warmStart", "backbone"} <= bound
 
 
 def test_panel_defaults_are_the_engine_defaults():
@@ -85,7 +85,8 @@ def test_module_file_holds_the_template_classes_and_the_library_the_rest():
     library = {p.stem for p in (MODULE_DIR / "ARENASegmentationLib").glob("*.py")}
     assert {"process", "dependencies", "mrmlio", "results", "panel"} <= library
     for path in (MODULE_DIR / "ARENASegmentationLib").glob("*.py"):
-        assert not re.search(r"^\s*import qt\b", path.read_text(), re.M), path  # Qt-free
+        # Qt-free at import (slicer-core has no Qt); the wait cursor imports qt inside Slicer only
+        assert not re.search(r"^(import qt|from qt)\b", path.read_text(), re.M), path
 
 
 def test_files_for_the_worker_keep_an_oblique_volume_geometry_exactly(slicer_app, tmp_path):  # noqa: F811
@@ -135,7 +136,7 @@ def test_cmake_lists_every_script_and_resource_of_the_module():
     assert "ARENASegmentationLib/process.py" in listed
     optional = set(re.findall(r"APPEND MODULE_PYTHON_RESOURCES ([\w/.-]+)", text))  # if(EXISTS ...)
     listed |= optional
-    package = {str(p.relative_to(MODULE_DIR)) for folder in ("arenaseg", "ARENASegmentationLib")
+    package = {str(p.relative_to(MODULE_DIR)) for folder in ("arenaseg", "ARENASegmentationLib", "SegmentEditorARENALib")
                for p in (MODULE_DIR / folder).rglob("*")
                if p.suffix in (".py", ".safetensors", ".md") and "__pycache__" not in p.parts}
     assert package <= listed, f"not listed: {sorted(package - listed)}"
@@ -204,23 +205,39 @@ def test_license_and_screenshot_are_there():
     assert shot[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(shot[16:20], "big") >= 800
 
 
-def test_self_test_reports_missing_packages_instead_of_failing(monkeypatch):
-    """*Reload and Test* without the engine's packages: it says what is missing and stops; it
-    neither raises nor skips (Slicer would report either as a failure). The packages' absence
-    is simulated: this environment has them all."""
+def test_self_test_never_installs_downloads_or_trains_on_a_test_factory(monkeypatch, slicer_app):  # noqa: F811
+    """*Reload and Test* with ``--testing`` (a test factory) and without the engine's packages:
+    the editor loop runs on real MRML, nothing is installed (a pip failure used to escape as
+    ``CalledProcessError``), nothing downloaded, no training; outside testing mode, missing
+    packages are named, not installed. The packages' absence is simulated (this environment has
+    them all), and so is ``slicer.app`` (no Slicer application here)."""
+    import types
+
     import slicer
 
     from ARENASegmentationLib import dependencies
 
     module = import_module()
-    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)  # setUp clears it
+    calls = []
     monkeypatch.setattr(dependencies, "installedVersions", lambda: {})
-    shown = []
-    test = module.ARENASegmentationTest()
-    monkeypatch.setattr(test, "delayDisplay", lambda message, msec=0: shown.append(message))
-    test.runTest()
-    assert len(shown) == 1 and shown[0].startswith("ARENA self-test not run")
-    assert "monai>=1.4" in shown[0] and "torch>=2.4" in shown[0]
+    monkeypatch.setattr(dependencies, "install", lambda *a, **k: calls.append("install"))
+    monkeypatch.setattr(dependencies, "ensure", lambda *a, **k: calls.append("ensure"))
+    monkeypatch.setattr(module.ARENASegmentationLogic, "startAdapt", lambda *a, **k: calls.append("train"))
+    for testing in (True, False):
+        monkeypatch.setattr(slicer, "app", types.SimpleNamespace(testingEnabled=lambda: testing,
+                                                                processEvents=lambda: None), raising=False)
+        shown = []
+        test = module.ARENASegmentationTest()
+        monkeypatch.setattr(test, "setUp", lambda: None)  # the shared test scene is not cleared
+        monkeypatch.setattr(test, "delayDisplay", lambda message, msec=0: shown.append(message))
+        monkeypatch.setattr(test, "test_AdaptSegmentCancelExport", lambda: calls.append("download"))
+        test.runTest()
+        assert shown[0] == "Editor loop test passed"
+        if testing:
+            assert shown[1].startswith("Testing mode") and len(shown) == 2
+        else:
+            assert "missing" in shown[1] and "monai>=1.4" in shown[1] and "torch>=2.4" in shown[1]
+    assert calls == []
 
 
 def test_every_mrml_widget_of_the_ui_gets_the_scene():
@@ -237,34 +254,31 @@ def test_every_mrml_widget_of_the_ui_gets_the_scene():
     assert mrml <= connected, f"no scene: {sorted(mrml - connected)}"
 
 
-def test_a_declined_install_returns_false_instead_of_raising_from_the_slot(monkeypatch):
-    """Slicer's tryWithErrorDisplay shows the error and re-raises it (Base/Python/slicer/util.py):
-    ensureDependencies must still return False, with the reason on the panel."""
+def test_the_panel_and_the_effect_install_through_one_entry_point(monkeypatch):
+    """The panel's button and the effect both call ``dependencies.ensure``; a declined or
+    failed install returns False from the slot (never raises) and the panel is refreshed."""
     import types
 
-    module = import_module()  # first: it puts the qt stand-in in place outside Slicer
-    import qt
-    import slicer
-
+    module = import_module()
     from ARENASegmentationLib import dependencies
 
-    app = types.SimpleNamespace(processEvents=lambda: None, testingEnabled=lambda: True,
-                                setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None)
-    monkeypatch.setattr(slicer, "app", app, raising=False)
-    monkeypatch.setattr(qt, "Qt", types.SimpleNamespace(WaitCursor=3), raising=False)
-    monkeypatch.setattr(dependencies, "installedVersions", lambda: {})
+    asked = []
 
-    def declined(method, askConfirmation=True, backbone=None):
-        raise RuntimeError("The Python packages were not installed: ARENA cannot run without them.")
+    def declined(method, backbone, onStatus=None):
+        asked.append((method, backbone))
+        onStatus and onStatus("The Python packages were not installed.")
+        return False
 
-    monkeypatch.setattr(dependencies, "install", declined)
+    monkeypatch.setattr(dependencies, "ensure", declined)
     widget = module.ARENASegmentationWidget()
     widget.ui = types.SimpleNamespace(applyButton=types.SimpleNamespace(enabled=True),
                                       statusLabel=types.SimpleNamespace(text=""))
     refreshed = []
     monkeypatch.setattr(widget, "updateGUIFromParameterNode", lambda *args: refreshed.append(1))
-    assert widget.ensureDependencies("arena") is False
+    assert widget.ensureDependencies("arena", "merlin-resnet152") is False
     assert "not installed" in widget.ui.statusLabel.text and refreshed
+    assert module.ensureDependencies("lora", "arena-small-ct-unet") is False
+    assert asked == [("arena", "merlin-resnet152"), ("lora", "arena-small-ct-unet")]
 
 
 def test_training_curve_uses_the_step_column_and_two_colours(slicer_app):  # noqa: F811

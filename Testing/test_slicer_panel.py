@@ -37,13 +37,14 @@ def test_painting_before_opening_the_module_selects_the_shown_segment():
 
 
 def test_apply_button_states():
-    assert panel.applyButtonState(False, False, True)[:2] == ("Adapt and segment", True)
+    label = "Segment with ARENA in the Segment Editor"
+    assert panel.applyButtonState(False, False, True)[:2] == (label, True)
     assert panel.applyButtonState(False, False, False)[1] is False
     assert panel.applyButtonState(True, False, True)[:2] == ("Cancel", True)
     text, enabled, _ = panel.applyButtonState(False, True, True)
     assert not enabled and text.startswith("Installing")  # no second pip from a second click
     problem = dependencies.versionProblem((5, 8), (3, 9))
-    assert panel.applyButtonState(False, False, True, problem) == ("Adapt and segment", False, problem)
+    assert panel.applyButtonState(False, False, True, problem) == (label, False, problem)
 
 
 def test_status_bar_progress_has_step_loss_rank_elapsed_and_time_left():
@@ -197,3 +198,28 @@ def test_phase_text_shows_a_download_and_the_inference_windows():
                 "total": 12 * 2**20}
     assert panel.phaseText(download) == "downloading fseft.pth: 3.0 of 12.0 MB (25 %)"
     assert panel.phaseText({"phase": "inference", "message": "windows", "done": 3, "total": 8}) == "windows 3/8"
+
+
+def test_memory_advice_names_the_measured_need_and_the_way_out():
+    from arenaseg.backbones import EMBEDDED_BACKBONE, REGISTRY
+
+    merlin, small = REGISTRY["merlin-resnet152"].memory_gb, REGISTRY[EMBEDDED_BACKBONE].memory_gb
+    assert merlin and small and small < merlin
+    text = panel.memoryAdvice("merlin-resnet152", merlin, 1.5, EMBEDDED_BACKBONE, small)
+    assert "1.5 GB" in text and f"{merlin:.1f} GB" in text and EMBEDDED_BACKBONE in text
+    assert EMBEDDED_BACKBONE not in panel.memoryAdvice("merlin-resnet152", merlin, 0.5, EMBEDDED_BACKBONE, small)
+    assert panel.memoryAdvice("merlin-resnet152", merlin, 64.0, EMBEDDED_BACKBONE, small) == ""
+    assert panel.memoryAdvice("merlin-resnet152", merlin, None, EMBEDDED_BACKBONE, small) == ""
+    free = panel.availableMemoryGB()  # this machine: Linux
+    assert free is not None and 0 < free < 4096
+
+
+def test_sample_data_is_a_checksummed_public_ct():
+    """One click in Sample Data: Slicer's public abdominal CTA, its download checked by SHA-256."""
+    from slicer_testing import import_module
+
+    sample = import_module().SAMPLE_DATA
+    digest = sample["checksums"].split(":", 1)[1]
+    assert sample["checksums"].startswith("SHA256:") and len(digest) == 64
+    assert sample["uris"].startswith("https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/")
+    assert sample["uris"].endswith(digest) and sample["fileNames"].endswith(".nrrd")

@@ -11,8 +11,10 @@ Rules (the reason this file exists):
   an erased slice, a new stroke). A segment taken back to its painting (Ctrl+Z) is read as
   painting again.
 - Apply writes the preview, except on known slices, where the segment's current content wins:
-  nothing ARENA writes replaces a voxel the user painted, erased or corrected, including strokes
-  made while the run was going on. Voxels of the background segment stay background.
+  nothing ARENA writes replaces a voxel the user painted, erased or corrected in the segment,
+  including strokes made while the run was going on. Voxels of the background segment stay
+  background. Other segments follow the editor's own masking and overwrite settings, as with
+  every effect (the default, "overwrite all", takes overlapping voxels from them).
 
 Arrays are ``(K, J, I)`` uint8/bool on the CT volume's grid, as ``slicer.util.arrayFromVolume``.
 """
@@ -184,11 +186,13 @@ class Session:
         self.prediction = np.asarray(prediction, bool)
         scene = self.segmentationNode.GetScene()
         if self.previewNode is None or self.previewNode.GetScene() is None:
-            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ARENA preview")
+            node = slicer.vtkMRMLSegmentationNode()
+            node.SetName("ARENA preview")
+            node.SetHideFromEditors(True)  # before AddNode: the subject hierarchy reads it then
+            node.SetSaveWithScene(False)
+            scene.AddNode(node)
             node.CreateDefaultDisplayNodes()
             node.SetReferenceImageGeometryParameterFromVolumeNode(self.volumeNode)
-            node.SetHideFromEditors(True)  # not offered as a segmentation to edit
-            node.SetSaveWithScene(False)
             node.SetAttribute(PREVIEW_ATTRIBUTE, f"{self.segmentationNode.GetID()}/{self.segmentId}")
             if self.segmentationNode.GetParentTransformNode():
                 node.SetAndObserveTransformNodeID(self.segmentationNode.GetParentTransformNode().GetID())
@@ -232,7 +236,14 @@ class Session:
         editor.saveStateForUndo()
         editor.modifySegmentByLabelmap(self.segmentationNode, self.segmentId,
                                        orientedLabelmap(merged, self.volumeNode))
-        self.applied = Applied(before=current, after=self.segmentArray(), knownSlices=known, axis=self.run.axis)
+        after = self.segmentArray()
+        if np.array_equal(after, current) and not np.array_equal(merged, current):
+            # vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap logs an error and returns
+            # when it cannot apply the editable intensity range (segmentation and CT grids differ)
+            raise RuntimeError("The Segment Editor wrote nothing (see the log): turn off 'Editable intensity "
+                               "range' in the masking settings, or set the segmentation's geometry to the CT "
+                               "('Specify geometry'), and press Apply again; the preview is kept.")
+        self.applied = Applied(before=current, after=after, knownSlices=known, axis=self.run.axis)
         self.cancel()
         return merged
 
@@ -261,3 +272,56 @@ class Sessions:
         for session in self._sessions.values():
             session.cancel()
         self._sessions.clear()
+
+
+class EffectLogic:
+    """What the ARENA effect does, without Qt: start a run on the selected segment, show its
+    result as a preview, Apply or Cancel it. ``logic`` is the module's ``ARENASegmentationLogic``
+    (one background job at a time); ``settings()`` returns the panel's keyword arguments for
+    ``startAdapt`` (backbone, method, initialRank, lam, steps, device, warmStart)."""
+
+    def __init__(self, logic, settings=lambda: {}):
+        self.logic, self.settings = logic, settings
+        self.sessions = Sessions()
+        self.session: Session | None = None
+        self.lastOutcome: dict | None = None
+
+    def run(self, segmentationNode, segmentId: str, volumeNode, backgroundSegmentId: str = "",
+            onProgress=None, onFinished=None) -> Session:
+        """Start adapting to the segment's painted (and corrected) slices; returns at once.
+
+        Raises:
+            RuntimeError: a job is running, or the inputs cannot be used (the message says why).
+        """
+        if self.logic.isRunning:
+            raise RuntimeError("An ARENA run is going on: cancel it or wait for it to end.")
+        session = self.sessions.get(segmentationNode, segmentId, volumeNode)
+        try:
+            run = session.startRun(backgroundSegmentId)
+        except ValueError as err:
+            raise RuntimeError(f"Segment '{segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()}': "
+                               f"{err}.") from None
+
+        def finished(outcome: dict) -> None:
+            self.lastOutcome = outcome
+            if outcome["status"] == "done":
+                session.showPreview(outcome["result"])
+            if onFinished:
+                onFinished(outcome)
+
+        self.logic.startAdapt(volumeNode, segmentationNode, segmentId, backgroundSegmentId=backgroundSegmentId,
+                              labels=run.labels, onProgress=onProgress, onFinished=finished, **self.settings())
+        self.session = session
+        return session
+
+    def apply(self, editor) -> np.ndarray:
+        """Commit the preview through ``editor`` (see :meth:`Session.apply`)."""
+        if self.session is None:
+            raise RuntimeError("Nothing to apply: run ARENA first.")
+        return self.session.apply(editor)
+
+    def cancel(self) -> None:
+        """Stop a running job and drop the preview; the segment stays as it is."""
+        self.logic.cancel()
+        if self.session is not None:
+            self.session.cancel()

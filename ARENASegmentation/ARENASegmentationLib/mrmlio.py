@@ -62,6 +62,16 @@ def gridProblem(segmentationNode, segmentIds: list, volumeNode) -> str:
     return ""
 
 
+def firstImageVolume(scene):
+    """The first scalar volume of ``scene`` that is not a labelmap (a labelmap volume is a
+    ``vtkMRMLScalarVolumeNode`` too), or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
 def createSegmentationNode(volumeNode, name: str | None = None):
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volumeNode.GetName()} segmentation")
     node.CreateDefaultDisplayNodes()

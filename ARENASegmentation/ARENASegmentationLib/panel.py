@@ -20,17 +20,37 @@ def segmentSelection(stored: str, shown: str, exists) -> str:
     return shown if shown and exists(shown) else ""
 
 
+def segmentIdsForSegmentation(owner: str, newNodeId: str, target: str, background: str) -> tuple:
+    """(target, background) segment IDs after the segmentation selector changed: kept only when
+    the IDs were chosen in that very segmentation (``owner``, its node ID, "" when unknown);
+    an ID such as "Segment_2" names another segment in another segmentation."""
+    return (target, background) if owner and owner == newNodeId else ("", "")
+
+
+def segmentAfterSelectorChange(stored: str, picked: str, exists) -> str:
+    """The segment ID to store when a segment selector emits ``picked``.
+
+    When the stored segment was deleted, Slicer's selector moves on to another segment by itself
+    and emits it: that is not the user's choice (a segment taken as "known background" by
+    accident would clear the result inside it), so the choice is cleared instead."""
+    if stored and picked and picked != stored and not exists(stored):
+        return ""
+    return picked
+
+
 def applyButtonState(running: bool, installing: bool, ready: bool, problem: str = "") -> tuple:
     """(text, enabled, tooltip) of the *Adapt and segment* / *Cancel* button."""
+    label = "Segment with ARENA in the Segment Editor"
     if running:
         return "Cancel", True, "Stop the background process; the segmentation stays as it is"
     if installing:
         return "Installing...", False, "Installing the Python packages ARENA needs"
     if problem:
-        return "Adapt and segment", False, problem
+        return label, False, problem
     if not ready:
-        return "Adapt and segment", False, "Select the CT volume, the segmentation and the painted target segment"
-    return "Adapt and segment", True, "Adapt the backbone to the painted slices and segment the whole volume"
+        return label, False, "Select the CT volume, the segmentation and the painted target segment"
+    return label, True, ("Open the ARENA effect on the painted segment: it adapts the backbone to the "
+                         "painted slices and previews the whole structure; Apply commits it (Ctrl+Z undoes it)")
 
 
 def _clock(seconds: float) -> str:
@@ -64,10 +84,52 @@ def phaseText(event: dict) -> str:
     return f"{text} {done}/{total}"
 
 
+def availableMemoryGB():
+    """Memory the system can still give a new process, in GB (Linux ``MemAvailable``, Windows
+    ``GlobalMemoryStatusEx``); None where it cannot be read."""
+    import os
+    import sys
+
+    try:
+        if sys.platform.startswith("linux"):
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) / 2**20
+        elif os.name == "nt":
+            import ctypes
+
+            class Status(ctypes.Structure):
+                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                            ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                            ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                            ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                            ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+            status = Status(dwLength=ctypes.sizeof(Status))
+            if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+                return status.ullAvailPhys / 2**30
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def memoryAdvice(backbone: str, needGB, availableGB, fallback: str, fallbackGB) -> str:
+    """A sentence when ``availableGB`` is below what one run on ``backbone`` needs on the CPU
+    (``needGB``, measured: ``BackboneSpec.memory_gb``), with the way out; "" otherwise."""
+    if needGB is None or availableGB is None or availableGB >= needGB:
+        return ""
+    advice = f"Only {availableGB:.1f} GB of memory is free and '{backbone}' needs about {needGB:.1f} GB on the CPU: "
+    if fallback != backbone and fallbackGB is not None and availableGB >= fallbackGB:
+        return advice + f"close other programs, or choose the backbone '{fallback}' ({fallbackGB:.1f} GB) in the module's settings."
+    return advice + "close other programs (Slicer's own scene included) before adapting."
+
+
 def deviceNotice(requested: str, device: str) -> str:
     """A sentence when the worker runs on the CPU although a GPU may have been wanted ("" else).
     The worker reports its device: the module never imports torch in Slicer's process."""
     if device and device.startswith("cpu") and requested == "auto":
-        return ("No usable CUDA GPU (or the CPU build of PyTorch): ARENA runs on the CPU, slower. "
-                "See Troubleshooting, 'CUDA', in the README.")
+        return ("No usable CUDA GPU (or the CPU build of PyTorch): ARENA runs on the CPU, about a minute "
+                "per run with the default backbone (the small backbone is faster, less accurate on new "
+                "patients). See Troubleshooting, 'CUDA', in the README.")
     return ""

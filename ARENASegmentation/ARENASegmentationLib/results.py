@@ -59,17 +59,13 @@ def segmentTag(segment, key: str) -> str:
     return str(value) if segment.GetTag(TAG + key, value) else ""
 
 
-def resultSegmentId(segmentationNode, targetSegmentId: str):
-    """ID of the segment that holds ARENA's result for ``targetSegmentId``, or None."""
-    if not segmentationNode or not targetSegmentId:
-        return None
-    segmentation = segmentationNode.GetSegmentation()
-    for index in range(segmentation.GetNumberOfSegments()):
-        segmentId = segmentation.GetNthSegmentID(index)
-        if segmentId != targetSegmentId and \
-                segmentTag(segmentation.GetSegment(segmentId), "SourceSegment") == targetSegmentId:
-            return segmentId
-    return None
+def uniqueSegmentName(segmentation, name: str) -> str:
+    """``name``, or ``name 2``, ``name 3``... : the first that no segment of ``segmentation`` has."""
+    candidate, index = name, 1
+    while segmentation.GetSegmentIdBySegmentName(candidate):
+        index += 1
+        candidate = f"{name} {index}"
+    return candidate
 
 
 def setResultTags(segment, summary: dict, sourceSegmentId: str) -> None:
@@ -95,9 +91,31 @@ def copyTerminology(source, result) -> None:
         result.SetTag(tagName, str(value))
 
 
-def showSurface(segmentationNode) -> None:
-    """Show the segmentation in 3D (closed surface), as the Segment Editor's *Show 3D* does."""
-    segmentationNode.CreateClosedSurfaceRepresentation()
+def canToggleSurface(segmentationNode) -> bool:
+    """Whether *Show 3D* may add and remove the closed surface: only when it is not the source
+    representation (removing a source representation deletes the segments' data; Slicer's own
+    Show 3D button, ``qMRMLSegmentationShow3DButton``, is disabled then)."""
+    if segmentationNode is None:
+        return False
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    return segmentationNode.GetSegmentation().GetSourceRepresentationName() != surface
+
+
+def surfaceShown(segmentationNode) -> bool:
+    """Whether the segmentation holds a closed surface (what *Show 3D* shows)."""
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    return bool(segmentationNode and segmentationNode.GetSegmentation().ContainsRepresentation(surface))
+
+
+def setSurfaceShown(segmentationNode, show: bool) -> None:
+    """*Show 3D*: create or remove the closed surface; refused (a no-op) where the surface is
+    the source representation."""
+    if not canToggleSurface(segmentationNode):
+        return
+    if show:
+        segmentationNode.CreateClosedSurfaceRepresentation()
+    else:
+        segmentationNode.RemoveClosedSurfaceRepresentation()
 
 
 def summaryText(summary: dict) -> str:
@@ -116,15 +134,28 @@ def summaryText(summary: dict) -> str:
     return "; ".join(parts)
 
 
-def jumpToSlice(volumeNode, axis: int, index: int) -> None:
-    """Centre every slice view on the middle of slice ``index`` along voxel ``axis`` (0 = I,
-    1 = J, 2 = K) of ``volumeNode`` (its IJK to RAS matrix)."""
+def sliceCentre(volumeNode, axis: int, index: int) -> list:
+    """World RAS of the middle of slice ``index`` along voxel ``axis`` (0 = I, 1 = J, 2 = K):
+    the volume's IJK to RAS, then its parent transforms (the views show the transformed volume)."""
     ijk = [(d - 1) / 2 for d in volumeNode.GetImageData().GetDimensions()]
     ijk[axis] = index
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    ras = matrix.MultiplyPoint([*ijk, 1.0])[:3]
-    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    local = matrix.MultiplyPoint([*ijk, 1.0])[:3]
+    transform = volumeNode.GetParentTransformNode()
+    if transform is None:
+        return list(local)
+    toWorld = vtk.vtkGeneralTransform()
+    transform.GetTransformToWorld(toWorld)  # also non-linear transforms
+    return list(toWorld.TransformPoint(local))
+
+
+def jumpToSlice(volumeNode, axis: int, index: int) -> None:
+    """Centre every slice view on the middle of slice ``index`` along voxel ``axis`` of
+    ``volumeNode`` (:func:`sliceCentre`)."""
+    slicer.vtkMRMLSliceNode.JumpAllSlices(volumeNode.GetScene() or slicer.mrmlScene,
+                                          *sliceCentre(volumeNode, axis, index),
+                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
 
 def _node(className: str, name: str):

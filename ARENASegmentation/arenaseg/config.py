@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import ArenaError
-from .backbones.registry import DEFAULT_BACKBONE, REGISTRY
+from .backbones.registry import DEFAULT_BACKBONE, EMBEDDED_BACKBONE, REGISTRY  # noqa: F401 (the GUI reads them here)
 
 #: Every method, from no training to ARENA (:mod:`arenaseg.methods` has one class per name).
 METHODS = ("zero-shot", "linear-probe", "bitfit", "affine-ln", "full", "lora", "adalora", "arena")

@@ -161,6 +161,8 @@ class BackboneSpec:
             those whose decoder starts untrained).
         trains_decoder: the decoder starts untrained (a pretrained encoder only) and trains with
             the head in every method, as if ``--train-decoder`` were given.
+        memory_gb: peak resident memory of one default ``arenaseg adapt`` on the CPU, in GB, as
+            measured by the benchmarks (None: not measured); the Slicer module warns below it.
     """
 
     id: str
@@ -180,6 +182,7 @@ class BackboneSpec:
     network_args: tuple[tuple[str, object], ...] = ()
     offered: bool = True
     trains_decoder: bool = False
+    memory_gb: float | None = None
 
     @property
     def build(self) -> Callable:
@@ -327,6 +330,7 @@ def merlin_key_rules(prefix: str, deepest: int = 2) -> tuple[tuple[str, str | No
 #: The Merlin-derived ResNet-152 encoder with a decoder trained per task.
 MERLIN = BackboneSpec(
     id="merlin-resnet152",
+    memory_gb=2.6,  # bench/MERLIN.md: 2588 MB on abdomen_ct
     network="merlin.merlin_segmenter",
     classes=(),
     head="classifier",
@@ -364,6 +368,7 @@ REGISTRY: dict[str, BackboneSpec] = {
     spec.id: spec for spec in (
         BackboneSpec(
             id=EMBEDDED_BACKBONE,
+            memory_gb=1.0,  # bench/REPORT.md: 843-1032 MB
             network="monai_nets.small_ct_unet",
             classes=("background",) + BASE_ORGANS,
             head="classifier",

@@ -1,0 +1,1 @@
+"""The ARENA Segment Editor effect (loaded by path by the Segment Editor; see SegmentEditorEffect.py)."""
