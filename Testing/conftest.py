@@ -33,8 +33,8 @@ def pytest_configure(config):
 def painted(labels_path: Path, value: int, k: int = 3, axis: int = 2, out: Path | None = None):
     """Write a labelmap with ``k`` painted slices of ``value`` taken from reference labels;
     return (path, painted array (i, j, k), reference array)."""
-    from arenaseg.annotations import paint_slices
-    from arenaseg.imageio import array_ijk, image_like
+    from arenaseg.io.annotations import paint_slices
+    from arenaseg.io.geometry import array_ijk, image_like
 
     reference = sitk.ReadImage(str(labels_path))
     ref = array_ijk(reference)
@@ -51,6 +51,6 @@ def small_liver(tmp_path_factory):
 
 
 def read_ijk(path) -> np.ndarray:
-    from arenaseg.imageio import array_ijk
+    from arenaseg.io.geometry import array_ijk
 
     return array_ijk(sitk.ReadImage(str(path)))

@@ -6,7 +6,7 @@ import pytest
 
 from arenaseg import pipeline
 from arenaseg.adapter_file import read_adapter
-from arenaseg.annotations import dice, find_annotation
+from arenaseg.io.annotations import dice, find_annotation
 from arenaseg.training import AdaptSettings
 
 from conftest import ABDOMEN, BLADDER, LIVER, painted, read_ijk
@@ -72,7 +72,8 @@ def test_interpolated_pseudo_labels_enter_the_loss():
     # crop: with pseudo-labels the loss has one more (positive) term.
     import SimpleITK as sitk
 
-    from arenaseg.imageio import array_ijk, read_labels_on
+    from arenaseg.io.geometry import array_ijk
+    from arenaseg.io.labels import read_labels_on
 
     ct = sitk.ReadImage(str(ABDOMEN / "ct.nii.gz"))
     paint = np.zeros(ct.GetSize(), np.uint8)

@@ -5,9 +5,9 @@ import pytest
 
 import SimpleITK as sitk
 
-from arenaseg.annotations import dice, doubt, find_annotation, interpolate, paint_slices
+from arenaseg.io.annotations import dice, doubt, find_annotation, interpolate, paint_slices
 from arenaseg.errors import ArenaError
-from arenaseg.imageio import array_ijk
+from arenaseg.io.geometry import array_ijk
 
 from conftest import ABDOMEN
 

@@ -246,7 +246,7 @@ def test_real_ct_preprocessing_matches_the_entry(abdomen_ct, prep):
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
 
-    from arenaseg.imageio import array_ijk, ras_affine
+    from arenaseg.io.geometry import array_ijk, ras_affine
     from arenaseg.preprocessing import RAS_LABELS, intensity_transform, to_canonical
 
     hu = array_ijk(abdomen_ct).astype(np.float32)

@@ -7,8 +7,9 @@ import pytest
 import SimpleITK as sitk
 
 from arenaseg import pipeline
-from arenaseg.annotations import dice
-from arenaseg.imageio import array_ijk, read_image, same_grid
+from arenaseg.io.annotations import dice
+from arenaseg.io.geometry import array_ijk, same_grid
+from arenaseg.io.images import read_image
 from arenaseg.training import AdaptSettings
 
 from conftest import ABDOMEN_SMALL, DICOM, LIVER, painted, read_ijk

@@ -4,6 +4,7 @@ lost rescale intercept, a volume too thin for the network, a multi-layer Slicer 
 Every input is built here, in tmp folders, from the real data in ../shared/data."""
 
 import json
+from functools import partial
 import shutil
 from pathlib import Path
 
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from arenaseg import checks, pipeline, worker
+from arenaseg import pipeline, worker
+from arenaseg.io import checks
 from arenaseg.cli import main
 from arenaseg.errors import ArenaError
-from arenaseg.imageio import (array_ijk, image_like, index_to_world_matrix, read_image,
-                              read_labels_on, resolve_label)
+from arenaseg.io.geometry import array_ijk, image_like, index_to_world_matrix
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import painted_points, read_labels_on, resolve_label
 from arenaseg.training import AdaptSettings
 
 from conftest import ABDOMEN_SMALL, DATA, DICOM, LIVER, SPLEEN, painted, read_ijk
@@ -76,7 +79,7 @@ def test_folder_with_two_series_and_no_annotations_lists_them(two_series):
 def test_annotations_choose_the_series_they_lie_on_and_say_so(two_series, tmp_path):
     warnings = []
     ann, _, _ = painted(DICOM / "labels.nii.gz", LIVER, out=tmp_path / "painted.nii.gz")
-    image = read_image(two_series, match=ann, warn=warnings.append)
+    image = read_image(two_series, match=partial(painted_points, ann), warn=warnings.append)
     assert image.GetSize() == (512, 512, 20)
     assert len(warnings) == 1 and "the one the annotations lie on" in warnings[0]
     assert "(20 slices)" in warnings[0]

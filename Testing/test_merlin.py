@@ -191,7 +191,7 @@ def test_the_decoder_starts_as_the_linear_probe_and_reads_unpainted_slices(merli
     the decoder: on a real CT, bone (HU > 300) painted on three axial slices is found on the
     slices between them before any training step, and only the lateral projections' first
     channel is read."""
-    from arenaseg.imageio import read_image
+    from arenaseg.io.images import read_image
     from arenaseg.preprocessing import Scan
 
     model = copy.deepcopy(merlin)

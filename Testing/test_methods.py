@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from arenaseg.adapter_file import apply_adapter, read_adapter, save_adapter
-from arenaseg.annotations import find_annotation
+from arenaseg.io.annotations import find_annotation
 from arenaseg.backbones import load_backbone, state_checksum
 from arenaseg.errors import ArenaError
 from arenaseg.methods import METHOD_CLASSES, METHODS, _svd_conv3d_class, orthogonality_penalty, prepare

@@ -6,8 +6,8 @@ structure at 0.95, a doubtful look-alike at 0.7), so each rule is checked on rea
 import numpy as np
 import SimpleITK as sitk
 
-from arenaseg.imageio import array_ijk, image_like
-from arenaseg.annotations import Annotation
+from arenaseg.io.geometry import array_ijk, image_like
+from arenaseg.io.annotations import Annotation
 from arenaseg.postprocessing import select_objects, threshold
 
 from conftest import ABDOMEN, BLADDER
@@ -90,7 +90,7 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 from arenaseg.adapter_file import read_adapter  # noqa: E402
-from arenaseg.annotations import paint_slices  # noqa: E402
+from arenaseg.io.annotations import paint_slices
 
 
 def _arenaseg(*args):

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from arenaseg.adapters import ArenaLayer, GateSteps
-from arenaseg.annotations import find_annotation, paint_slices
-from arenaseg.imageio import array_ijk, read_image, read_labels_on
+from arenaseg.io.annotations import find_annotation, paint_slices
+from arenaseg.io.geometry import array_ijk
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.pipeline import Scan, fit
 from arenaseg.backbones import get_spec
 from arenaseg.config import AdaptSettings

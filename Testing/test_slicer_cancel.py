@@ -40,7 +40,7 @@ def painted_small(module, slicer_app):  # noqa: F811
     ``slicer.mrmlScene`` for the test and can be closed by it."""
     import slicer
     import SimpleITK as sitk
-    from arenaseg.annotations import paint_slices
+    from arenaseg.io.annotations import paint_slices
 
     saved = slicer.mrmlScene
     slicer.mrmlScene = scene = slicer.vtkMRMLScene()

@@ -49,7 +49,7 @@ def paint(module, volume, reference, axis_ijk: int, node_name: str, name: str = 
     axis ``axis_ijk`` (2 = axial here), as a user paints them. Returns (node, segment id,
     painted kji)."""
     import slicer
-    from arenaseg.annotations import paint_slices
+    from arenaseg.io.annotations import paint_slices
 
     painted_ijk = paint_slices(reference.transpose(2, 1, 0), LIVER, 3, axis=axis_ijk)
     painted = (painted_ijk.transpose(2, 1, 0) > 0).astype(np.uint8)
@@ -60,7 +60,7 @@ def paint(module, volume, reference, axis_ijk: int, node_name: str, name: str = 
 
 
 def unpainted_dice(result: np.ndarray, reference: np.ndarray, painted: np.ndarray, axis_kji: int) -> float:
-    from arenaseg.annotations import dice
+    from arenaseg.io.annotations import dice
 
     touched = np.any(painted, axis=tuple(a for a in range(3) if a != axis_kji))
     mask = np.ones(result.shape, bool)

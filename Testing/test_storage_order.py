@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from arenaseg import pipeline
-from arenaseg.imageio import array_ijk, resample_to
+from arenaseg.io.geometry import array_ijk, resample_to
 from arenaseg.training import AdaptSettings
 
 from conftest import ABDOMEN_SMALL, LIVER

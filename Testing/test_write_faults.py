@@ -169,8 +169,8 @@ import json, sys
 import SimpleITK as sitk
 import torch
 from arenaseg.errors import ArenaError
-from arenaseg.imageio import write_image
-from arenaseg.outputs import write_safetensors, write_text
+from arenaseg.io.images import write_image
+from arenaseg.io.outputs import write_safetensors, write_text
 
 folder, labels = sys.argv[1], sys.argv[2]
 segmentation = sitk.Cast(sitk.ReadImage(labels) == 5, sitk.sitkUInt8) * 5

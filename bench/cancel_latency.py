@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from arenaseg.annotations import paint_slices
+from arenaseg.io.annotations import paint_slices
 from arenaseg.config import AdaptJob, AdaptSettings
-from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
+from arenaseg.io.geometry import array_ijk, image_like
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine  # noqa: E402

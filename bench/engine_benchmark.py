@@ -30,9 +30,11 @@ import SimpleITK as sitk
 import torch
 
 from arenaseg.adapter_file import read_adapter
-from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.io.annotations import dice, find_annotation, paint_slices
 from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
-from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
+from arenaseg.io.geometry import array_ijk, image_like
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.inference import sliding_window_logits
 from arenaseg.preprocessing import to_canonical, to_input_grid
 from arenaseg.training import AdaptSettings

@@ -182,9 +182,9 @@ def run_engine(args) -> dict:
     text); returns the figures for :func:`engine_report`."""
     import tempfile
 
-    from arenaseg.annotations import paint_slices
+    from arenaseg.io.annotations import paint_slices
     from arenaseg.config import AdaptSettings
-    from arenaseg.imageio import array_ijk, image_like
+    from arenaseg.io.geometry import array_ijk, image_like
     from arenaseg.pipeline import adapt
 
     device = pick_device(args.device)

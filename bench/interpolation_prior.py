@@ -22,10 +22,12 @@ import SimpleITK as sitk
 import torch
 
 import arenaseg.inference as inference
-from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.io.annotations import dice, find_annotation, paint_slices
 from arenaseg.backbones import EMBEDDED_BACKBONE
 from arenaseg.config import AdaptSettings
-from arenaseg.imageio import array_ijk, read_image, read_labels_on
+from arenaseg.io.geometry import array_ijk
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.pipeline import fit
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from arenaseg.annotations import paint_slices
-from arenaseg.imageio import array_ijk, image_like
+from arenaseg.io.annotations import paint_slices
+from arenaseg.io.geometry import array_ijk, image_like
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_benchmark import git_revision, machine  # noqa: E402

@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.io.annotations import dice, find_annotation, paint_slices
 from arenaseg.backbones import load_backbone
 from arenaseg.config import AdaptSettings
-from arenaseg.imageio import array_ijk, read_image, read_labels_on
+from arenaseg.io.geometry import array_ijk
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.inference import predict, sliding_window_logits
 from arenaseg.pipeline import Scan, fit
 from arenaseg.preprocessing import to_canonical, to_input_grid

@@ -39,14 +39,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.io.annotations import dice, find_annotation, paint_slices
 from contextlib import contextmanager
 
 from arenaseg.backbones import REGISTRY, get_spec, load_backbone
 from arenaseg.backbones.merlin import TAPS, MerlinSegmenter, fit_logistic, upsample_exact
 from arenaseg.backbones.registry import merlin_key_rules
 from arenaseg.config import AdaptSettings
-from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
+from arenaseg.io.geometry import array_ijk, image_like
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.inference import predict
 from arenaseg.pipeline import fit
 from arenaseg.postprocessing import select_objects, threshold

@@ -123,7 +123,9 @@ def _scan(data: Path, name: str):
     """(Scan on the default backbone's grid, reference labels on the image grid), cached."""
     if name not in _SCANS:
         from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
-        from arenaseg.imageio import array_ijk, read_image, read_labels_on
+        from arenaseg.io.geometry import array_ijk
+        from arenaseg.io.images import read_image
+        from arenaseg.io.labels import read_labels_on
         from arenaseg.pipeline import Scan
 
         image_path, labels_path = SCANS[name]
@@ -145,9 +147,9 @@ def run_job(args: tuple) -> dict:
     import torch
 
     from arenaseg.adapter_file import apply_adapter, read_adapter, save_adapter
-    from arenaseg.annotations import dice, find_annotation, paint_slices
+    from arenaseg.io.annotations import dice, find_annotation, paint_slices
     from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
-    from arenaseg.imageio import array_ijk
+    from arenaseg.io.geometry import array_ijk
     from arenaseg.pipeline import fit, predict
     from arenaseg.training import AdaptSettings
 
@@ -196,8 +198,9 @@ def peak_memory(data: Path, methods, workers: int) -> dict:
     """Peak resident memory of one ``arenaseg adapt`` process per method (liver, k = 3, engine
     defaults but ``MEMORY_STEPS`` steps: every step holds the same tensors, so the peak is
     reached at the first step or at the segmentation), as a user runs it."""
-    from arenaseg.annotations import paint_slices
-    from arenaseg.imageio import image_like, read_image
+    from arenaseg.io.annotations import paint_slices
+    from arenaseg.io.geometry import image_like
+    from arenaseg.io.images import read_image
 
     import SimpleITK as sitk
 

@@ -39,8 +39,10 @@ def one_run(data: Path, bf16: bool, reuse: bool) -> dict:
         precision._REUSING = False  # as if already tried: glibc's defaults stay
     import SimpleITK as sitk
 
-    from arenaseg.annotations import paint_slices
-    from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
+    from arenaseg.io.annotations import paint_slices
+    from arenaseg.io.geometry import array_ijk, image_like
+    from arenaseg.io.images import read_image
+    from arenaseg.io.labels import read_labels_on
     from arenaseg.pipeline import adapt
 
     ct_path = data / "abdomen_ct/ct.nii.gz"

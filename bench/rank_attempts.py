@@ -68,9 +68,11 @@ import sys, json, time, math
 import numpy as np, torch
 from torch import nn
 from arenaseg import adapters as ad
-from arenaseg.annotations import dice, find_annotation, paint_slices
+from arenaseg.io.annotations import dice, find_annotation, paint_slices
 from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
-from arenaseg.imageio import array_ijk, read_image, read_labels_on
+from arenaseg.io.geometry import array_ijk
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.pipeline import fit, predict, Scan
 from arenaseg.config import AdaptSettings
 

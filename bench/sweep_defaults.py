@@ -22,8 +22,10 @@ import SimpleITK as sitk
 import torch
 
 from arenaseg import pipeline
-from arenaseg.annotations import dice, find_annotation, paint_slices
-from arenaseg.imageio import array_ijk, image_like, read_image, read_labels_on
+from arenaseg.io.annotations import dice, find_annotation, paint_slices
+from arenaseg.io.geometry import array_ijk, image_like
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.training import AdaptSettings
 
 STRUCTURES = {"liver": 5, "spleen": 1, "aorta": 52, "urinary_bladder": 21, "iliopsoas_left": 88,

@@ -1,6 +1,6 @@
 """Tried for issue 9: interpolated slices as weak supervision during adaptation.
 
-Between the painted slices, shape-based interpolation (``arenaseg.annotations.interpolate``:
+Between the painted slices, shape-based interpolation (``arenaseg.io.annotations.interpolate``:
 the signed distances to the two nearest painted outlines, blended linearly) gives pseudo-labels;
 a binary cross-entropy on them, weighted ``0.5^(d / h)`` with d the distance (mm) to the nearest
 painted slice, is added to the loss (``AdaptSettings(interpolate_mm=h)``; h = 0: painted slices
@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arenaseg.annotations import dice, find_annotation, interpolate, paint_slices
+from arenaseg.io.annotations import dice, find_annotation, interpolate, paint_slices
 from arenaseg.backbones import load_backbone
 from arenaseg.config import AdaptSettings
-from arenaseg.imageio import array_ijk, read_image, read_labels_on
+from arenaseg.io.geometry import array_ijk
+from arenaseg.io.images import read_image
+from arenaseg.io.labels import read_labels_on
 from arenaseg.inference import predict
 from arenaseg.pipeline import Scan, fit
 from arenaseg.backbones import EMBEDDED_BACKBONE

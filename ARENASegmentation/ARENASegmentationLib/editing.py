@@ -36,7 +36,7 @@ PREVIEW_ATTRIBUTE = "ARENASegmentation.PreviewOf"
 
 def paintAxis(painted: np.ndarray) -> int:
     """The array axis the user painted along: the one on which the structure touches the fewest
-    slices (the engine's rule, ``arenaseg.annotations.find_annotation``)."""
+    slices (the engine's rule, ``arenaseg.io.annotations.find_annotation``)."""
     counts = [int(np.any(painted, axis=tuple(a for a in range(3) if a != ax)).sum()) for ax in range(3)]
     return int(np.argmin(counts))
 

@@ -23,7 +23,7 @@ from .backbones import BackboneSpec, state_checksum
 from .config import AdaptSettings
 from .errors import ArenaError
 from .methods import Method, load_state, prepare
-from .outputs import Outputs, write_safetensors
+from .io.outputs import Outputs, write_safetensors
 
 FORMAT = "arenaseg-adapter/3"  # 3: ARENA gates scaled by the spectral norm of W0
 
@@ -33,7 +33,7 @@ def save_adapter(path: str | os.PathLike, tuning: Method, metadata: dict,
     """Prune ``tuning`` (:meth:`~arenaseg.methods.Method.prune`: ARENA drops its switched-off
     components) and write its trained tensors (:meth:`~arenaseg.methods.Method.state`) and
     ``metadata``; the file
-    is re-opened and compared before it is published (:func:`~arenaseg.outputs.write_safetensors`),
+    is re-opened and compared before it is published (:func:`~arenaseg.io.outputs.write_safetensors`),
     with ``outputs``' other files when given. ``metadata`` must hold ``backbone``,
     ``backbone_checksum`` and ``settings``; the ranks are added here.
 

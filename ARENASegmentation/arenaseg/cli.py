@@ -174,9 +174,11 @@ def cmd_demo(args) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from .annotations import dice, find_annotation, paint_slices
+    from .io.annotations import dice, find_annotation, paint_slices
     from .demo import sample_data
-    from .imageio import array_ijk, image_like, read_image, read_labels_on, write_image
+    from .io.geometry import array_ijk, image_like
+    from .io.images import read_image, write_image
+    from .io.labels import read_labels_on
     from .pipeline import adapt
 
     data = Path(args.data) if args.data else sample_data()

@@ -93,7 +93,7 @@ class LoopSettings:
         max_points: painted voxels sampled per crop for the loss (memory bound).
         seed: random seed of crops and initialisation.
         interpolate_mm: pseudo-labels interpolated between the painted slices
-            (:func:`arenaseg.annotations.interpolate`) also train, weighted by half at each
+            (:func:`arenaseg.io.annotations.interpolate`) also train, weighted by half at each
             ``interpolate_mm`` mm from the nearest painted slice; 0: only the painted slices.
         checkpointing: gradient checkpointing inside the backbone (SwinUNETR), trading compute
             for GPU memory.

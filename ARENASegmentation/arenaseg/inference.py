@@ -14,12 +14,12 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from .annotations import doubt
+from .io.annotations import doubt
 from .precision import autocast, reuse_freed_memory
 from .postprocessing import Objects, select_objects, threshold
 
 if TYPE_CHECKING:
-    from .annotations import Annotation
+    from .io.annotations import Annotation
     from .methods import Method
     from .preprocessing import Scan
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -13,14 +14,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from .adapter_file import apply_adapter, read_adapter, save_adapter
-from .annotations import Annotation, dice, find_annotation, interpolate
+from .io.annotations import Annotation, dice, find_annotation, interpolate
 from .backbones import DEFAULT_BACKBONE, load_backbone, state_checksum
 from .errors import ArenaError
-from .checks import (backbone_preprocessing, check_extent, check_intensities, check_paint,
-                     describe)
-from .imageio import array_ijk, image_like, read_image, read_labels_on, resolve_label, write_image
+from .io.checks import backbone_preprocessing, check_extent, check_intensities, check_paint, describe
+from .io.geometry import array_ijk
+from .io.images import read_image, write_image
+from .io.labels import painted_points, read_labels_on, resolve_label
 from .inference import StatusFn, input_probability, pick_device, predict, recognise
-from .outputs import Outputs, check_writable
+from .io.outputs import Outputs, check_writable
 from .methods import Method, prepare
 from .postprocessing import profile as read_profile
 from .preprocessing import Scan  # noqa: F401 (the geometry object; public here too)
@@ -99,7 +101,7 @@ def check_output(path, suffixes, what: str, inputs: dict | None = None,
                  option: str = "--out") -> Path:
     """Refuse an output path before any work: wrong suffix, missing folder, one of the
     ``inputs`` (name → path), which writing would replace, or a place that cannot be written
-    (read-only, no permission, full disk: :func:`~arenaseg.outputs.check_writable`), which
+    (read-only, no permission, full disk: :func:`~arenaseg.io.outputs.check_writable`), which
     would otherwise only show after the whole run."""
     path = Path(path)
     for name, given in (inputs or {}).items():
@@ -146,7 +148,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
 
     Args:
         scan: a :class:`Scan` (or an image in HU, brought to the canonical grid here).
-        annotation: the painted slices on the input grid (:func:`~arenaseg.annotations.find_annotation`):
+        annotation: the painted slices on the input grid (:func:`~arenaseg.io.annotations.find_annotation`):
             boolean ``(I, J, K)`` arrays of known and structure voxels, and the slice axis.
         settings: :class:`~arenaseg.config.AdaptSettings` (method, rank, λ, steps, seed, …).
         backbone: registry id (:data:`arenaseg.backbones.REGISTRY`) or a checkpoint path.
@@ -175,8 +177,9 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
 
     Examples:
         >>> import SimpleITK as sitk
-        >>> from arenaseg.annotations import find_annotation, paint_slices
-        >>> from arenaseg.imageio import array_ijk, read_labels_on
+        >>> from arenaseg.io.annotations import find_annotation, paint_slices
+        >>> from arenaseg.io.geometry import array_ijk
+        >>> from arenaseg.io.labels import read_labels_on
         >>> ct = sitk.ReadImage("ct.nii.gz")                                         # doctest: +SKIP
         >>> labels = array_ijk(read_labels_on(ct, "labels.nii.gz", "labels"))  # doctest: +SKIP
         >>> annotation = find_annotation(paint_slices(labels, 5, 3, axis=2), 5, axis=2)  # doctest: +SKIP
@@ -241,7 +244,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
         image: CT file or DICOM folder (HU).
         annotations: labelmap with the painted slices, on any grid overlapping the image.
         label: label value of the structure in ``annotations``, or the segment's name in a 3D
-            Slicer ``.seg.nrrd`` (:func:`~arenaseg.imageio.resolve_label`).
+            Slicer ``.seg.nrrd`` (:func:`~arenaseg.io.labels.resolve_label`).
         out: segmentation to write (labelmap with value ``label``, exactly on the image grid;
             the painted slices are copied from the annotations).
         adapter_out: adapter file to write (``.safetensors``), optional.
@@ -293,7 +296,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     start = time.perf_counter()
     status("reading", f"reading {image}")
     warn = _warner(status)
-    ct = read_image(image, "image", series=series, match=annotations, warn=warn)
+    ct = read_image(image, "image", series=series, match=partial(painted_points, annotations), warn=warn)
     status("reading", describe(ct, image))
     check_intensities(ct, image, warn)
     annotation = find_annotation(array_ijk(read_labels_on(ct, annotations, "annotations", label=segment)),
@@ -370,7 +373,7 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
 
     Raises:
         ArenaError: unreadable image, several DICOM series and no ``series``, geometry or
-            intensities that are not a CT on a regular grid (:mod:`arenaseg.checks`), corrupt
+            intensities that are not a CT on a regular grid (:mod:`arenaseg.io.checks`), corrupt
             adapter, adapter made for another backbone.
 
     Examples:

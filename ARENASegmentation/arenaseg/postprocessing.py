@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .annotations import Annotation
+from .io.annotations import Annotation
 
 CORE_PROBABILITY = 0.9
 CORE_ML = 1.0
@@ -49,7 +49,7 @@ class Objects:
         removed: number of objects predicted (probability > 0.5) but not kept.
         removed_ml: their volume in mL.
         next_slice: with painted slices, the unpainted one to paint next, where the prediction
-            is least sure (:meth:`~arenaseg.annotations.Annotation.next_slice`); else None.
+            is least sure (:meth:`~arenaseg.io.annotations.Annotation.next_slice`); else None.
     """
 
     image: sitk.Image

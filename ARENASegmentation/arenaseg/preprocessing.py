@@ -21,8 +21,8 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
 from .backbones.registry import Preprocessing
-from .checks import fill_outside
-from .imageio import array_ijk, image_from_ras_affine, ras_affine, resample_to
+from .io.checks import fill_outside
+from .io.geometry import array_ijk, image_from_ras_affine, ras_affine, resample_to
 
 # Axis labels of the RAS world MONAI's affines live in (set explicitly: MONAI 1.5+ warns).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -117,7 +117,7 @@ class Scan:
         affine: 4×4 RAS affine of the canonical grid (mm), numpy.
         outside: boolean ``(I, J, K)`` array of the input's NaN/inf voxels, or None: outside
             the scan, filled with air for the network and never predicted
-            (:func:`~arenaseg.checks.fill_outside`).
+            (:func:`~arenaseg.io.checks.fill_outside`).
 
     Examples:
         >>> import SimpleITK as sitk

@@ -27,10 +27,12 @@ from tqdm import tqdm
 from .backbones import EMBEDDED_BACKBONE, get_spec, state_checksum
 from .download import path_checksum
 from .errors import ArenaError
-from .imageio import array_ijk, image_like, read_image, read_labels_on
+from .io.geometry import array_ijk, image_like
+from .io.images import read_image
+from .io.labels import read_labels_on
 from .inference import sliding_window_logits
 from .precision import autocast, guard_bf16_defects
-from .outputs import Outputs, check_writable, write_safetensors, write_text
+from .io.outputs import Outputs, check_writable, write_safetensors, write_text
 from .preprocessing import to_canonical, to_input_grid
 from .training import run_steps
 

@@ -156,7 +156,7 @@ def train(tuning: Method, x: torch.Tensor, coords: np.ndarray, targets: np.ndarr
             Zero-shot (nothing to train) runs no step.
         should_stop: polled every step; when it returns True, :class:`Cancelled` is raised.
         pseudo: weak labels ``(coords (M, 3), targets (M,), weights (M,))`` in canonical voxel
-            coordinates (e.g. :func:`arenaseg.annotations.interpolate`): a weighted binary
+            coordinates (e.g. :func:`arenaseg.io.annotations.interpolate`): a weighted binary
             cross-entropy on them is added to the loss.
 
     Returns:

@@ -31,8 +31,8 @@ ORANGE = np.array([230, 140, 40], float)
 
 def run_arena(data: Path, work: Path) -> tuple:
     sys.path.insert(0, str(ROOT / "ARENASegmentation"))
-    from arenaseg.annotations import paint_slices
-    from arenaseg.imageio import array_ijk, image_like
+    from arenaseg.io.annotations import paint_slices
+    from arenaseg.io.geometry import array_ijk, image_like
 
     labels = sitk.ReadImage(str(data / "labels.nii.gz"))
     painted = paint_slices(array_ijk(labels), LIVER, 3, 2)

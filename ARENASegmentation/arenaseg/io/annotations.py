@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice
 
-from .errors import ArenaError
+from ..errors import ArenaError
 
 AXIS_NAMES = {"i": 0, "j": 1, "k": 2}
 

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import ArenaError
+from ..errors import ArenaError
 
 
 class WriteMismatch(Exception):

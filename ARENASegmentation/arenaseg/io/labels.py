@@ -1,0 +1,161 @@
+"""Labelmaps: reading them (any image file, or a 3D Slicer ``.seg.nrrd`` with its segments and
+layers), resolving a label value or segment name, and bringing them onto the image's grid.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import ArenaError
+from .checks import check_grid
+from .geometry import index_to_world_matrix, resample_to, world_overlap
+from .images import read_image
+
+
+def _is_segmentation(path: Path) -> bool:
+    """True for a 3D Slicer segmentation file (NRRD with ``Segment<N>_`` fields)."""
+    if not path.is_file() or not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return False
+    try:
+        import slicerio
+
+        return bool(slicerio.read_segmentation(str(path), skip_voxels=True).get("segments"))
+    except Exception:  # not a segmentation header: read as a plain labelmap
+        return False
+
+
+def _segments(path: Path) -> list[dict]:
+    import slicerio
+
+    return slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]
+
+
+def read_label_layers(path: str | os.PathLike, what: str = "annotations") -> list[tuple[sitk.Image, list[dict]]]:
+    """Read a labelmap as ``[(layer image, its segments)]``: a 3D Slicer ``.seg.nrrd`` (read with
+    slicerio) gives one labelmap per layer with its segments (``name``, ``labelValue``), since
+    overlapping segments are stored in separate layers; any other file gives one labelmap and no
+    segment names."""
+    path = Path(path)
+    if not _is_segmentation(path):
+        return [(read_image(path, what), [])]
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(path))
+    voxels = segmentation["voxels"]
+    layers = voxels if voxels.ndim == 4 else voxels[None]
+    matrix = np.asarray(segmentation["ijkToLPS"], float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    out = []
+    for index, layer in enumerate(layers):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(layer, (2, 1, 0))))
+        image.SetSpacing(spacing.tolist())
+        image.SetDirection((matrix[:3, :3] / spacing).flatten().tolist())
+        image.SetOrigin(matrix[:3, 3].tolist())
+        check_grid(image, path, what)
+        out.append((image, [s for s in segmentation["segments"] if s.get("layer", 0) == index]))
+    return out
+
+
+def _segment_list(segments: list[dict]) -> str:
+    return ", ".join(f"'{s['name']}' ({s.get('labelValue', 1)})" for s in segments)
+
+
+def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annotations") -> tuple[int, int]:
+    """``(label value, layer)`` of ``--label``: a whole number (a label value) or, in a 3D Slicer
+    ``.seg.nrrd``, a segment name. A value used in several layers picks the one non-empty
+    segment with it.
+
+    Raises:
+        ArenaError: a name in a file without segment names, an unknown name (the segments are
+            listed), or a value that stands for several non-empty segments.
+    """
+    path = Path(path)
+    text = str(label).strip()
+    number = int(text) if text.lstrip("+-").isdigit() else None
+    if number is None and text.replace(".", "", 1).lstrip("+-").isdigit():
+        raise ArenaError(f"--label {text} is not a whole number: give the label value the "
+                         "structure is painted with (e.g. 1), or a segment name")
+    if not path.exists():
+        if number is not None:  # reading the file reports it, after the image
+            return number, 0
+        raise ArenaError(f"{what} '{path}' does not exist: check the path")
+    if not _is_segmentation(path):
+        if number is None:
+            raise ArenaError(f"--label '{label}' is a name, but {what} '{path}' is a plain "
+                             "labelmap without segment names: give its label value (a whole "
+                             "number), or a 3D Slicer .seg.nrrd that names its segments")
+        return number, 0
+    segments = _segments(path)
+    if number is None:
+        named = [s for s in segments if s["name"] == text]
+        named = named or [s for s in segments if s["name"].lower() == text.lower()]
+        if len(named) != 1:
+            why = "is not a segment of" if not named else "names several segments in"
+            raise ArenaError(f"--label '{label}' {why} {what} '{path}' (segments: "
+                             f"{_segment_list(segments)}): give one of these names or values")
+        return int(named[0].get("labelValue", 1)), int(named[0].get("layer", 0))
+    same = [s for s in segments if int(s.get("labelValue", 1)) == number]
+    if len(same) > 1:  # the same value in several layers: an empty segment cannot be the paint
+        import slicerio
+
+        segmentation = slicerio.read_segmentation(str(path))
+        filled = [s for s in same if slicerio.segment_mask(segmentation, s).any()]
+        if len(filled) > 1:
+            raise ArenaError(f"--label {number} stands for several segments of {what} '{path}' "
+                             f"(in different layers: {_segment_list(same)}): give the segment's "
+                             "name instead")
+        same = filled or same[:1]
+    return number, int(same[0].get("layer", 0)) if same else 0
+
+
+def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "annotations",
+                   label: int | str | None = None) -> sitk.Image:
+    """Read a labelmap and bring it onto ``image``'s grid (nearest neighbour in world space).
+
+    The labelmap may have any grid or orientation; only world positions count. A 3D Slicer
+    ``.seg.nrrd`` with several layers gives the layer holding ``label`` (a value or a segment
+    name, :func:`resolve_label`; the first layer when None).
+
+    Raises:
+        ArenaError: unreadable file; values that are not labels (negative or fractional, e.g. a
+            CT in HU given as annotations); no overlap with the image in world space.
+    """
+    layer = resolve_label(path, label, what)[1] if label is not None else 0
+    labels = read_label_layers(path, what)[layer][0]
+    values = sitk.GetArrayViewFromImage(labels)
+    low = values.min()
+    fractional = (values != np.round(values)) if np.issubdtype(values.dtype, np.floating) else None
+    if low < 0 or (fractional is not None and fractional.any()):
+        bad = low if low < 0 else values[fractional].flat[0]
+        raise ArenaError(f"{what} '{path}' holds the value {bad:g}: a labelmap holds whole "
+                         "numbers >= 0 (0 = not painted). Is this the CT itself? Give the "
+                         "labelmap (segmentation) painted on it instead")
+    if not world_overlap(image, labels):
+        raise ArenaError(f"{what} '{path}' do not overlap the image in world space (origin "
+                         f"{tuple(round(o, 1) for o in labels.GetOrigin())} mm vs image origin "
+                         f"{tuple(round(o, 1) for o in image.GetOrigin())} mm): use the labels "
+                         "drawn on this scan")
+    labels = sitk.Cast(labels, sitk.sitkInt32) if labels.GetPixelID() in (
+        sitk.sitkFloat32, sitk.sitkFloat64) else labels
+    return resample_to(labels, image, linear=False, default=0)
+
+
+def painted_points(path, limit: int = 4000) -> np.ndarray:
+    """World (LPS) positions, (N, 3) in mm, of up to ``limit`` painted voxels of a labelmap file
+    (none when it cannot be read: its own error is reported when it is read as annotations)."""
+    try:
+        layers = read_label_layers(path)
+    except ArenaError:
+        return np.zeros((0, 3))  # the annotations' own error is reported when they are read
+    points = []
+    for image, _ in layers:
+        array = np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0))
+        ijk = np.argwhere(array > 0)
+        if len(ijk):
+            pick = ijk[np.linspace(0, len(ijk) - 1, min(limit, len(ijk))).astype(int)]
+            points.append((np.c_[pick, np.ones(len(pick))] @ index_to_world_matrix(image).T)[:, :3])
+    return np.concatenate(points) if points else np.zeros((0, 3))
