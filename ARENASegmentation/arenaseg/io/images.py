@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from ..errors import ArenaError
 from .checks import check_grid, check_nifti_complete, explain_read_error, restore_nifti_non_finite
-from .dicom import read_series
+from .dicom import is_dicom_file, read_dicom_file, read_series
 from .outputs import Outputs, WriteMismatch, atomic_write  # noqa: F401 (atomic_write: public here too)
 
 
@@ -46,6 +46,8 @@ def read_image(path: str | os.PathLike, what: str = "image", series: str | None 
     try:
         if path.is_dir():
             image = read_series(path, what, series, match, warn)
+        elif is_dicom_file(path):  # a multi-frame file's frames are checked like a series
+            image = read_dicom_file(path, what, warn)
         else:
             image = restore_nifti_non_finite(sitk.ReadImage(str(path)), path)
             check_nifti_complete(path, what)
