@@ -47,7 +47,7 @@ MIN_PYTHON = (3, 10)
 #: torch comes from the PyTorch extension (PyTorchUtils picks the CUDA build for the driver).
 TORCH_REQUIREMENT = "torch>=2.4"
 #: Shipped by Slicer: checked, never installed (replacing them would break Slicer).
-SLICER_REQUIREMENTS = ["numpy>=1.24", "SimpleITK>=2.3"]
+SLICER_REQUIREMENTS = ["numpy>=1.24", "SimpleITK>=2.3", "pydicom>=2.4"]
 #: Installed with pip on first use, for every method.
 BASE_REQUIREMENTS = ["monai>=1.4", "nibabel>=5", "safetensors>=0.4", "tqdm>=4.66", "einops>=0.7", "slicerio>=1.4"]
 #: Installed only when a method that needs them is chosen (PEFT's LoRA and AdaLoRA baselines).

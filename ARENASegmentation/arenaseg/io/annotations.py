@@ -162,9 +162,14 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
         background: optional label value of voxels known not to be the structure.
 
     Raises:
-        ArenaError: nothing painted at all, or ``value`` absent (the message lists the values
-            present).
+        ArenaError: nothing painted at all, ``value`` absent (the message lists the values
+            present), or ``background`` 0 (0 is "not painted").
     """
+    if background == 0:
+        raise ArenaError(f"background label 0 cannot mean painted background: 0 is every voxel nobody "
+                         f"painted in '{source}', so all of them would count as known background; paint "
+                         "the background with a value of its own (e.g. 2) and give --background-label 2, "
+                         "or leave --background-label out")
     present = np.unique(labels)
     present = present[present != 0]
     if present.size == 0:

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ArenaError
+from .geometry import ras_affine
 
 
 WarnFn = Callable[[str], None]
@@ -142,6 +143,36 @@ def check_nifti_complete(path, what: str = "image") -> None:
     except (EOFError, ValueError, OSError) as err:  # gzip/zlib errors are OSError subclasses
         raise ArenaError(f"{what} '{path}' is truncated or corrupt ({err}): the file ends before "
                          "its voxel data does; copy or export it again") from None
+
+
+def check_nifti_transforms(image: sitk.Image, path, what: str = "image", warn: WarnFn | None = None) -> None:
+    """Warn when a NIfTI's qform and sform both place the image and disagree by more than a
+    voxel, naming the one ``image`` was read with (ITK's rule, found by comparing each with
+    ``image``'s geometry). Every file we write has both set to that geometry.
+
+    Raises nothing: a file nibabel cannot parse was already refused by the reader."""
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    header = nib.load(str(path)).header
+    q_code, s_code = int(header["qform_code"]), int(header["sform_code"])
+    if not (q_code and s_code):
+        return
+    corners = np.array([[i, j, k, 1.0] for i in (0, image.GetSize()[0] - 1)
+                        for j in (0, image.GetSize()[1] - 1) for k in (0, image.GetSize()[2] - 1)]).T
+    placed = {name: (affine @ corners)[:3] for name, affine in
+              (("qform", header.get_qform()), ("sform", header.get_sform()), ("read", ras_affine(image)))}
+    apart = float(np.abs(placed["qform"] - placed["sform"]).max())
+    if apart <= min(image.GetSpacing()):
+        return
+    used = min(("qform", "sform"), key=lambda name: np.abs(placed[name] - placed["read"]).max())
+    other = "sform" if used == "qform" else "qform"
+    (warn or _log_warning)(
+        f"{what} '{path}': its qform (code {q_code}) and sform (code {s_code}) disagree by up to "
+        f"{apart:.1f} mm, more than a voxel; read with the {used}, as ITK does, and every output "
+        f"follows it (both set alike): if the {other} is the right one, fix the header (e.g. "
+        "nibabel's set_qform/set_sform, or fslorient) and run again")
 
 
 def restore_nifti_non_finite(image: sitk.Image, path) -> sitk.Image:

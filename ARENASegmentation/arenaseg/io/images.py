@@ -14,13 +14,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ArenaError
-from .checks import check_grid, check_nifti_complete, explain_read_error, restore_nifti_non_finite
+from .checks import (check_grid, check_nifti_complete, check_nifti_transforms, explain_read_error,
+                     restore_nifti_non_finite)
 from .dicom import is_dicom_file, read_dicom_file, read_series
 from .outputs import Outputs, WriteMismatch, atomic_write  # noqa: F401 (atomic_write: public here too)
 
 
 def read_image(path: str | os.PathLike, what: str = "image", series: str | None = None,
-               match: Callable[[], np.ndarray] | None = None, warn=None) -> sitk.Image:
+               match: Callable[[], np.ndarray] | None = None, warn=None, min_slices: int = 2) -> sitk.Image:
     """Read a 3D image: any file SimpleITK reads (NIfTI, NRRD, MHA, ...) or a DICOM series folder.
 
     Args:
@@ -30,6 +31,8 @@ def read_image(path: str | os.PathLike, what: str = "image", series: str | None 
             series, the one they lie on is chosen (:func:`.dicom.choose_series`); called only
             then.
         warn: ``warn(message)`` for one-line warnings (default: the ``arenaseg`` logger).
+        min_slices: fewest voxels along every axis: 2 for a CT; 1 for a labelmap, whose single
+            painted slice (dcmqi exports one so) lies on the CT in world space.
 
     Raises:
         ArenaError: the path is missing or unreadable, a folder holds no or several series
@@ -51,12 +54,13 @@ def read_image(path: str | os.PathLike, what: str = "image", series: str | None 
         else:
             image = restore_nifti_non_finite(sitk.ReadImage(str(path)), path)
             check_nifti_complete(path, what)
+            check_nifti_transforms(image, path, what, warn)
     except RuntimeError as err:
         raise explain_read_error(err, path, what) from None
-    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
+    if image.GetDimension() != 3 or min(image.GetSize()) < min_slices:
         kind = "2D" if image.GetDimension() < 3 or min(image.GetSize()) < 2 else f"{image.GetDimension()}D"
         raise ArenaError(f"{what} '{path}' is {kind} (size {image.GetSize()}): ARENA needs a 3D "
-                         "volume with at least 2 slices along every axis")
+                         f"volume with at least {min_slices} slice{'s' if min_slices > 1 else ''} along every axis")
     if image.GetNumberOfComponentsPerPixel() != 1:
         fix = ("give a labelmap with one label value per voxel (a Slicer .seg.nrrd is read with "
                "its segments)" if what != "image" else "give the CT as a scalar (grey-level) "

@@ -41,7 +41,7 @@ def read_label_layers(path: str | os.PathLike, what: str = "annotations") -> lis
     segment names."""
     path = Path(path)
     if not _is_segmentation(path):
-        return [(read_image(path, what), [])]
+        return [(read_image(path, what, min_slices=1), [])]  # one painted slice lies in 3D too
     import slicerio
 
     segmentation = slicerio.read_segmentation(str(path))
