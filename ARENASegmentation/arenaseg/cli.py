@@ -1,16 +1,20 @@
 """The arenaseg command line: adapt, segment, pretrain, demo.
 
 Every user error prints one line ``arenaseg: error: ...`` (file, value, fix) and exits with 2.
+Ctrl-C exits with 130 and SIGTERM with 143, each after one line; neither leaves an output or a
+temporary file (:mod:`arenaseg.io.outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 from .errors import ArenaError
+from .io.outputs import PUBLISHED, ReadablePaths, shown
 
 TOTALSEG_BASE_ORGANS = ("spleen=1,kidney_right=2,kidney_left=3,gallbladder=4,liver=5,stomach=6,"
                         "pancreas=7,duodenum=19,aorta=52")
@@ -29,15 +33,26 @@ def parse_classes(text: str) -> dict[str, int]:
     return dict(pairs)
 
 
+def _check_range(option: str, value, low, high, note: str = "") -> None:
+    """Refuse a numeric option outside [low, high] before any work (one line: option, value,
+    range)."""
+    if value is not None and not low <= value <= high:
+        raise ArenaError(f"{option} {value} must be >= {low} and <= {high}{note}")
+
+
 def cmd_pretrain(args) -> None:
+    from .config import LIMITS
     from .inference import pick_device
     from .pretrain import pretrain
+
+    _check_range("--seed", args.seed, *LIMITS["seed"], " (numpy's limit)")
+    _check_range("--steps", args.steps, 1, 1_000_000)
 
     report = pretrain([tuple(s) for s in args.scan], parse_classes(args.classes), Path(args.out),
                       steps=args.steps, lr=args.lr, seed=args.seed, augment=args.augment,
                       device=pick_device(args.device),
                       init=Path(args.init) if args.init else None, command=args.command_line)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')} "
+    print(f"wrote {shown(args.out)} and {shown(Path(args.out).with_suffix('.md'))} "
           f"({report['seconds']:.0f} s)")
 
 
@@ -73,15 +88,16 @@ class PhaseLines:
     the results), and a tqdm bar for a phase that reports ``done`` of ``total``, so no phase of
     a run is silent."""
 
-    def __init__(self):
+    def __init__(self, explain=None):
         self.bar = None
+        self.explain = explain or (lambda text: text)  # inputs' aliases → the paths given
 
     def __call__(self, phase: str, message: str, done: int | None = None,
                  total: int | None = None) -> None:
         from tqdm import tqdm
 
         if total is None:
-            print(f"arenaseg: {message}", file=sys.stderr, flush=True)
+            print(f"arenaseg: {shown(self.explain(message))}", file=sys.stderr, flush=True)
             return
         if phase == "downloading":  # the download draws its own bar
             return
@@ -130,7 +146,7 @@ def cmd_adapt(args) -> None:
 
     job = _job(args)
     settings = job.settings
-    result = adapt(**job.arguments(), progress=_progress_bar(settings.steps), status=PhaseLines())
+    result = adapt(**job.arguments(), progress=_progress_bar(settings.steps), status=PhaseLines(args.explain))
     print(f"learned from {len(result.painted_slices)} painted slices across voxel axis "
           f"{'ijk'[result.slice_axis]}: {', '.join(map(str, result.painted_slices))}")
     print(f"result: {_objects(result.objects, result.volume_ml)} connected to the paint; removed "
@@ -146,7 +162,8 @@ def cmd_adapt(args) -> None:
     rank = f"effective rank {result.effective_rank} of {result.initial_rank}; " if result.ranks else ""
     print(f"{result.method}: {rank}parameters {result.active_parameters:,} active of "
           f"{result.trainable_parameters:,} trained; {result.seconds:.1f} s on {result.device}")
-    print(f"wrote {result.segmentation}" + (f" and {result.adapter}" if result.adapter else ""))
+    print(f"wrote {shown(result.segmentation)}"
+          + (f" and {shown(result.adapter)}" if result.adapter else ""))
     if args.suggest:
         print(f"paint slice {result.next_slice} (voxel axis {'ijk'[result.slice_axis]}) next: the "
               "result is least sure there" if result.next_slice is not None else
@@ -156,9 +173,9 @@ def cmd_adapt(args) -> None:
 def cmd_segment(args) -> None:
     from .pipeline import segment
 
-    result = segment(**_job(args).arguments(), status=PhaseLines())
+    result = segment(**_job(args).arguments(), status=PhaseLines(args.explain))
     if result["objects"] == 0:
-        print(f"no confident object: the structure seems absent from {args.image}; the "
+        print(f"no confident object: the structure seems absent from {shown(args.explain(args.image))}; the "
               f"segmentation is empty (removed {_objects(result['removed_objects'], result['removed_ml'])} "
               f"{NOT_KEPT})")
     else:
@@ -166,7 +183,7 @@ def cmd_segment(args) -> None:
         print(f"result: {_objects(result['objects'], result['volume_ml'])}"
               + (f" (the structure had {painted} where it was adapted)" if painted not in (None, result["objects"]) else "")
               + f"; removed {_objects(result['removed_objects'], result['removed_ml'])} {NOT_KEPT}")
-    print(f"wrote {result['segmentation']} ({result['structure'] or 'label ' + str(result['label'])}, "
+    print(f"wrote {shown(result['segmentation'])} ({result['structure'] or 'label ' + str(result['label'])}, "
           f"effective rank {sum(result['ranks'].values())}, {result['seconds']:.1f} s)")
 
 
@@ -181,6 +198,8 @@ def cmd_demo(args) -> None:
     from .io.labels import read_labels_on
     from .pipeline import adapt
 
+    _check_range("--slices", args.slices, 1, 1000)
+    settings = _settings(args)  # every number checked before any work
     data = Path(args.data) if args.data else sample_data()
     image, labels = data / "ct.nii.gz", data / "labels.nii.gz"
     ct = read_image(image)
@@ -190,21 +209,21 @@ def cmd_demo(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     annotations = write_image(image_like(painted, ct), out_dir / "painted_slices.nii.gz")
     print(f"painted {args.slices} axial slices of label {args.label} ({args.structure}) "
-          f"from {labels}")
-    settings = _settings(args)
+          f"from {shown(args.explain(str(labels)))}")
     result = adapt(str(image), str(annotations), args.label, str(out_dir / "segmentation.nii.gz"),
                    str(out_dir / "adapter.safetensors"), settings=settings,
                    structure=args.structure, device=args.device,
-                   progress=_progress_bar(settings.steps), status=PhaseLines())
+                   progress=_progress_bar(settings.steps), status=PhaseLines(args.explain))
     print_ranks(result.ranks, settings.rank)
-    seg = array_ijk(sitk.ReadImage(result.segmentation)) > 0
+    with ReadablePaths() as paths:  # SimpleITK takes UTF-8 paths only
+        seg = array_ijk(sitk.ReadImage(paths(result.segmentation, "--out-dir"))) > 0
     unpainted = ~find_annotation(painted, args.label, axis=2).known
     score = dice(seg, reference == args.label, unpainted)
     print(f"effective rank {result.effective_rank} of {result.initial_rank}; adapter parameters "
           f"{result.active_parameters:,} active of {result.trainable_parameters:,} trained; "
           f"{result.seconds:.1f} s on {result.device}")
     print(f"Dice on the {int(np.any(unpainted, axis=(0, 1)).sum())} unpainted slices: {score:.3f}")
-    print(f"wrote {out_dir}/segmentation.nii.gz, adapter.safetensors, painted_slices.nii.gz")
+    print(f"wrote {shown(out_dir)}/segmentation.nii.gz, adapter.safetensors, painted_slices.nii.gz")
 
 
 def _add_adapt_options(p) -> None:
@@ -325,18 +344,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options that name files or folders the command reads (its outputs go through
+#: :class:`~arenaseg.io.outputs.Outputs`): each is read through an ASCII alias when it is not
+#: UTF-8 (:class:`~arenaseg.io.outputs.ReadablePaths`).
+INPUT_OPTIONS = {"image": "--image", "annotations": "--annotations", "warm_start": "--warm-start",
+                 "weights": "--weights", "backbone": "--backbone", "adapter": "--adapter",
+                 "init": "--init", "data": "--data", "scan": "--scan"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the run stops, its temporary files are removed."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second cannot cut the clean-up
+    raise Terminated()
+
+
+def _readable_inputs(args, paths: ReadablePaths) -> None:
+    for name, option in INPUT_OPTIONS.items():
+        value = getattr(args, name, None)
+        if name == "scan" and value:
+            setattr(args, name, [[paths(p, option) for p in pair] for pair in value])
+        elif isinstance(value, str):
+            setattr(args, name, paths(value, option))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     args.command_line = "arenaseg " + shlex.join(argv)
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # main() called outside the main thread: signals stay as they are
+        previous = None
+    paths = ReadablePaths()
+    args.explain = paths.explain
+    published = len(PUBLISHED)
+    try:
+        _readable_inputs(args, paths)
         args.func(args)
     except ArenaError as err:
-        print(f"arenaseg: error: {err}", file=sys.stderr)
+        print(f"arenaseg: error: {shown(paths.explain(str(err)))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\narenaseg: interrupted; no output was written", file=sys.stderr)  # after a bar
-        return 130
+    except KeyboardInterrupt as err:
+        if previous is not None:  # stays so: a late SIGTERM must not turn this exit into a kill
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = None
+        cause = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        written = PUBLISHED[published:]
+        outcome = (f"after writing {', '.join(shown(p) for p in written)}" if written
+                   else "no output was written")
+        print(f"\narenaseg: {cause}; {outcome}", file=sys.stderr)  # after a bar
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        paths.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -113,6 +113,92 @@ _ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "crops_per_step", "slab
           "max_points", "seed", "targets", "train_decoder", "checkpointing", "interpolate_mm")
 
 
+#: Allowed range of every numeric setting (inclusive; ``lr`` and the lower bounds marked by
+#: :data:`_ABOVE` exclusive), checked before any work by :class:`AdaptSettings`, so that the
+#: command line and the worker refuse the same values with the same rule:
+#:
+#: - ``seed``: numpy's random generators take seeds below 2**32;
+#: - ``rank``: at most 1024 components per layer, a static bound checked before the backbone is
+#:   built: far above any useful r0 (8 by default; components beyond a layer's own rank,
+#:   ``min(in, out)``, add nothing) and still small in memory, while r0 = 10**8 asks for 10.8 GB;
+#: - ``steps``, ``crops_per_step``, ``slab``, ``max_points``: what one run can do in hours on a
+#:   GPU (steps), and what fits its memory (crops per step, slab thickness, sampled voxels);
+#: - ``lam``, ``rho``, ``interpolate_mm``: finite and not negative, within a bound far beyond any
+#:   useful value; ``lr``: above 0 and at most 1 (AdamW diverges beyond).
+LIMITS = {"rank": (1, 1024), "lam": (0.0, 1e6), "lr": (0.0, 1.0), "rho": (0.0, 1e6),
+          "steps": (1, 100_000), "crops_per_step": (1, 64), "slab": (16, 1024),
+          "max_points": (1, 10_000_000), "seed": (0, 2**32 - 1), "interpolate_mm": (0.0, 1000.0)}
+_ABOVE = {"lr"}  # lower bound excluded
+#: Settings that are whole numbers (the others in :data:`LIMITS` are numbers).
+_WHOLE = {"rank", "steps", "crops_per_step", "slab", "max_points", "seed"}
+#: The command-line option of each setting (the worker names ``settings.<field>``).
+OPTIONS = {"lam": "--lambda", "crops_per_step": "--crops-per-step", "max_points": "--max-points",
+           "interpolate_mm": "--interpolate-mm", "train_decoder": "--train-decoder"}
+
+
+def option_name(name: str) -> str:
+    """``--rank``, ``--lambda``: how the command line spells setting ``name``."""
+    return OPTIONS.get(name, f"--{name.replace('_', '-')}")
+
+
+def _number(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _bound(value) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def settings_problems(settings) -> list[tuple[str, object, str]]:
+    """Every setting of ``settings`` that cannot work, as (field, value, rule), the rule naming
+    the allowed range (:data:`LIMITS`)."""
+    problems = []
+    if settings.method not in METHODS:
+        problems.append(("method", settings.method, f"one of {', '.join(METHODS)}"))
+    for name, (low, high) in LIMITS.items():
+        value = getattr(settings, name)
+        if value is None and name == "lr":
+            continue
+        whole = name in _WHOLE
+        rule = f"{'>' if name in _ABOVE else '>='} {_bound(low)} and <= {_bound(high)}"
+        if name == "slab":
+            rule = f"a multiple of 16, {rule}"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            problems.append((name, value, f"{'a whole number' if whole else 'a number'} {rule}"))
+        elif not whole and not math.isfinite(value):
+            problems.append((name, value, f"a finite number {rule}"))
+        elif not (low < value if name in _ABOVE else low <= value) or value > high \
+                or (name == "slab" and value % 16):
+            problems.append((name, value, rule + (" (numpy's limit)" if name == "seed" else "")))
+    for name in ("train_decoder", "checkpointing"):
+        if not isinstance(getattr(settings, name), bool):
+            problems.append((name, getattr(settings, name), "true or false"))
+    if settings.targets and settings.method not in ADAPTER_METHODS:
+        problems.append(("targets", None,
+                         f"applies to the adapter methods ({', '.join(ADAPTER_METHODS)}), not to "
+                         f"method {settings.method}: drop it"))
+    return problems
+
+
+class SettingsError(ArenaError):
+    """Settings that cannot work: the message names each option (``--seed``), its value and the
+    allowed range; :meth:`in_job` names them as job fields (``settings.seed``) instead."""
+
+    def __init__(self, problems: list[tuple[str, object, str]]):
+        self.problems = problems
+        super().__init__(self._text(lambda name: option_name(name)))
+
+    def _text(self, naming) -> str:
+        return "; ".join(f"{naming(name)} {rule}" if value is None else
+                         f"{naming(name)} {_number(value)} must be {rule}"
+                         for name, value, rule in self.problems)
+
+    def in_job(self, prefix: str = "settings.") -> ArenaError:
+        """The same problems, named as the job's fields (``job field settings.seed ...``)."""
+        return ArenaError("job field " + self._text(lambda name: prefix + name)
+                          + "; see the job format in arenaseg/worker.py")
+
+
 @dataclass
 class AdaptSettings(LoopSettings, AdapterSettings):
     """Settings of one adaptation: :class:`AdapterSettings` and :class:`LoopSettings` together
@@ -130,23 +216,9 @@ class AdaptSettings(LoopSettings, AdapterSettings):
     """
 
     def __post_init__(self):
-        problems = [f"--method '{self.method}' is not one of {', '.join(METHODS)}"] \
-            if self.method not in METHODS else []
-        problems += [f"--{name} {value} must be {rule}" for name, value, ok, rule in (
-            ("rank", self.rank, self.rank >= 1, ">= 1"), ("steps", self.steps, self.steps >= 1, ">= 1"),
-            ("lambda", self.lam, self.lam >= 0, ">= 0"), ("lr", self.lr, self.lr is None or self.lr > 0, "> 0"),
-            ("rho", self.rho, self.rho >= 0, ">= 0"), ("seed", self.seed, self.seed >= 0, ">= 0"),
-            ("slab", self.slab, self.slab >= 16 and self.slab % 16 == 0, "a multiple of 16"),
-            ("crops_per_step", self.crops_per_step, self.crops_per_step >= 1, ">= 1"))
-            if not ok and not (isinstance(value, float) and not math.isfinite(value))]  # said below
-        problems += [f"--{name} {value} must be a finite number" for name, value in
-                     (("lambda", self.lam), ("lr", self.lr), ("rho", self.rho))
-                     if value is not None and not math.isfinite(value)]
-        if self.targets and self.method not in ADAPTER_METHODS:
-            problems.append(f"--targets applies to the adapter methods ({', '.join(ADAPTER_METHODS)}), "
-                            f"not to --method {self.method}: drop --targets")
+        problems = settings_problems(self)
         if problems:
-            raise ArenaError("; ".join(problems))
+            raise SettingsError(problems)
 
     @property
     def adapter(self) -> AdapterSettings:
@@ -306,12 +378,19 @@ def job_from_dict(job: dict) -> AdaptJob | SegmentJob:
         raise ArenaError(f"job field {(missing or ['label'])[0]!r} is missing: see the job "
                          "format in arenaseg/worker.py")
     _check_types(values, cls)
+    if values.get("slice_axis") not in (None, 0, 1, 2):
+        raise ArenaError(f"job field slice_axis is {json.dumps(values['slice_axis'])}: give 0, 1 "
+                         "or 2 (the voxel axis of the painted slices) or null (detected); see the "
+                         "job format in arenaseg/worker.py")
     if "settings" in values and not isinstance(values["settings"], AdaptSettings):
         if not isinstance(values["settings"] or {}, dict):
             raise ArenaError(f"job field settings is {json.dumps(values['settings'])}: give an "
                              "object of settings; see the job format in arenaseg/worker.py")
         _check_types(values["settings"] or {}, AdaptSettings, "settings.")
-        values["settings"] = AdaptSettings.from_dict(values["settings"] or {})
+        try:
+            values["settings"] = AdaptSettings.from_dict(values["settings"] or {})
+        except SettingsError as err:
+            raise err.in_job() from None
     if "label" in values and not isinstance(values["label"], str):
         values["label"] = int(values["label"])
     return cls(**values)

@@ -32,6 +32,7 @@ import traceback
 
 from .config import AdaptJob, job_from_dict
 from .errors import ArenaError
+from .io.outputs import ReadablePaths
 from .training import Cancelled
 
 
@@ -51,7 +52,14 @@ def phase(name: str, message: str, done: int | None = None, total: int | None = 
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second cannot cut the clean-up
     raise Cancelled()
+
+
+#: Job fields naming files or folders the job reads; each is read through an ASCII alias when it
+#: is not UTF-8 (:class:`~arenaseg.io.outputs.ReadablePaths`); outputs go through
+#: :class:`~arenaseg.io.outputs.Outputs`, which handles such paths itself.
+INPUT_FIELDS = ("image", "annotations", "warm_start", "weights", "backbone", "adapter")
 
 
 def _stop_at_stdin_eof() -> None:
@@ -74,8 +82,16 @@ def run_job(job: dict) -> dict:
     Raises:
         ArenaError: unknown command, or a missing or malformed field.
     """
+    with ReadablePaths() as paths:
+        try:
+            return _run_job(job, paths)
+        except ArenaError as err:
+            raise ArenaError(paths.explain(str(err))) from None
+
+
+def _run_job(job: dict, paths: ReadablePaths) -> dict:
     try:
-        return _run(job)
+        return _run(job, paths)
     except KeyError as err:
         raise ArenaError(f"job field {err} is missing: see the job format in "
                          "arenaseg/worker.py") from None
@@ -84,17 +100,25 @@ def run_job(job: dict) -> dict:
                          "arenaseg/worker.py") from None
 
 
-def _run(fields: dict) -> dict:
+def _run(fields: dict, paths: ReadablePaths) -> dict:
     from .pipeline import adapt, segment
 
     job = job_from_dict(fields)  # arenaseg.config: the fields, their defaults and checks
+    arguments = job.arguments()
+    for name in INPUT_FIELDS:
+        if isinstance(arguments.get(name), str):
+            arguments[name] = paths(arguments[name], f"job field {name}")
+
+    def status(name, message, done=None, total=None):
+        phase(name, paths.explain(message), done, total)
+
     if isinstance(job, AdaptJob):
         def progress(step, loss, ranks):
             emit("progress", step=step, steps=job.settings.steps, loss=round(loss, 5),
                  total_rank=sum(ranks.values()), ranks=ranks)
 
-        return adapt(**job.arguments(), progress=progress, status=phase).to_dict()
-    return segment(**job.arguments(), status=phase)
+        return adapt(**arguments, progress=progress, status=status).to_dict()
+    return segment(**arguments, status=status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,18 @@ leaving a truncated file that still opens as an image. So every output goes thro
 
 Every failure becomes one :class:`~arenaseg.errors.ArenaError` line naming the file, the cause
 (e.g. "no space left on device") and the fix.
+
+Creating, publishing and removing the temporary folders happens with SIGINT and SIGTERM held
+back (delivered right after), so an interruption at any moment leaves either every output of the
+job or none, and never a temporary folder.
+
+Paths that are not UTF-8 (a Latin-1 folder "M\\xfcller" on Linux, which Python holds as a ``str``
+with surrogate escapes): SimpleITK/ITK and safetensors take paths as UTF-8 and abort the whole
+process (SimpleITK) or fail on them, so no such path ever reaches them. An output is written and
+verified through an ASCII alias (a symbolic link to its temporary folder in the system's
+temporary folder) and renamed into place with the operating system's own calls, which take any
+bytes; an input is read through :class:`ReadablePaths`, the same kind of alias. Messages show
+such a path with its bytes escaped (:func:`shown`).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -48,6 +61,140 @@ _SPACE_FIX = {errno.ENOSPC: "free space on that disk",
 # Below this many free bytes after a failed write, the disk is taken as the cause: a short write
 # uses up what was left, so a full disk shows (almost) nothing free.
 _NEARLY_FULL = 1 << 20
+
+
+def utf8_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is valid UTF-8, as SimpleITK, ITK and safetensors need (a path with
+    other bytes is a ``str`` with surrogate escapes in Python, which aborts SimpleITK)."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a message shows it: bytes that are not UTF-8 escaped (``M\\xfcller``)."""
+    text = os.fspath(path)
+    return text if utf8_path(text) else os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _ascii_name(name: str) -> str:
+    """``name`` with every byte that is not printable ASCII replaced by ``_`` (suffix kept)."""
+    return "".join(c if " " < c < "\x7f" and c not in "/\\" else "_"
+                   for c in os.fsencode(name).decode("latin-1")) or "_"
+
+
+def _alias_folder(prefix: str) -> str:
+    """A new private folder for aliases in the system's temporary folder."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    if not utf8_path(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ArenaError(f"the temporary folder '{shown(tempfile.gettempdir())}' is not a UTF-8 "
+                         "path, which the image libraries need: set TMPDIR to a folder whose name "
+                         "has only UTF-8 characters")
+    return folder
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back in this block (POSIX), so a cancel cannot cut a step that
+    must finish (creating a temporary folder and recording it, publishing, removing); a signal
+    that came meanwhile is delivered right after the block."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
+class ReadablePaths:
+    """Input paths that SimpleITK, ITK and safetensors can open: a file path that is not UTF-8
+    is replaced by an ASCII alias in a private temporary folder, a symbolic link to its folder (so
+    the files a header names, e.g. the data file of a ``.nhdr``, resolve beside it) or, when the
+    name itself is not UTF-8, to the file itself; a folder (DICOM) whose path or any of whose
+    file names is not UTF-8 (the libraries list a folder themselves) by a folder of links to its
+    files, with ASCII names. :meth:`explain` puts the paths the user gave back into a message;
+    :meth:`close` removes the aliases (never what they point to).
+    """
+
+    def __init__(self) -> None:
+        self.folder: str | None = None
+        self.aliases: dict[str, str] = {}  # alias → the path as the user gave it
+
+    def __enter__(self) -> "ReadablePaths":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _slot(self) -> str:
+        with signals_held():
+            if self.folder is None:
+                self.folder = _alias_folder("arenaseg-inputs-")
+        slot = os.path.join(self.folder, str(len(self.aliases)))
+        os.mkdir(slot)
+        return slot
+
+    def __call__(self, path, option: str = "input"):
+        """``path`` itself when the libraries can open it (or None), else its alias."""
+        if path is None:
+            return path
+        path = os.fspath(path)
+        full = os.path.abspath(path)
+        parent, name = os.path.split(full)
+        if os.path.isdir(full):
+            try:
+                entries = os.listdir(full)
+            except OSError:
+                return path  # the reader says why it cannot be read
+            if utf8_path(full) and all(map(utf8_path, entries)):
+                return path
+            alias = os.path.join(self._slot(), _ascii_name(name))
+            os.mkdir(alias)
+            self.aliases[alias] = path
+            for entry in sorted(entries):
+                if not os.path.isfile(os.path.join(full, entry)):
+                    continue  # the libraries read the files of a folder, not its subfolders
+                link = os.path.join(alias, entry if utf8_path(entry) else _ascii_name(entry))
+                while os.path.lexists(link):
+                    link = os.path.join(alias, "_" + os.path.basename(link))
+                os.symlink(os.path.join(full, entry), link)
+                if not utf8_path(entry):
+                    self.aliases[link] = os.path.join(path, entry)
+            return alias
+        if utf8_path(full):
+            return path
+        if utf8_path(name):
+            slot = os.path.join(self._slot(), "folder")
+            os.symlink(parent, slot)
+            alias = os.path.join(slot, name)
+        else:
+            alias = os.path.join(self._slot(), _ascii_name(name))
+            os.symlink(full, alias)
+        self.aliases[alias] = path
+        return alias
+
+    def explain(self, text: str) -> str:
+        """``text`` with every alias replaced by the path the user gave (shown escaped)."""
+        for alias, path in sorted(self.aliases.items(), key=lambda a: -len(a[0])):
+            text = text.replace(alias, shown(path))
+        return text
+
+    def close(self) -> None:
+        with signals_held():
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)  # removes links, not their targets
+            self.folder = None
+
+
+#: Every output this process published (:meth:`Outputs.publish`), e.g. for an interruption's
+#: message after the outputs were already in place.
+PUBLISHED: list[Path] = []
 
 
 def _cause_code(err: BaseException | None) -> int | None:
@@ -115,22 +262,23 @@ def check_writable(path: str | os.PathLike, what: str = "output", option: str | 
     """
     path = Path(path)
     if path.is_dir():
-        raise ArenaError(f"{what} '{path}' is a folder: give a file name in it, e.g. "
-                         f"'{path / 'result'}' with the right extension")
+        raise ArenaError(f"{what} '{shown(path)}' is a folder: give a file name in it, e.g. "
+                         f"'{shown(path / 'result')}' with the right extension")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-        try:
-            os.write(fd, b"\0")
-            os.fsync(fd)  # some file systems (NFS, quotas) only refuse when data reaches the disk
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        with signals_held():  # an interruption cannot leave the probe behind
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+            try:
+                os.write(fd, b"\0")
+                os.fsync(fd)  # some file systems (NFS, quotas) only refuse when data reaches the disk
+            finally:
+                os.close(fd)
+                os.unlink(probe)
     except OSError as err:
         cause = os.strerror(err.errno).lower() if err.errno else _one_line(err)
-        raise ArenaError(f"{what} '{path}' cannot be written ({cause} in '{folder}'): "
+        raise ArenaError(f"{what} '{shown(path)}' cannot be written ({cause} in '{shown(folder)}'): "
                          f"{_fix(err.errno, option)}") from None
     return path
 
@@ -183,7 +331,8 @@ class Outputs:
     """
 
     def __init__(self) -> None:
-        self._staged: list[tuple[Path, Path, str, str | None]] = []
+        # (destination, temporary folder, what, option, alias folder or None, staged file name)
+        self._staged: list[tuple[Path, Path, str, str | None, str | None, str]] = []
 
     def __enter__(self) -> "Outputs":
         return self
@@ -199,31 +348,46 @@ class Outputs:
 
         The temporary file has ``path``'s name, in a hidden folder beside it, so the format
         follows the extension and formats with a separate data file (``.nhdr``, ``.mhd``) name
-        it right. Returns the temporary path (the file lies there until :meth:`publish`).
+        it right. A path that is not UTF-8 is handed to ``write`` and ``verify`` through an
+        ASCII alias of that folder (and an ASCII file name with the same extension when the name
+        itself is not UTF-8), see the module doc. Returns the temporary path (the file lies
+        there until :meth:`publish`).
 
         Raises:
             ArenaError: the write or the verification failed (file, cause, fix); nothing of
                 this job will be published.
         """
         path = Path(path)
+        name = path.name if utf8_path(path.name) else _ascii_name(path.name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            with signals_held():  # the folder is recorded as soon as it exists
+                stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+                self._staged.append((path, stage, what, option, None, name))
+            alias = None
+            if not utf8_path(stage):
+                with signals_held():
+                    alias = _alias_folder("arenaseg-outputs-")
+                    self._staged[-1] = (path, stage, what, option, alias, name)
+                os.symlink(stage, os.path.join(alias, "stage"))
         except OSError as err:
             self.discard()
             raise self._error(path, err, None, what, option) from None
-        self._staged.append((path, stage, what, option))
-        target = stage / path.name
+        except ArenaError:
+            self.discard()
+            raise
+        target = stage / name
+        given = Path(alias) / "stage" / name if alias else target  # what the libraries see
         with captured_stderr() as printed:
             try:
-                write(str(target))
+                write(str(given))
                 if not target.is_file():
                     raise WriteMismatch("the writer made no file")
                 _flush_to_disk(stage)
                 if target.stat().st_size == 0:
                     raise WriteMismatch("the file is empty")
                 if verify is not None:
-                    verify(str(target))
+                    verify(str(given))
                 failure = None
             except WRITE_ERRORS as err:
                 failure = err
@@ -231,7 +395,7 @@ class Outputs:
             if printed and printed[0]:
                 sys.stderr.write(printed[0])  # warnings of a write that worked stay visible
             return target
-        error = self._error(path, failure, stage, what, option, "".join(printed), target)
+        error = self._error(path, failure, stage, what, option, "".join(printed), given)
         self.discard()
         raise error from None
 
@@ -244,42 +408,48 @@ class Outputs:
             detail = _one_line(printed) if isinstance(err, WriteMismatch) and printed.strip() else ""
             cause = _one_line(err) + (f"; {detail}" if detail else "")
             if target is not None:  # name the file the user asked for, not our temporary one
-                cause = cause.replace(str(target), str(path))
-        return ArenaError(f"{what} '{path}' could not be written ({cause}), so nothing was "
-                          f"saved: {_fix(code, option)}")
+                cause = cause.replace(str(target), shown(path))
+        return ArenaError(f"{what} '{shown(path)}' could not be written ({shown(cause)}), so "
+                          f"nothing was saved: {_fix(code, option)}")
 
     def temporary(self, path: str | os.PathLike) -> Path:
         """Where the written, verified file for ``path`` lies until :meth:`publish`."""
-        return next(stage / Path(path).name for dest, stage, _, _ in self._staged
+        return next(stage / name for dest, stage, _, _, _, name in self._staged
                     if dest == Path(path))
 
     def publish(self) -> list[Path]:
         """Move every verified file into place (atomic renames; a separate data file before the
-        header that names it) and return the destination paths."""
+        header that names it) and return the destination paths. SIGINT and SIGTERM wait until
+        every file is in place (or none is)."""
         done: list[Path] = []
-        try:
-            for path, stage, what, option in self._staged:
-                files = sorted(stage.iterdir(), key=lambda f: f.name == path.name)
-                try:
-                    for f in files:
-                        os.replace(f, path.parent / f.name)
-                except OSError as err:
-                    # Renames within a folder we just wrote in fail only when something else
-                    # changed it meanwhile; take back what this job published, all or nothing.
-                    for p in done:
-                        p.unlink(missing_ok=True)
-                    raise self._error(path, err, None, what, option) from None
-                done.append(path)
-                shutil.rmtree(stage, ignore_errors=True)
-        finally:
-            self.discard()
+        with signals_held():
+            try:
+                for path, stage, what, option, alias, name in self._staged:
+                    files = sorted(stage.iterdir(), key=lambda f: f.name == name)
+                    try:
+                        for f in files:
+                            os.replace(f, path if f.name == name else path.parent / f.name)
+                    except OSError as err:
+                        # Renames within a folder we just wrote in fail only when something
+                        # else changed it meanwhile; take back what this job published, all or
+                        # nothing.
+                        for p in done:
+                            p.unlink(missing_ok=True)
+                        raise self._error(path, err, None, what, option) from None
+                    done.append(path)
+            finally:
+                self.discard()
+            PUBLISHED.extend(done)
         return done
 
     def discard(self) -> None:
-        """Remove every temporary folder that was not published."""
-        for _, stage, _, _ in self._staged:
-            shutil.rmtree(stage, ignore_errors=True)
-        self._staged = []
+        """Remove every temporary folder (and alias) that was not published."""
+        with signals_held():
+            for _, stage, _, _, alias, _ in self._staged:
+                shutil.rmtree(stage, ignore_errors=True)
+                if alias:
+                    shutil.rmtree(alias, ignore_errors=True)
+            self._staged = []
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
@@ -301,14 +471,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
 
 def write_text(path: str | os.PathLike, text: str, what: str = "output",
                option: str | None = None, outputs: Outputs | None = None) -> Path:
-    """Write ``text`` (UTF-8) and check it reads back the same."""
+    """Write ``text`` (UTF-8; bytes of a path that is not UTF-8, held as surrogate escapes, are
+    written escaped, ``\\xfc``) and check it reads back the same."""
+    data = text.encode("utf-8", "backslashreplace")
+
     def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     def verify(tmp: str) -> None:
-        with open(tmp, encoding="utf-8", newline="") as f:
-            if f.read() != text:
+        with open(tmp, "rb") as f:
+            if f.read() != data:
                 raise WriteMismatch("the text read back differs from what was written")
 
     return atomic_write(path, write, verify, what, option, outputs)
@@ -346,5 +519,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
     return atomic_write(path, write, verify, what, option, outputs)
 
 
-__all__ = ["Outputs", "WriteMismatch", "atomic_write", "check_writable", "captured_stderr",
+__all__ = ["Outputs", "PUBLISHED", "ReadablePaths", "WriteMismatch", "atomic_write",
+           "captured_stderr", "check_writable", "shown", "signals_held", "utf8_path",
            "write_safetensors", "write_text"]
