@@ -96,3 +96,32 @@ def test_a_truly_2d_labelmap_is_still_refused_with_its_size(tmp_path, capsys, ba
     rc, written = adapt(tmp_path, path)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and written == [] and "2D" in err[-1] and "flat.nrrd" in err[-1]
+
+
+def test_an_organ_cut_by_the_field_of_view_is_kept(tmp_path, capsys, small_liver):
+    """Case 4 (FatSegNet#4; the previous round's N14): the liver adapter on a scan whose field of
+    view cuts through the liver kept a gluteal blob and dropped the liver (Dice 0). Which objects
+    are kept must not depend on the organ being whole: the cut liver is kept, above and below the
+    cut (the embedded backbone, whose liver class reads the scan)."""
+    adapter = tmp_path / "liver.safetensors"
+    rc = main(["adapt", "--image", str(CT), "--annotations", str(small_liver[0]), "--label", str(LIVER),
+               "--out", str(tmp_path / "seg.nii.gz"), "--adapter-out", str(adapter), "--structure", "liver",
+               "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    ct = sitk.ReadImage(str(CT))
+    reference = sitk.ReadImage(str(ABDOMEN_SMALL / "labels.nii.gz"))
+    liver_k = np.flatnonzero(array_ijk(reference == LIVER).any(axis=(0, 1)))
+    cut = int(liver_k[len(liver_k) // 2])  # the field of view ends in the middle of the liver
+    for name, (lo, hi) in (("lower", (0, cut)), ("upper", (cut, ct.GetSize()[2]))):
+        if hi - lo < 8:
+            continue
+        cropped = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(ct[:, :, lo:hi], str(cropped))
+        out = tmp_path / f"seg_{name}.nii.gz"
+        rc = main(["segment", "--image", str(cropped), "--adapter", str(adapter), "--out", str(out), "--device", "cpu"])
+        assert rc == 0, capsys.readouterr().err
+        kept = array_ijk(sitk.ReadImage(str(out))) > 0
+        liver = array_ijk(reference[:, :, lo:hi] == LIVER) > 0
+        dice = 2 * (kept & liver).sum() / (kept.sum() + liver.sum())
+        recall = (kept & liver).sum() / liver.sum()
+        assert recall >= 0.8 and dice >= 0.6, (name, recall, dice)  # the cut liver is kept
