@@ -395,7 +395,11 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onApplyButton(self) -> None:
         """Open the ARENA effect in the Segment Editor on the chosen CT, segmentation and segment:
-        the run, its preview, Apply and Ctrl+Z happen there."""
+        the run, its preview, Apply and Ctrl+Z happen there. While a run goes on: Cancel."""
+        if self.logic.isRunning:
+            self.logic.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
         p = self._parameterNode
         if not self.ensureDependencies(p.method, p.backbone):
             return
