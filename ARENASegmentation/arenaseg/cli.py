@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import ArenaError
-from .io.outputs import PUBLISHED, ReadablePaths, shown
+from .io.outputs import PUBLISHED, ReadablePaths, interrupt, shown
 
 TOTALSEG_BASE_ORGANS = ("spleen=1,kidney_right=2,kidney_left=3,gallbladder=4,liver=5,stomach=6,"
                         "pancreas=7,duodenum=19,aorta=52")
@@ -356,9 +356,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: the run stops, its temporary files are removed."""
 
 
+_terminating: list[bool] = []  # SIGTERM came: whatever error surfaces next is its doing
+
+
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second cannot cut the clean-up
-    raise Terminated()
+    _terminating.append(True)
+    interrupt(Terminated())
+
+
+def _on_sigint(signum, frame):
+    interrupt(KeyboardInterrupt())  # as Python's own handler, but never inside signals_held
 
 
 def _readable_inputs(args, paths: ReadablePaths) -> None:
@@ -379,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "arenaseg " + shlex.join(argv)
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous_int = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # main() called outside the main thread: signals stay as they are
-        previous = None
+        previous = previous_int = None
     paths = ReadablePaths()
     args.explain = paths.explain
     published = len(PUBLISHED)
@@ -390,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     except ArenaError as err:
         print(f"arenaseg: error: {shown(paths.explain(str(err)))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
+    except (KeyboardInterrupt, Exception) as err:
+        if not isinstance(err, KeyboardInterrupt):
+            if not _terminating:
+                raise
+            err = Terminated()  # SIGTERM landed in a library's C code, which raised its own error
         if previous is not None:  # stays so: a late SIGTERM must not turn this exit into a kill
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             previous = None
@@ -404,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         paths.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
     return 0
 
 

@@ -166,7 +166,7 @@ def settings_problems(settings) -> list[tuple[str, object, str]]:
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
             problems.append((name, value, f"{'a whole number' if whole else 'a number'} {rule}"))
         elif not whole and not math.isfinite(value):
-            problems.append((name, value, f"a finite number {rule}"))
+            problems.append((name, value, "a finite number"))  # one reason at a time
         elif not (low < value if name in _ABOVE else low <= value) or value > high \
                 or (name == "slab" and value % 16):
             problems.append((name, value, rule + (" (numpy's limit)" if name == "seed" else "")))

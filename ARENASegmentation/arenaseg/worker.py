@@ -32,7 +32,7 @@ import traceback
 
 from .config import AdaptJob, job_from_dict
 from .errors import ArenaError
-from .io.outputs import ReadablePaths
+from .io.outputs import ReadablePaths, interrupt
 from .training import Cancelled
 
 
@@ -53,7 +53,7 @@ def phase(name: str, message: str, done: int | None = None, total: int | None = 
 
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second cannot cut the clean-up
-    raise Cancelled()
+    interrupt(Cancelled())  # never inside a step that must finish (io.outputs.signals_held)
 
 
 #: Job fields naming files or folders the job reads; each is read through an ASCII alias when it

@@ -151,7 +151,7 @@ def check_nifti_transforms(image: sitk.Image, path, what: str = "image", warn: W
     ``image``'s geometry). Every file we write has both set to that geometry.
 
     Raises nothing: a file nibabel cannot parse was already refused by the reader."""
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
+    if not str(path).lower().endswith((".nii", ".nii.gz")) or image.GetDimension() != 3:
         return
     import nibabel as nib
 

@@ -96,20 +96,38 @@ def _alias_folder(prefix: str) -> str:
     return folder
 
 
+_holding = 0  # depth of signals_held blocks (signal handlers run in the main thread only)
+_deferred: list[BaseException] = []
+
+
 @contextlib.contextmanager
 def signals_held():
-    """Hold SIGINT and SIGTERM back in this block (POSIX), so a cancel cannot cut a step that
-    must finish (creating a temporary folder and recording it, publishing, removing); a signal
-    that came meanwhile is delivered right after the block."""
+    """Hold SIGINT and SIGTERM back in this block, so a cancel cannot cut a step that must
+    finish (creating a temporary folder and recording it, publishing, removing); a signal that
+    came meanwhile takes effect right after the block. The signal mask (POSIX) holds it back from
+    this thread; another thread (PyTorch's, BLAS's) may still take it, and Python then runs the
+    handler here at once: handlers call :func:`interrupt`, which waits for the block's end."""
+    global _holding
     mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None:
-        yield
-        return
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if mask else None
+    _holding += 1
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, old)
+        _holding -= 1
+        if mask:
+            mask(signal.SIG_SETMASK, old)
+        if not _holding and _deferred:
+            raise _deferred.pop()
+
+
+def interrupt(exception: BaseException) -> None:
+    """For signal handlers: raise ``exception`` now, or, inside :func:`signals_held`, when the
+    outermost block ends."""
+    if _holding:
+        _deferred[:] = [exception]
+        return
+    raise exception
 
 
 class ReadablePaths:
@@ -296,7 +314,8 @@ def captured_stderr():
         yield text
         return
     try:
-        sink = tempfile.TemporaryFile()
+        with signals_held():  # without O_TMPFILE it is a named file until unlinked: not cut there
+            sink = tempfile.TemporaryFile()
     except OSError:  # no room for it either: let the library print as usual
         os.close(saved)
         yield text
@@ -520,5 +539,5 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
 
 
 __all__ = ["Outputs", "PUBLISHED", "ReadablePaths", "WriteMismatch", "atomic_write",
-           "captured_stderr", "check_writable", "shown", "signals_held", "utf8_path",
+           "captured_stderr", "check_writable", "interrupt", "shown", "signals_held", "utf8_path",
            "write_safetensors", "write_text"]
