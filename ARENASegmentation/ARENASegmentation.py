@@ -948,7 +948,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         if path.suffix != ".safetensors":
             raise RuntimeError(_("Adapter files end with .safetensors, not '{name}'.").format(name=path.name))
         if not adapterPath or not os.path.isfile(adapterPath):
-            raise RuntimeError(_("No adapter to save: run 'Adapt and segment' first."))
+            raise RuntimeError(_("No adapter to save: run ARENA in the Segment Editor first."))
         shutil.copyfile(adapterPath, path)
         return path
 

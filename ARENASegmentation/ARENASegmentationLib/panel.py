@@ -39,7 +39,7 @@ def segmentAfterSelectorChange(stored: str, picked: str, exists) -> str:
 
 
 def applyButtonState(running: bool, installing: bool, ready: bool, problem: str = "") -> tuple:
-    """(text, enabled, tooltip) of the *Adapt and segment* / *Cancel* button."""
+    """(text, enabled, tooltip) of the panel's main button: open the ARENA effect, or *Cancel*."""
     label = "Segment with ARENA in the Segment Editor"
     if running:
         return "Cancel", True, "Stop the background process; the segmentation stays as it is"
