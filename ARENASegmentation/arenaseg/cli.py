@@ -142,11 +142,20 @@ def _job(args):
 
 
 def cmd_adapt(args) -> None:
+    if args.server:
+        from .client import run_remote
+
+        return run_remote(args)
     from .pipeline import adapt
 
     job = _job(args)
     settings = job.settings
     result = adapt(**job.arguments(), progress=_progress_bar(settings.steps), status=PhaseLines(args.explain))
+    report_adapt(args, result, settings)
+
+
+def report_adapt(args, result, settings) -> None:
+    """What an adapt did (``result``: an AdaptResult, or its fields from a server's ``done``)."""
     print(f"learned from {len(result.painted_slices)} painted slices across voxel axis "
           f"{'ijk'[result.slice_axis]}: {', '.join(map(str, result.painted_slices))}")
     print(f"result: {_objects(result.objects, result.volume_ml)} connected to the paint; removed "
@@ -171,9 +180,17 @@ def cmd_adapt(args) -> None:
 
 
 def cmd_segment(args) -> None:
+    if args.server:
+        from .client import run_remote
+
+        return run_remote(args)
     from .pipeline import segment
 
-    result = segment(**_job(args).arguments(), status=PhaseLines(args.explain))
+    report_segment(args, segment(**_job(args).arguments(), status=PhaseLines(args.explain)))
+
+
+def report_segment(args, result: dict) -> None:
+    """What a segment did (``result``: the engine's dict, or a server's ``done`` event)."""
     if result["objects"] == 0:
         print(f"no confident object: the structure seems absent from {shown(args.explain(args.image))}; the "
               f"segmentation is empty (removed {_objects(result['removed_objects'], result['removed_ml'])} "
@@ -250,6 +267,15 @@ def _add_adapt_options(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 
+def _add_server_options(p) -> None:
+    """--server and --token-file: run the job on an 'arenaseg serve' server (arenaseg/client.py)."""
+    p.add_argument("--server", metavar="URL",
+                   help="run on this arenaseg server (e.g. https://gpu.example.org:8443): upload "
+                        "the inputs, follow the job, download the outputs to the same paths")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding your server token (default: environment ARENASEG_TOKEN)")
+
+
 def _add_image_options(p) -> None:
     """--image and --series, as adapt and segment read a scan."""
     p.add_argument("--image", required=True, help="CT: NIfTI, NRRD, MHA file or DICOM folder")
@@ -322,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints are downloaded once into the cache) or a checkpoint file")
     p.add_argument("--weights", help="local checkpoint file of --backbone (no download)")
     _add_adapt_options(p)
+    _add_server_options(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("segment", help="segment a scan with a saved adapter")
@@ -330,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local checkpoint file of the adapter's backbone (no download)")
     p.add_argument("--out", required=True, help="segmentation to write (.nii.gz, .nrrd, .mha)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    _add_server_options(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="paint 3 slices of a sample CT's labels, adapt, report Dice")
@@ -341,7 +369,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="arenaseg-demo", help="where the results go")
     _add_adapt_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve jobs to several users over HTTP (needs the 'server' "
+                                     "extra; README, Server)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs TLS)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--data", required=True, help="server folder: database, uploads, results")
+    p.add_argument("--workers", type=int, default=1, help="jobs run at the same time (default 1)")
+    p.add_argument("--max-upload-mb", type=float, default=1024,
+                   help="largest upload accepted, in MB (default 1024)")
+    p.add_argument("--ssl-certfile", help="TLS certificate (PEM), needed beyond loopback")
+    p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="manage the server's user tokens")
+    tokens = p.add_subparsers(dest="token_command", required=True)
+    t = tokens.add_parser("add", help="create a token for a user (printed once, stored hashed)")
+    t.add_argument("--data", required=True, help="the server folder of 'arenaseg serve --data'")
+    t.add_argument("name", help="user name")
+    t.set_defaults(func=cmd_token_add)
     return parser
+
+
+def cmd_serve(args) -> None:
+    from .server import serve
+
+    serve(args.host, args.port, args.data, workers=args.workers,
+          max_upload_mb=args.max_upload_mb, ssl_certfile=args.ssl_certfile,
+          ssl_keyfile=args.ssl_keyfile)
+
+
+def cmd_token_add(args) -> None:
+    from .jobstore import JobStore
+
+    store = JobStore(args.data)
+    try:
+        token = store.add_token(args.name)
+    finally:
+        store.close()
+    print(f"token for {args.name} (shown only this once; the server keeps its SHA-256): {token}")
 
 
 #: Options that name files or folders the command reads (its outputs go through

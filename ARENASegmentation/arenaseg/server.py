@@ -1,0 +1,481 @@
+"""``arenaseg serve``: a department GPU server running the engine's jobs for several users.
+
+HTTP API (every request carries ``Authorization: Bearer TOKEN``, else 401; a client sends its
+version in ``X-Arenaseg-Version``, and a version other than the server's is answered 409 naming
+both):
+
+- ``POST /v1/uploads`` (raw body: a NIfTI, NRRD, MetaImage or safetensors file) → ``{"sha256",
+  "size", "suffix"}``; stored under ``DATA/blobs`` by content hash, never by a client's name;
+  larger than ``--max-upload-mb``: 413; another type: 415. ``GET /v1/uploads/{sha256}``: 200
+  when the user holds that file, else 404.
+- ``POST /v1/jobs`` (JSON: a worker job, :mod:`arenaseg.worker`, whose input files are upload
+  hashes of the same user, with ``out_suffix`` instead of ``out`` and ``adapter_out`` true or
+  false) → ``{"id", "state"}``; refused with 400 and one line when the job cannot run.
+- ``GET /v1/jobs``, ``GET /v1/jobs/{id}`` (state: queued, running, done, failed, cancelled),
+  ``GET /v1/jobs/{id}/events?after=N`` (server-sent events: the worker's JSON events, ``id:``
+  their number; ends after ``done``, ``error`` or ``cancelled``), ``DELETE /v1/jobs/{id}``
+  (cancels: SIGTERM to the worker), ``GET /v1/jobs/{id}/files/segmentation`` and ``.../adapter``.
+  Another user's job is 404.
+
+Each job runs as ``python -m arenaseg.worker job.json`` (``--workers`` at a time), from a queue
+in ``DATA/server.sqlite`` (:mod:`arenaseg.jobstore`). A worker that dies without a last event
+(killed, out of memory) ends its job with an ``error`` event; the next job runs.
+
+FastAPI and uvicorn are imported here only (the ``server`` extra): the engine runs without them.
+"""
+
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from . import __version__
+from .config import BACKBONES, job_from_dict
+from .errors import ArenaError
+from .jobstore import FINAL_EVENTS, FINISHED, JobStore, sniff_suffix
+
+VERSION_HEADER = "X-Arenaseg-Version"
+#: Segmentation formats the server writes (single files: no .nhdr/.mhd with a data file).
+OUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: Job fields naming input files: upload hashes on the wire.
+HASH_FIELDS = ("image", "annotations", "warm_start", "adapter")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_JOB_ID = re.compile(r"[0-9a-f]{24}")
+
+
+def check_bind(host: str, certfile: str | None, keyfile: str | None) -> None:
+    """Refuse to serve beyond this machine without TLS (tokens would travel in clear).
+
+    Raises:
+        ArenaError: ``host`` is not a loopback address and TLS is not configured, or only one
+            of the certificate and the key is given.
+    """
+    if bool(certfile) != bool(keyfile):
+        raise ArenaError("give both --ssl-certfile and --ssl-keyfile, or neither")
+    for path, option in ((certfile, "--ssl-certfile"), (keyfile, "--ssl-keyfile")):
+        if path and not Path(path).is_file():
+            raise ArenaError(f"{option} '{path}' is not a file")
+    if certfile:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ArenaError(f"--host {host} is not a loopback address and no TLS is configured: "
+                         "tokens and scans would cross the network in clear; give "
+                         "--ssl-certfile and --ssl-keyfile, or serve on 127.0.0.1 (e.g. behind an "
+                         "SSH tunnel)")
+
+
+def worker_job(store: JobStore, user_id: int, job_id: str, request: dict) -> tuple[dict, dict]:
+    """The worker's job for a client's ``request``, and the mapping of server paths to the
+    tokens its events show instead (``upload:SHA``, ``output:segmentation``).
+
+    Raises:
+        ArenaError: a field the server does not take, an upload the user does not hold, or
+            whatever :func:`arenaseg.config.job_from_dict` refuses.
+    """
+    if not isinstance(request, dict):
+        raise ArenaError("the job must be a JSON object")
+    fields = dict(request)
+    suffix = fields.pop("out_suffix", ".nii.gz")
+    if suffix not in OUT_SUFFIXES:
+        raise ArenaError(f"job field out_suffix {json.dumps(suffix)} must be one of "
+                         f"{', '.join(OUT_SUFFIXES)}")
+    adapter_out = fields.pop("adapter_out", False)
+    if not isinstance(adapter_out, bool):
+        raise ArenaError("job field adapter_out must be true or false on the server")
+    for name in ("out", "stop_on_stdin_eof"):
+        if name in fields:
+            raise ArenaError(f"job field {name} is set by the server: drop it")
+    if fields.get("weights") is not None:
+        raise ArenaError("job field weights (a checkpoint file) is not taken by the server: it "
+                         "uses the backbones installed there")
+    if fields.get("backbone") is not None and fields["backbone"] not in BACKBONES:
+        raise ArenaError(f"job field backbone {json.dumps(fields['backbone'])} must be a registry "
+                         f"id on the server: one of {', '.join(BACKBONES)}")
+    shown = {}
+    for name in HASH_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not _SHA256.fullmatch(value):
+            raise ArenaError(f"job field {name} must be the SHA-256 of an upload (64 lowercase "
+                             "hex digits)")
+        path = store.upload(user_id, value)
+        if path is None:
+            raise ArenaError(f"job field {name}: you have no upload {value}; upload the file first")
+        fields[name] = str(path)
+        shown[str(path)] = f"upload:{value}"
+        shown[path.name] = f"upload-name:{value}"
+    folder = store.jobs_dir / job_id
+    fields["out"] = str(folder / f"segmentation{suffix}")
+    shown[fields["out"]] = "output:segmentation"
+    if adapter_out and fields.get("command") == "adapt":
+        fields["adapter_out"] = str(folder / "adapter.safetensors")
+        shown[fields["adapter_out"]] = "output:adapter"
+    fields["stop_on_stdin_eof"] = True  # a worker whose server died stops
+    job = job_from_dict(fields).to_dict()
+    shown[str(store.data)] = "<server>"
+    return job, shown
+
+
+def _replace(value, shown: dict[str, str]):
+    """``value`` (an event) with every server path in its texts replaced (longest first)."""
+    if isinstance(value, str):
+        for path in sorted(shown, key=len, reverse=True):
+            value = value.replace(path, shown[path])
+        return value
+    if isinstance(value, dict):
+        return {k: _replace(v, shown) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace(v, shown) for v in value]
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Runner:
+    """``workers`` threads, each running one queued job at a time as a worker process."""
+
+    def __init__(self, store: JobStore, workers: int = 1):
+        self.store = store
+        self.workers = workers
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.cancelled: set[str] = set()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for n in range(self.workers):
+            thread = threading.Thread(target=self._loop, name=f"arenaseg-worker-{n}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop taking jobs and stop the running workers; their jobs stay ``running`` in the
+        database and become ``failed`` at the next start (:meth:`JobStore.recover`)."""
+        self.stopping.set()
+        self.wake.set()
+        for proc in list(self.processes.values()):
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+    def cancel(self, job_id: str) -> None:
+        proc = self.processes.get(job_id)
+        self.cancelled.add(job_id)
+        if proc is not None:
+            try:
+                proc.send_signal(signal.SIGTERM)  # the worker stops within about a step
+            except OSError:
+                pass
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception as err:  # a server bug must not stop the queue
+                if not self.stopping.is_set():
+                    message = f"the server could not run this job ({type(err).__name__}: {err})"
+                    self.store.finish(job["id"], "failed", {"event": "error", "message": message},
+                                      message)
+
+    def _run(self, job: dict) -> None:
+        job_id = job["id"]
+        folder = self.store.jobs_dir / job_id
+        folder.mkdir(exist_ok=True)
+        path = folder / "job.json"
+        path.write_text(json.dumps(job["worker_job"]))
+        shown = job["request"].get("_shown", {})
+        with open(folder / "worker.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "arenaseg.worker", str(path)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                    cwd=folder, start_new_session=True)
+        self.processes[job_id] = proc
+        if job_id in self.cancelled:  # cancelled while it was being claimed
+            proc.send_signal(signal.SIGTERM)
+        last = None
+        try:
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # not an event (a library's print): the log has stderr
+                if not isinstance(event, dict):
+                    continue
+                event = _replace(event, shown)
+                if event.get("event") in FINAL_EVENTS:
+                    last = event  # added with the job's end, below
+                else:
+                    self.store.add_event(job_id, event)
+            code = proc.wait()
+        finally:
+            proc.stdout.close()
+            if proc.stdin:
+                proc.stdin.close()
+            self.processes.pop(job_id, None)
+        if self.stopping.is_set() and (last is None or last["event"] == "cancelled"):
+            return  # stopped with the server: failed at the next start
+        kind = last["event"] if last else None
+        if kind == "done" and code == 0:
+            result = self._results(job, folder)
+            last.pop("traceback", None)
+            last["files"] = result
+            self.store.finish(job_id, "done", last, None, result)
+        elif kind == "cancelled" or (kind is None and job_id in self.cancelled):
+            self.store.finish(job_id, "cancelled", {"event": "cancelled"}, "cancelled")
+        elif kind == "error":
+            last.pop("traceback", None)  # stays in the server's log
+            self.store.finish(job_id, "failed", last, last.get("message"))
+        else:
+            cause = (f"killed by signal {signal.Signals(-code).name}" if code < 0
+                     else f"exit status {code}")
+            message = (f"the worker process ended without a result ({cause}): the server "
+                       "goes on with the next job; submit this one again")
+            self.store.finish(job_id, "failed", {"event": "error", "message": message}, message)
+        self.cancelled.discard(job_id)
+
+    def _results(self, job: dict, folder: Path) -> dict:
+        worker = job["worker_job"]
+        segmentation = Path(worker["out"])
+        result = {"segmentation": {"sha256": _sha256(segmentation),
+                                   "suffix": job["request"].get("out_suffix", ".nii.gz")}}
+        if worker.get("adapter_out"):
+            # the user's own file from now on: a segment job names it by this hash
+            sha = self.store.add_file(job["user_id"], Path(worker["adapter_out"]))
+            result["adapter"] = {"sha256": sha, "suffix": ".safetensors"}
+        return result
+
+
+def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
+    """The FastAPI application (see the module doc for its routes)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+    @asynccontextmanager
+    async def lifespan(app):
+        runner.start()
+        yield
+        await asyncio.to_thread(runner.stop)
+
+    app = FastAPI(title="arenaseg", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None, lifespan=lifespan)
+
+    def user(request: Request) -> int:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPException(401, "no token: send 'Authorization: Bearer TOKEN' (a server "
+                                "administrator creates one with 'arenaseg token add')",
+                                headers={"WWW-Authenticate": "Bearer"})
+        user_id = store.user_of(token.strip())
+        if user_id is None:
+            raise HTTPException(401, "the token is not known to this server",
+                                headers={"WWW-Authenticate": "Bearer"})
+        client = request.headers.get(VERSION_HEADER)
+        if client is not None and client != __version__:
+            raise HTTPException(409, f"client version {client} and server version {__version__} "
+                                f"differ: install arenaseg {__version__} on the client")
+        return user_id
+
+    def own_job(job_id: str, user_id: int) -> dict:
+        job = store.job(job_id, user_id) if _JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            raise HTTPException(404, f"no job {job_id[:40]} of yours on this server")
+        return job
+
+    def public(job: dict) -> dict:
+        return {"id": job["id"], "command": job["command"], "state": job["state"],
+                "created": job["created"], "started": job["started"],
+                "finished": job["finished"], "message": job["message"], "result": job["result"]}
+
+    @app.get("/v1/version")
+    def version(user_id: int = Depends(user)):
+        return {"version": __version__}
+
+    @app.post("/v1/uploads", status_code=201)
+    async def upload(request: Request, user_id: int = Depends(user)):
+        too_large = HTTPException(413, f"the upload is larger than this server's limit of "
+                                  f"{max_upload_bytes / 2**20:g} MB (--max-upload-mb)")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_upload_bytes:
+            raise too_large
+        temporary = store.incoming / f"{secrets.token_hex(12)}.part"
+        digest, size, head = hashlib.sha256(), 0, b""
+        try:
+            with open(temporary, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_upload_bytes:
+                        raise too_large
+                    digest.update(chunk)
+                    f.write(chunk)
+                    if len(head) < 4096:
+                        head += chunk[:4096 - len(head)]
+            if size == 0:
+                raise HTTPException(400, "the upload is empty")
+            suffix = sniff_suffix(head)
+            if suffix is None:
+                raise HTTPException(415, "the upload is not a NIfTI, NRRD, MetaImage or "
+                                    "safetensors file")
+            sha = digest.hexdigest()
+            store.add_blob(user_id, temporary, sha, suffix)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return {"sha256": sha, "size": size, "suffix": suffix}
+
+    @app.get("/v1/uploads/{sha256}")
+    def uploaded(sha256: str, user_id: int = Depends(user)):
+        path = store.upload(user_id, sha256) if _SHA256.fullmatch(sha256) else None
+        if path is None:
+            raise HTTPException(404, f"no upload {sha256[:64]} of yours on this server")
+        return {"sha256": sha256, "size": path.stat().st_size, "suffix": "".join(path.suffixes)}
+
+    @app.post("/v1/jobs", status_code=201)
+    async def submit(request: Request, user_id: int = Depends(user)):
+        body = await request.body()
+        if len(body) > 1 << 20:
+            raise HTTPException(413, "the job is larger than 1 MB")
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            raise HTTPException(400, "the job is not JSON") from None
+        job_id = secrets.token_hex(12)
+        try:
+            job, shown = worker_job(store, user_id, job_id, fields)
+        except ArenaError as err:
+            raise HTTPException(400, str(err)) from None
+        request_fields = dict(fields, _shown=shown)
+        store.add_job(job_id, user_id, job["command"], request_fields, job)
+        runner.wake.set()
+        return {"id": job_id, "state": "queued"}
+
+    @app.get("/v1/jobs")
+    def jobs(user_id: int = Depends(user)):
+        return [public(job) for job in store.jobs_of(user_id)]
+
+    @app.get("/v1/jobs/{job_id}")
+    def state(job_id: str, user_id: int = Depends(user)):
+        return public(own_job(job_id, user_id))
+
+    @app.delete("/v1/jobs/{job_id}")
+    def cancel(job_id: str, user_id: int = Depends(user)):
+        job = own_job(job_id, user_id)
+        if job["state"] == "queued" and store.cancel_queued(job_id):
+            return public(store.job(job_id))
+        if job["state"] in ("queued", "running"):
+            runner.cancel(job_id)
+        return public(store.job(job_id))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str, request: Request, after: int = 0,
+                     user_id: int = Depends(user)):
+        own_job(job_id, user_id)
+        last_id = request.headers.get("last-event-id", "")
+        start = max(after, int(last_id) if last_id.isdigit() else 0)
+
+        async def stream():
+            seq, idle = start, 0.0
+            while True:
+                rows = store.events(job_id, seq)
+                for seq, event in rows:
+                    yield f"id: {seq}\ndata: {json.dumps(event)}\n\n"
+                    if event.get("event") in FINAL_EVENTS:
+                        return
+                if rows:
+                    idle = 0.0
+                    continue
+                if store.job(job_id)["state"] in FINISHED and not store.events(job_id, seq):
+                    return  # its last event was sent before
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.2)
+                idle += 0.2
+                if idle >= 15:
+                    idle = 0.0
+                    yield ": still running\n\n"  # keeps proxies and clients from timing out
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/jobs/{job_id}/files/{name}")
+    def files(job_id: str, name: str, user_id: int = Depends(user)):
+        job = own_job(job_id, user_id)
+        if name not in ("segmentation", "adapter"):
+            raise HTTPException(404, f"no file {name[:40]}: ask for segmentation or adapter")
+        if job["state"] != "done":
+            raise HTTPException(409, f"job {job_id} is {job['state']}, not done: no files")
+        result = (job["result"] or {}).get(name)
+        if result is None:
+            raise HTTPException(404, f"job {job_id} wrote no {name}")
+        worker = job["worker_job"]
+        path = Path(worker["out"] if name == "segmentation" else worker["adapter_out"])
+        return FileResponse(path, media_type="application/octet-stream",
+                            filename=f"{name}{result['suffix']}",
+                            headers={"X-Content-SHA256": result["sha256"]})
+
+    @app.exception_handler(HTTPException)
+    async def one_line(request, exc):
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    return app
+
+
+def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: float = 1024,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    """Run the server until SIGINT or SIGTERM.
+
+    Raises:
+        ArenaError: a bind that is refused (:func:`check_bind`), bad numbers, or the ``server``
+            extra missing.
+    """
+    check_bind(host, ssl_certfile, ssl_keyfile)
+    if not 1 <= workers <= 64:
+        raise ArenaError(f"--workers {workers} must be >= 1 and <= 64")
+    if not 0 < max_upload_mb <= 1_000_000:
+        raise ArenaError(f"--max-upload-mb {max_upload_mb} must be > 0 and <= 1000000")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise ArenaError(f"arenaseg serve needs the 'server' extra ({err.name} is missing): "
+                         "pip install 'arenaseg[server]'") from None
+    store = JobStore(data)
+    failed = store.recover()
+    runner = Runner(store, workers)
+    app = create_app(store, runner, int(max_upload_mb * 2**20))
+    scheme = "https" if ssl_certfile else "http"
+    print(f"arenaseg: serving {data} on {scheme}://{host}:{port} ({workers} worker"
+          f"{'s' if workers != 1 else ''}, version {__version__})"
+          + (f"; {len(failed)} job(s) left running by the last server marked failed" if failed else ""),
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                log_level=os.environ.get("ARENASEG_SERVER_LOG", "warning"))
