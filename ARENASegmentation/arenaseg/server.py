@@ -470,6 +470,8 @@ def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: floa
                          "pip install 'arenaseg[server]'") from None
     store = JobStore(data)
     failed = store.recover()
+    for partial in store.incoming.glob("*.part"):  # uploads cut by the last server's end
+        partial.unlink(missing_ok=True)
     runner = Runner(store, workers)
     app = create_app(store, runner, int(max_upload_mb * 2**20))
     scheme = "https" if ssl_certfile else "http"
