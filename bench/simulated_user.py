@@ -186,7 +186,7 @@ def report(rows: list[dict], meta: dict, plot: Path) -> str:
     lines = [
         "# Simulated user: ARENA against Fill between slices, one slice at a time", "",
         f"- Command: `{meta['command']}`", f"- Revision: {meta['revision']}",
-        f"- Machine: {meta['machine']}", "",
+        f"- Machine: {meta['machine']}", *([f"- Note: {meta['note']}"] if meta.get("note") else []), "",
         "Protocol (`bench/simulated_user.py`): one axial slice through the middle of the structure, "
         "then after each result the unpainted slice where it is most wrong against the reference "
         f"(\"worst\"), or, for ARENA, the slice it suggests (\"suggested\": where it is least sure); "
