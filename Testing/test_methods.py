@@ -100,7 +100,7 @@ def test_arena_prunes_only_when_asked():
 
 
 def test_unknown_method_is_refused_with_the_choices():
-    with pytest.raises(ArenaError, match="not one of zero-shot, linear-probe"):
+    with pytest.raises(ArenaError, match="dora must be one of zero-shot, linear-probe"):
         AdaptSettings(method="dora")
 
 
