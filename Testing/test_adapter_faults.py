@@ -135,16 +135,18 @@ def _newer(meta):
 def test_adapter_of_another_version_names_both_versions(capsys, adapter, tmp_path, edit, words):
     path = edited(adapter, tmp_path, edit, "newer.safetensors")
     out = tmp_path / "seg.nii.gz"
-    refused(capsys, ["segment", "--image", CT, "--adapter", str(path), "--out", str(out)], out,
-            str(path), *words, "arenaseg 9.4.0", f"arenaseg {arenaseg.__version__}",
-            "segment with arenaseg 9.4.0", "adapt again with this version")
+    message = refused(capsys, ["segment", "--image", CT, "--adapter", str(path), "--out", str(out)], out,
+                      str(path), *words, "arenaseg 9.4.0", f"arenaseg {arenaseg.__version__}",
+                      "segment with arenaseg 9.4.0", "adapt again with this version")
+    assert "restore the original file" not in message  # another version, not an edited file
 
 
 def test_unknown_setting_saved_by_this_version_says_the_file_was_edited(capsys, adapter, tmp_path):
     path = edited(adapter, tmp_path, _settings(lora_dropout=0.1))
     out = tmp_path / "seg.nii.gz"
-    refused(capsys, ["segment", "--image", CT, "--adapter", str(path), "--out", str(out)], out,
-            str(path), "'lora_dropout'", f"arenaseg {arenaseg.__version__}", FIX)
+    message = refused(capsys, ["segment", "--image", CT, "--adapter", str(path), "--out", str(out)], out,
+                      str(path), "'lora_dropout'", f"arenaseg {arenaseg.__version__}", FIX)
+    assert "segment with arenaseg" not in message  # this version wrote it: no other version to use
 
 
 def test_console_script_gives_one_line_and_no_traceback(adapter, tmp_path):

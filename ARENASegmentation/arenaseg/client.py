@@ -11,7 +11,6 @@ The token comes from ``--token-file`` or the environment variable ``ARENASEG_TOK
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ import types
 from pathlib import Path
 
 from . import __version__
+from .download import file_digest
 from .errors import ArenaError
 from .io.outputs import Outputs, WriteMismatch, check_writable, shown
 
@@ -43,14 +43,6 @@ def _token(args) -> str:
         raise ArenaError("--server needs your token: set ARENASEG_TOKEN or give --token-file "
                          "(the server's administrator creates it with 'arenaseg token add')")
     return token
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Client:
@@ -94,7 +86,7 @@ class Client:
             raise ArenaError(f"{option} '{shown(path)}' is a folder: with --server give a single "
                              "file (NIfTI, NRRD, MHA; convert a DICOM series first)")
         try:
-            sha = _sha256(path)
+            sha = file_digest(path)
         except OSError as err:
             raise ArenaError(f"{option} '{shown(path)}' cannot be read "
                              f"({err.strerror or err})") from None
@@ -158,7 +150,7 @@ class Client:
                         f.write(block)
         except self.httpx.HTTPError as err:
             raise OSError(f"download of the {name} failed ({err})") from None
-        if _sha256(target) != sha:
+        if file_digest(target) != sha:
             raise WriteMismatch(f"the downloaded {name} differs from the server's (SHA-256)")
 
 

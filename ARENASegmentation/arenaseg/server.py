@@ -40,6 +40,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import BACKBONES, job_from_dict
+from .download import file_digest
 from .errors import ArenaError
 from .jobstore import FINAL_EVENTS, FINISHED, JobStore, sniff_suffix
 
@@ -141,14 +142,6 @@ def _replace(value, shown: dict[str, str]):
     if isinstance(value, list):
         return [_replace(v, shown) for v in value]
     return value
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Runner:
@@ -264,7 +257,7 @@ class Runner:
     def _results(self, job: dict, folder: Path) -> dict:
         worker = job["worker_job"]
         segmentation = Path(worker["out"])
-        result = {"segmentation": {"sha256": _sha256(segmentation),
+        result = {"segmentation": {"sha256": file_digest(segmentation),
                                    "suffix": job["request"].get("out_suffix", ".nii.gz")}}
         if worker.get("adapter_out"):
             # the user's own file from now on: a segment job names it by this hash
