@@ -160,8 +160,17 @@ def update_model_card(results: dict, report_path: Path) -> None:
     CARD.write_text(text, encoding="utf-8")
 
 
+def merlin_rows() -> dict:
+    """(scan, structure, k) → ARENA's Dice on the default backbone, ``merlin-resnet152``
+    (``bench/MERLIN.jsonl``, written by ``merlin_benchmark.py``; same painted slices)."""
+    path = Path(__file__).parent / "MERLIN.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {(r["scan"], r["structure"], r["k"]): r["arena"]["dice"] for r in rows if r["kind"] == "dice"}
+
+
 def report(results: dict) -> str:
-    lines = ["# Leave one patient out: the small backbone on a patient it never saw", "",
+    merlin = merlin_rows()
+    lines = ["# Leave one patient out: backbones on a patient they never saw", "",
              f"- Command: `{results['command']}`", f"- Revision: {results['revision']}",
              f"- Machine: {results['machine']}",
              f"- Each backbone: `arenaseg pretrain` on one patient, {results['steps']} steps of 2 "
@@ -174,7 +183,13 @@ def report(results: dict) -> str:
              "- Read with care: one patient per backbone and fewer steps than the embedded one, so "
              "a held-out figure mixes 'never saw this patient' with 'trained less, on less'. The "
              "DICOM patient is 20 slices (40 mm) of upper abdomen: a backbone trained on it alone "
-             "never saw the pelvis (bladder, iliopsoas) nor kidneys, gallbladder or duodenum labels.", ""]
+             "never saw the pelvis (bladder, iliopsoas) nor kidneys, gallbladder or duodenum labels.",
+             "- The default backbone, `merlin-resnet152` (Merlin's encoder, pretrained on about "
+             "15,000 Stanford abdominal CT exams), **never saw either shared patient**, and its "
+             "decoder is trained per task from the painted slices only: it needs no held-out "
+             "pretraining. Its column is ARENA with the engine defaults on the same painted "
+             "slices, from `bench/MERLIN.jsonl` (`python bench/merlin_benchmark.py`; details in "
+             "`bench/MERLIN.md`).", ""]
     for held_out, row in results["held_out"].items():
         lines += [f"## Held out: `{held_out}` (backbone pretrained on `{row['trained_on']}` only)", "",
                   "Zero-shot Dice of the pretrained organs (no paint, no adaptation):", "",
@@ -186,14 +201,20 @@ def report(results: dict) -> str:
                          f"{row['zero_shot_augmented'][organ]:.3f} | {row['zero_shot_embedded'][organ]:.3f} |")
         lines += ["", "New structures, from k painted slices (in brackets: ARENA − Fill):", "",
                   "| structure | k | Fill between slices | ARENA, never saw this patient | "
-                  "ARENA, never saw it, augmented pretraining | ARENA, embedded backbone (saw it) |",
-                  "|---|---|---|---|---|---|"]
+                  "ARENA, never saw it, augmented pretraining | ARENA, embedded backbone (saw it) | "
+                  "ARENA, default backbone (Merlin, never saw it) |",
+                  "|---|---|---|---|---|---|---|"]
         columns = ("fill", "arena_held_out", "arena_held_out_augmented", "arena_embedded")
         for e in row["new"]:
+            m = merlin.get((held_out, e["structure"], e["k"]))
             lines.append(f"| {e['structure']} | {e['k']} | {e['fill']:.3f} | " + " | ".join(
-                f"{e[c]:.3f} ({e[c] - e['fill']:+.3f})" for c in columns[1:]) + " |")
+                f"{e[c]:.3f} ({e[c] - e['fill']:+.3f})" for c in columns[1:]) + " | "
+                + ("—" if m is None else f"{m:.3f} ({m - e['fill']:+.3f})") + " |")
         means = {c: np.mean([e[c] for e in row["new"]]) for c in columns}
-        lines.append("| mean | | " + " | ".join(f"{means[c]:.3f}" for c in columns) + " |")
+        found = [merlin[(held_out, e["structure"], e["k"])] for e in row["new"]
+                 if (held_out, e["structure"], e["k"]) in merlin]
+        lines.append("| mean | | " + " | ".join(f"{means[c]:.3f}" for c in columns) + " | "
+                     + (f"{np.mean(found):.3f}" if len(found) == len(row["new"]) else "—") + " |")
         lines.append("")
     new = [e for row in results["held_out"].values() for e in row["new"]]
     plain, augmented = (np.mean([e[c] for e in new]) for c in ("arena_held_out", "arena_held_out_augmented"))
