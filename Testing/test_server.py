@@ -42,8 +42,8 @@ def add_token(data, name) -> str:
 
 
 class Server:
-    def __init__(self, data, max_upload_mb=1):
-        self.data, self.max_upload_mb = data, max_upload_mb
+    def __init__(self, data, max_upload_mb=1, options=()):
+        self.data, self.max_upload_mb, self.options = data, max_upload_mb, list(options)
         self.proc = None
 
     def start(self):
@@ -52,7 +52,7 @@ class Server:
         self.log = open(self.data.parent / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(ARENASEG + ["serve", "--port", str(self.port), "--data",
                                                  str(self.data), "--max-upload-mb",
-                                                 str(self.max_upload_mb)],
+                                                 str(self.max_upload_mb)] + self.options,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         for _ in range(200):
             try:
@@ -261,3 +261,27 @@ def test_no_bind_beyond_loopback_without_tls(tmp_path, host):
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("arenaseg: error: ")
     assert f"--host {host} is not a loopback address" in run.stderr and "--ssl-certfile" in run.stderr
+
+
+def test_rate_limit_per_user(tmp_path):
+    data = tmp_path / "data"
+    carol, dave = add_token(data, "carol"), add_token(data, "dave")
+    server = Server(data, options=["--rate-limit", "3/minute"]).start()  # start() asks as nobody
+    try:
+        with api(server, carol) as client:
+            assert [client.get("/v1/jobs").status_code for _ in range(3)] == [200] * 3
+            refused = client.get("/v1/jobs")
+            assert refused.status_code == 429
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            detail = refused.json()["detail"]
+            assert "carol" in detail and "3 requests per 1 minute" in detail
+            assert "--rate-limit 3/minute" in detail
+        with api(server, dave) as client:  # another user's budget is their own
+            assert client.get("/v1/jobs").status_code == 200
+    finally:
+        server.stop()
+    run = subprocess.run(ARENASEG + ["serve", "--port", str(free_port()), "--data", str(data),
+                                     "--rate-limit", "lots"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "--rate-limit 'lots' must be a number of requests per second, minute or hour" in run.stderr

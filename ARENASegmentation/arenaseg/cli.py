@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="jobs run at the same time (default 1)")
     p.add_argument("--max-upload-mb", type=float, default=1024,
                    help="largest upload accepted, in MB (default 1024)")
+    p.add_argument("--rate-limit", default=None, metavar="RATE",
+                   help="requests each user may send, e.g. 600/minute (the default) or 20/second;"
+                        " beyond it: HTTP 429 with Retry-After")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM), needed beyond loopback")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     p.set_defaults(func=cmd_serve)
@@ -393,11 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args) -> None:
-    from .server import serve
+    from .server import DEFAULT_RATE_LIMIT, serve
 
     serve(args.host, args.port, args.data, workers=args.workers,
           max_upload_mb=args.max_upload_mb, ssl_certfile=args.ssl_certfile,
-          ssl_keyfile=args.ssl_keyfile)
+          ssl_keyfile=args.ssl_keyfile, rate_limit=args.rate_limit or DEFAULT_RATE_LIMIT)
 
 
 def cmd_token_add(args) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from .io.outputs import Outputs, WriteMismatch, check_writable, shown
 
 VERSION_HEADER = "X-Arenaseg-Version"
 OUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: Longest wait (s) for the server's rate limit before a request is tried again; beyond it the
+#: 429 is the command's error.
+MAX_RETRY_AFTER = 30
 _OPTIONS = {"image": "--image", "annotations": "--annotations", "warm_start": "--warm-start",
             "adapter": "--adapter"}
 
@@ -63,11 +67,19 @@ class Client:
         self.http.close()
 
     def request(self, method: str, path: str, ok=(200, 201), **kwargs):
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except self.httpx.HTTPError as err:
-            raise ArenaError(f"server {self.url} cannot be reached ({type(err).__name__}: "
-                             f"{err}): is 'arenaseg serve' running there?") from None
+        """One request; a 429 (the server's rate limit) is retried after its ``Retry-After``
+        when that is at most :data:`MAX_RETRY_AFTER` seconds, twice at most."""
+        for attempt in range(3):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except self.httpx.HTTPError as err:
+                raise ArenaError(f"server {self.url} cannot be reached ({type(err).__name__}: "
+                                 f"{err}): is 'arenaseg serve' running there?") from None
+            wait = response.headers.get("retry-after", "")
+            if (response.status_code != 429 or not wait.isdigit() or int(wait) > MAX_RETRY_AFTER
+                    or attempt == 2 or "content" in kwargs):  # a streamed upload is sent once
+                break
+            time.sleep(int(wait))
         if response.status_code not in ok:
             raise ArenaError(f"server {self.url}: {self._detail(response)}")
         return response
@@ -130,8 +142,6 @@ class Client:
                 if failures > 5:
                     raise ArenaError(f"server {self.url}: lost the job's events ({err}); job "
                                      f"{job_id} may still run there") from None
-                import time
-
                 time.sleep(min(2.0 * failures, 10.0))
                 continue
             state = self.request("GET", f"/v1/jobs/{job_id}").json()["state"]

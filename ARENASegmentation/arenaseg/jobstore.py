@@ -142,6 +142,10 @@ class JobStore:
         rows = self._query("SELECT user_id FROM tokens WHERE hash = ?", token_hash(token))
         return rows[0]["user_id"] if rows else None
 
+    def user_name(self, user_id: int) -> str:
+        rows = self._query("SELECT name FROM users WHERE id = ?", user_id)
+        return rows[0]["name"] if rows else f"#{user_id}"
+
     # files ------------------------------------------------------------------------------------
 
     def blob_path(self, sha256: str, suffix: str) -> Path:

@@ -17,6 +17,10 @@ both):
   (cancels: SIGTERM to the worker), ``GET /v1/jobs/{id}/files/segmentation`` and ``.../adapter``.
   Another user's job is 404.
 
+Each user may send ``--rate-limit`` requests (:data:`DEFAULT_RATE_LIMIT` by default, a moving
+window kept in memory by the ``limits`` library); beyond it the answer is 429 with
+``Retry-After`` (seconds).
+
 Each job runs as ``python -m arenaseg.worker job.json`` (``--workers`` at a time), from a queue
 in ``DATA/server.sqlite`` (:mod:`arenaseg.jobstore`). A worker that dies without a last event
 (killed, out of memory) ends its job with an ``error`` event; the next job runs.
@@ -29,6 +33,7 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
@@ -36,6 +41,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import __version__
@@ -51,6 +57,10 @@ OUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 HASH_FIELDS = ("image", "annotations", "warm_start", "adapter")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _JOB_ID = re.compile(r"[0-9a-f]{24}")
+#: Requests per user and window (``limits`` notation): far above what a client following its
+#: jobs sends (about ten requests a job, one event stream each), low enough to stop a runaway
+#: script from starving the other users.
+DEFAULT_RATE_LIMIT = "600/minute"
 
 
 def check_bind(host: str, certfile: str | None, keyfile: str | None) -> None:
@@ -76,6 +86,36 @@ def check_bind(host: str, certfile: str | None, keyfile: str | None) -> None:
                          "tokens and scans would cross the network in clear; give "
                          "--ssl-certfile and --ssl-keyfile, or serve on 127.0.0.1 (e.g. behind an "
                          "SSH tunnel)")
+
+
+def rate_limiter(text: str):
+    """A per-user limiter for ``text`` (e.g. ``600/minute``, ``10/second``): a function of a
+    user's key returning None while within the limit, else the seconds to wait.
+
+    Raises:
+        ArenaError: ``text`` is not a rate, or the ``limits`` library is missing.
+    """
+    try:
+        from limits import parse, storage, strategies
+    except ImportError:
+        raise ArenaError("arenaseg serve needs the 'limits' library (the 'server' extra): "
+                         "pip install 'arenaseg[server]'") from None
+    try:
+        item = parse(text)
+    except ValueError:
+        item = None
+    if item is None or item.amount < 1:
+        raise ArenaError(f"--rate-limit {text!r} must be a number of requests per second, minute "
+                         "or hour, e.g. 600/minute")
+    limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+
+    def wait(key: str) -> float | None:
+        if limiter.hit(item, key):
+            return None
+        return max(limiter.get_window_stats(item, key).reset_time - time.time(), 0.0)
+
+    wait.rate = f"{item.amount} requests per {item.multiples} {item.GRANULARITY.name}"
+    return wait
 
 
 def worker_job(store: JobStore, user_id: int, job_id: str, request: dict) -> tuple[dict, dict]:
@@ -233,8 +273,10 @@ class Runner:
             if proc.stdin:
                 proc.stdin.close()
             self.processes.pop(job_id, None)
-        if self.stopping.is_set() and (last is None or last["event"] == "cancelled"):
-            return  # stopped with the server: failed at the next start
+        if self.stopping.is_set() and (last is None or last["event"] != "done"):
+            # stopped with the server (the SIGTERM may surface as any error inside a library):
+            # failed at the next start
+            return
         kind = last["event"] if last else None
         if kind == "done" and code == 0:
             result = self._results(job, folder)
@@ -266,7 +308,8 @@ class Runner:
         return result
 
 
-def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
+def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
+               rate_limit: str = DEFAULT_RATE_LIMIT):
     """The FastAPI application (see the module doc for its routes)."""
     from contextlib import asynccontextmanager
 
@@ -279,6 +322,7 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
         yield
         await asyncio.to_thread(runner.stop)
 
+    too_often = rate_limiter(rate_limit)
     app = FastAPI(title="arenaseg", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
 
@@ -292,6 +336,12 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
         if user_id is None:
             raise HTTPException(401, "the token is not known to this server",
                                 headers={"WWW-Authenticate": "Bearer"})
+        wait = too_often(str(user_id))
+        if wait is not None:
+            seconds = math.ceil(wait) or 1
+            raise HTTPException(429, f"user {store.user_name(user_id)} sent more than "
+                                f"{too_often.rate} (the server's --rate-limit {rate_limit}): "
+                                f"wait {seconds} s", headers={"Retry-After": str(seconds)})
         client = request.headers.get(VERSION_HEADER)
         if client is not None and client != __version__:
             raise HTTPException(409, f"client version {client} and server version {__version__} "
@@ -443,7 +493,8 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
 
 
 def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: float = 1024,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+          rate_limit: str = DEFAULT_RATE_LIMIT) -> None:
     """Run the server until SIGINT or SIGTERM.
 
     Raises:
@@ -461,12 +512,13 @@ def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: floa
     except ImportError as err:
         raise ArenaError(f"arenaseg serve needs the 'server' extra ({err.name} is missing): "
                          "pip install 'arenaseg[server]'") from None
+    rate_limiter(rate_limit)  # refused before anything starts
     store = JobStore(data)
     failed = store.recover()
     for partial in store.incoming.glob("*.part"):  # uploads cut by the last server's end
         partial.unlink(missing_ok=True)
     runner = Runner(store, workers)
-    app = create_app(store, runner, int(max_upload_mb * 2**20))
+    app = create_app(store, runner, int(max_upload_mb * 2**20), rate_limit)
     scheme = "https" if ssl_certfile else "http"
     print(f"arenaseg: serving {data} on {scheme}://{host}:{port} ({workers} worker"
           f"{'s' if workers != 1 else ''}, version {__version__})"
