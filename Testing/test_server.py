@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 
 from arenaseg import __version__  # noqa: E402
 from arenaseg.cli import main  # noqa: E402
+from arenaseg.download import file_digest  # noqa: E402
 from conftest import ABDOMEN_SMALL, LIVER  # noqa: E402
 
 CT = ABDOMEN_SMALL / "ct.nii.gz"
@@ -193,6 +194,46 @@ def test_tokens_isolation_size_and_version(setup, remote_adapt):
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]
     assert "not known to this server" in run.stderr and "HTTP 401" in run.stderr
     assert not (setup["root"] / "never.nii.gz").exists()
+
+
+def audit(data, *options) -> list[list[str]]:
+    out = subprocess.run(ARENASEG + ["audit", "--data", str(data), *options],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def test_audit_log(setup, remote_adapt):
+    server, data = setup["server"], setup["data"]
+    ct_sha, paint_sha = (file_digest(p) for p in (CT, setup["painted"]))
+    with api(server, setup["alice"]) as alice:
+        job = alice.get("/v1/jobs").json()[0]  # the remote adapt: alice's first job
+    rows = audit(data, "--job", job["id"], "--user", "alice")
+    assert [row[1:5] for row in rows[:3]] == [  # test_tokens_... fetches the adapter again
+        ["alice", "adapt", job["id"], f"{ct_sha},{paint_sha}"],
+        ["alice", "download", job["id"], job["result"]["segmentation"]["sha256"]],
+        ["alice", "download", job["id"], job["result"]["adapter"]["sha256"]]]
+    assert all(row[0].endswith("Z") and row[5] == "127.0.0.1" for row in rows)
+    uploads = [row for row in audit(data, "--user", "alice") if row[2] == "upload"]
+    assert [row[4] for row in uploads[:2]] == [ct_sha, paint_sha]  # before the job
+    assert uploads[0][0] < rows[0][0]
+    # bob's tries on alice's job (test_tokens_isolation_size_and_version): refused, each a row
+    tries = audit(data, "--job", job["id"], "--user", "bob")
+    assert len(tries) == 5 and all(row[2] == "denied" and "(404)" in row[6] for row in tries)
+
+    before = audit(data)
+    blobs = sorted(p.name for p in (data / "blobs").rglob("*"))
+    stolen = "x" + setup["bob"][1:]
+    with api(server, stolen) as client:
+        assert client.post("/v1/uploads", content=CT.read_bytes()).status_code == 401
+    after = audit(data)
+    assert after[:len(before)] == before
+    [denied] = after[len(before):]
+    assert denied[1:5] == ["-", "denied", "-", "-"] and denied[5] == "127.0.0.1"
+    assert "unknown token (401) POST /v1/uploads" in denied[6]
+    assert sorted(p.name for p in (data / "blobs").rglob("*")) == blobs
+    stored = b"".join(p.read_bytes() for p in data.glob("server.sqlite*"))
+    for token in (stolen, setup["alice"], setup["bob"]):  # never a token, only their hashes
+        assert token.encode() not in stored
 
 
 def test_worker_killed_mid_job_is_an_error_and_the_next_job_runs(setup, remote_adapt):

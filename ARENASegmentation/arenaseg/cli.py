@@ -392,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="the server folder of 'arenaseg serve --data'")
     t.add_argument("name", help="user name")
     t.set_defaults(func=cmd_token_add)
+
+    p = sub.add_parser("audit", help="print the server's audit log: who ran what on which upload")
+    p.add_argument("--data", required=True, help="the server folder of 'arenaseg serve --data'")
+    p.add_argument("--user", help="only this user's rows")
+    p.add_argument("--job", help="only this job's rows")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
@@ -412,6 +418,23 @@ def cmd_token_add(args) -> None:
     finally:
         store.close()
     print(f"token for {args.name} (shown only this once; the server keeps its SHA-256): {token}")
+
+
+def cmd_audit(args) -> None:
+    """One line a row, oldest first: time (UTC), user, action, job, SHA-256s, client, detail
+    (``-`` where there is none; tab-separated for ``cut`` and spreadsheets)."""
+    from .jobstore import DATABASE, JobStore
+
+    if not (Path(args.data) / DATABASE).is_file():
+        raise ArenaError(f"--data '{args.data}' holds no {DATABASE}: give the folder of "
+                         "'arenaseg serve --data'")
+    store = JobStore(args.data)
+    try:
+        rows = store.audit_rows(args.user, args.job)
+    finally:
+        store.close()
+    for row in rows:
+        print("\t".join("-" if value is None else str(value) for value in row.values()))
 
 
 #: Options that name files or folders the command reads (its outputs go through

@@ -326,31 +326,47 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
     app = FastAPI(title="arenaseg", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
 
+    limited: set[int] = set()  # users over the rate limit: one audit row per burst, not each
+
+    def audit(request: Request, action: str, user_id: int | None, **fields) -> None:
+        store.audit(action, None if user_id is None else store.user_name(user_id),
+                    request.client.host if request.client else None, **fields)
+
     def user(request: Request) -> int:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            audit(request, "denied", None, detail=f"no token (401) {request.method} "
+                  f"{request.url.path[:80]}")
             raise HTTPException(401, "no token: send 'Authorization: Bearer TOKEN' (a server "
                                 "administrator creates one with 'arenaseg token add')",
                                 headers={"WWW-Authenticate": "Bearer"})
         user_id = store.user_of(token.strip())
         if user_id is None:
+            audit(request, "denied", None, detail=f"unknown token (401) {request.method} "
+                  f"{request.url.path[:80]}")
             raise HTTPException(401, "the token is not known to this server",
                                 headers={"WWW-Authenticate": "Bearer"})
         wait = too_often(str(user_id))
         if wait is not None:
             seconds = math.ceil(wait) or 1
+            if user_id not in limited:
+                limited.add(user_id)
+                audit(request, "denied", user_id, detail=f"rate limit {rate_limit} (429)")
             raise HTTPException(429, f"user {store.user_name(user_id)} sent more than "
                                 f"{too_often.rate} (the server's --rate-limit {rate_limit}): "
                                 f"wait {seconds} s", headers={"Retry-After": str(seconds)})
+        limited.discard(user_id)
         client = request.headers.get(VERSION_HEADER)
         if client is not None and client != __version__:
             raise HTTPException(409, f"client version {client} and server version {__version__} "
                                 f"differ: install arenaseg {__version__} on the client")
         return user_id
 
-    def own_job(job_id: str, user_id: int) -> dict:
+    def own_job(job_id: str, user_id: int, request: Request) -> dict:
         job = store.job(job_id, user_id) if _JOB_ID.fullmatch(job_id) else None
         if job is None:
+            audit(request, "denied", user_id, job_id=job_id if _JOB_ID.fullmatch(job_id) else None,
+                  detail=f"no such job of this user (404) {request.method} {request.url.path[:80]}")
             raise HTTPException(404, f"no job {job_id[:40]} of yours on this server")
         return job
 
@@ -390,6 +406,7 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
                                     "safetensors file")
             sha = digest.hexdigest()
             store.add_blob(user_id, temporary, sha, suffix)
+            audit(request, "upload", user_id, sha256s=[sha], detail=f"{size} bytes, {suffix}")
         finally:
             temporary.unlink(missing_ok=True)
         return {"sha256": sha, "size": size, "suffix": suffix}
@@ -417,6 +434,8 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
             raise HTTPException(400, str(err)) from None
         request_fields = dict(fields, _shown=shown)
         store.add_job(job_id, user_id, job["command"], request_fields, job)
+        audit(request, job["command"], user_id, job_id=job_id,
+              sha256s=[fields[name] for name in HASH_FIELDS if fields.get(name)])
         runner.wake.set()
         return {"id": job_id, "state": "queued"}
 
@@ -425,12 +444,13 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
         return [public(job) for job in store.jobs_of(user_id)]
 
     @app.get("/v1/jobs/{job_id}")
-    def state(job_id: str, user_id: int = Depends(user)):
-        return public(own_job(job_id, user_id))
+    def state(job_id: str, request: Request, user_id: int = Depends(user)):
+        return public(own_job(job_id, user_id, request))
 
     @app.delete("/v1/jobs/{job_id}")
-    def cancel(job_id: str, user_id: int = Depends(user)):
-        job = own_job(job_id, user_id)
+    def cancel(job_id: str, request: Request, user_id: int = Depends(user)):
+        job = own_job(job_id, user_id, request)
+        audit(request, "cancel", user_id, job_id=job_id, detail=f"was {job['state']}")
         if job["state"] == "queued" and store.cancel_queued(job_id):
             return public(store.job(job_id))
         if job["state"] in ("queued", "running"):
@@ -440,7 +460,7 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str, request: Request, after: int = 0,
                      user_id: int = Depends(user)):
-        own_job(job_id, user_id)
+        own_job(job_id, user_id, request)
         last_id = request.headers.get("last-event-id", "")
         start = max(after, int(last_id) if last_id.isdigit() else 0)
 
@@ -469,8 +489,8 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/jobs/{job_id}/files/{name}")
-    def files(job_id: str, name: str, user_id: int = Depends(user)):
-        job = own_job(job_id, user_id)
+    def files(job_id: str, name: str, request: Request, user_id: int = Depends(user)):
+        job = own_job(job_id, user_id, request)
         if name not in ("segmentation", "adapter"):
             raise HTTPException(404, f"no file {name[:40]}: ask for segmentation or adapter")
         if job["state"] != "done":
@@ -480,6 +500,7 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
             raise HTTPException(404, f"job {job_id} wrote no {name}")
         worker = job["worker_job"]
         path = Path(worker["out"] if name == "segmentation" else worker["adapter_out"])
+        audit(request, "download", user_id, job_id=job_id, sha256s=[result["sha256"]], detail=name)
         return FileResponse(path, media_type="application/octet-stream",
                             filename=f"{name}{result['suffix']}",
                             headers={"X-Content-SHA256": result["sha256"]})
