@@ -43,8 +43,9 @@ def add_token(data, name) -> str:
 
 
 class Server:
-    def __init__(self, data, max_upload_mb=1, options=()):
+    def __init__(self, data, max_upload_mb=1, options=(), env=None):
         self.data, self.max_upload_mb, self.options = data, max_upload_mb, list(options)
+        self.env = env
         self.proc = None
 
     def start(self):
@@ -54,7 +55,8 @@ class Server:
         self.proc = subprocess.Popen(ARENASEG + ["serve", "--port", str(self.port), "--data",
                                                  str(self.data), "--max-upload-mb",
                                                  str(self.max_upload_mb)] + self.options,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=None if self.env is None else dict(os.environ, **self.env))
         for _ in range(200):
             try:
                 httpx.get(self.url + "/v1/version", timeout=1)
@@ -222,7 +224,7 @@ def test_audit_log(setup, remote_adapt):
 
     before = audit(data)
     blobs = sorted(p.name for p in (data / "blobs").rglob("*"))
-    stolen = "x" + setup["bob"][1:]
+    stolen = setup["bob"][:-1] + ("A" if setup["bob"][-1] != "A" else "B")  # one letter off
     with api(server, stolen) as client:
         assert client.post("/v1/uploads", content=CT.read_bytes()).status_code == 401
     after = audit(data)
@@ -265,18 +267,108 @@ def test_worker_killed_mid_job_is_an_error_and_the_next_job_runs(setup, remote_a
         assert f"wrote {out}" in stdout and sitk.GetArrayFromImage(sitk.ReadImage(str(out))).any()
 
 
-def test_restart_keeps_results_and_the_queue(setup, remote_adapt):
+def test_a_client_cut_off_leaves_its_job_running_to_fetch_later(setup, remote_adapt, tmp_path):
     server = setup["server"]
+    argv = adapt_options(setup, tmp_path)  # the remote adapt's job again: the same outputs
+    client = subprocess.Popen(ARENASEG + argv + ["--server", server.url], text=True,
+                              env=dict(os.environ, ARENASEG_TOKEN=setup["alice"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in client.stderr:
+        if " queued on " in line:
+            break
+    job_id = line.split()[2]
+    assert f"run this same command with --job {job_id}" in line
+    with api(server, setup["alice"]) as alice:
+        while alice.get(f"/v1/jobs/{job_id}").json()["state"] == "queued":
+            time.sleep(0.1)
+        client.kill()  # SIGKILL mid-job: no goodbye, the connection just drops
+        client.wait(timeout=30)
+        client.stdout.close(), client.stderr.close()
+        assert [e["event"] for e in events(alice, job_id)][-1] == "done"  # it went on
+    assert list(tmp_path.iterdir()) == []
+
+    run = remote(setup, argv + ["--job", job_id])
+    assert run.returncode == 0, run.stderr
+    assert f"following job {job_id}" in run.stderr and "training 2 steps" in run.stderr
+    assert f"wrote {tmp_path / 'seg.nii.gz'} and {tmp_path / 'liver.safetensors'}" in run.stdout
+    for name in ("seg.nii.gz", "liver.safetensors"):
+        assert (tmp_path / name).read_bytes() == (remote_adapt[0] / name).read_bytes()
+
+    wrong = remote(setup, ["segment", "--image", str(CT), "--adapter", str(tmp_path / "liver.safetensors"),
+                           "--out", str(tmp_path / "other.nii.gz"), "--job", job_id])
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
+    assert f"--job {job_id} ran 'adapt', not 'segment'" in wrong.stderr
+
+
+def test_disk_full_and_out_of_memory_on_the_server(tmp_path, small_liver):
+    """Real OS limits on the job's process: RLIMIT_FSIZE (a write fails as on a full disk) and
+    RLIMIT_AS (an allocation fails as on a host out of memory)."""
+    data = tmp_path / "data"
+    erin = add_token(data, "erin")
+    # 16 crops of slab 64 take 4.7 GB of address space here, 1 crop of slab 32 1.8 GB
+    server = Server(data, options=["--max-job-file-mb", "0.05", "--max-job-memory-gb", "3"],
+                    env={"OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}).start()
+    try:
+        with api(server, erin) as client:
+            job = {"command": "adapt", "image": upload(client, CT),
+                   "annotations": upload(client, small_liver[0]), "label": LIVER, "device": "cpu",
+                   "settings": {"steps": 2}}
+            # the adapter (149 kB) is over the 50 kB file-size limit; the segmentation (6 kB) is not
+            full = client.post("/v1/jobs", json=dict(job, adapter_out=True)).json()["id"]
+            seen = list(events(client, full))
+            assert seen[-1]["event"] == "error"
+            assert seen[-1]["message"] == (
+                "the server could not write this job's adapter (file too large) in its data "
+                "folder, so nothing was saved or sent: its administrator must free space there or "
+                "raise the server's --max-job-file-mb (now 0.05 MB per file); then submit the job "
+                "again")
+            assert client.get(f"/v1/jobs/{full}/files/segmentation").status_code == 409
+            assert sorted(p.name for p in (data / "jobs" / full).iterdir()) == ["job.json", "worker.log"]
+
+            big = dict(job, settings={"steps": 2, "crops_per_step": 16, "slab": 64})
+            oom = client.post("/v1/jobs", json=big).json()["id"]  # the server goes on
+            seen = list(events(client, oom))
+            assert seen[-1]["event"] == "done", seen[-1]
+            [warning] = [e for e in seen if e["event"] == "warning"]
+            assert "out of memory on the server" in warning["message"]
+            assert ("retrying with smaller crops (1 crop per step instead of 16, slab 32 voxels "
+                    "instead of 64") in warning["message"]
+            assert [e["event"] for e in seen].count("started") == 2
+            assert client.get(f"/v1/jobs/{oom}/files/segmentation").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_kill_9_of_the_server_during_a_queue_of_10(setup, remote_adapt, tmp_path):
+    """kill -9 of the server mid-job with 10 jobs of 5 users queued: after the restart finished
+    results are kept, the running job is failed, the 10 run in order per user, each output the
+    same as the same job run here."""
+    server = setup["server"]
+    adapter = remote_adapt[0] / "liver.safetensors"
+    tokens = {"alice": setup["alice"], "bob": setup["bob"]}
+    tokens.update({name: add_token(setup["data"], name) for name in ("carol", "dave", "erin")})
     with api(server, setup["alice"]) as alice:
         done = next(j for j in alice.get("/v1/jobs").json() if j["state"] == "done")
-        image, paint = upload(alice, CT), upload(alice, setup["painted"])
-        job = {"command": "adapt", "image": image, "annotations": paint, "label": LIVER,
-               "device": "cpu", "settings": {"steps": 1000}}
-        running = alice.post("/v1/jobs", json=job).json()["id"]
-        queued = alice.post("/v1/jobs", json=job).json()["id"]
-        for event in events(alice, running, until=("started",)):
+        running = alice.post("/v1/jobs", json={
+            "command": "adapt", "image": upload(alice, CT), "annotations": upload(alice, setup["painted"]),
+            "label": LIVER, "device": "cpu", "settings": {"steps": 1000}}).json()["id"]
+    queue = []  # (user, job id) in the order submitted: two rounds over the five users
+    for _ in range(2):
+        for name, token in tokens.items():
+            with api(server, token) as client:
+                job = {"command": "segment", "image": upload(client, CT),
+                       "adapter": upload(client, adapter), "device": "cpu"}
+                queue.append((name, client.post("/v1/jobs", json=job).json()["id"]))
+    with api(server, setup["alice"]) as alice:
+        last = alice.post("/v1/jobs", json={"command": "adapt", "image": upload(alice, CT),
+                                            "annotations": upload(alice, setup["painted"]),
+                                            "label": LIVER, "device": "cpu",
+                                            "settings": {"steps": 1000}}).json()["id"]
+        for event in events(alice, running, until=("progress",)):
             pass
-    server.stop()
+    server.proc.kill()  # kill -9 mid-job: no clean-up at all
+    server.proc.wait(timeout=30)
+    server.log.close()
     server.start()  # same --data, a new port
     with api(server, setup["alice"]) as alice:
         assert alice.get(f"/v1/jobs/{done['id']}").json()["state"] == "done"
@@ -288,10 +380,27 @@ def test_restart_keeps_results_and_the_queue(setup, remote_adapt):
         failed = alice.get(f"/v1/jobs/{running}").json()
         assert failed["state"] == "failed" and "server stopped" in failed["message"]
         assert [e["event"] for e in events(alice, running)][-1] == "error"
-        assert alice.get(f"/v1/jobs/{queued}").json()["state"] in ("queued", "running")
-        assert alice.delete(f"/v1/jobs/{queued}").status_code == 200
-        assert [e["event"] for e in events(alice, queued)][-1] == "cancelled"
-        assert alice.get(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
+
+    assert main(["segment", "--image", str(CT), "--adapter", str(adapter), "--device", "cpu",
+                 "--out", str(tmp_path / "local.nii.gz")]) == 0  # the same job, here
+    local = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local.nii.gz")))
+    started = {}
+    for name, job_id in queue:
+        with api(server, tokens[name]) as client:
+            assert [e["event"] for e in events(client, job_id)][-1] == "done"
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            started[job_id] = job["started"]
+            out = tmp_path / f"{job_id}.nii.gz"
+            out.write_bytes(client.get(f"/v1/jobs/{job_id}/files/segmentation").content)
+            assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), local)
+    for name in tokens:  # in order per user
+        times = [started[job_id] for user, job_id in queue if user == name]
+        assert times == sorted(times)
+    with api(server, setup["alice"]) as alice:  # the job queued behind them: cancelled
+        assert alice.get(f"/v1/jobs/{last}").json()["state"] in ("queued", "running")
+        assert alice.delete(f"/v1/jobs/{last}").status_code == 200
+        assert [e["event"] for e in events(alice, last)][-1] == "cancelled"
+        assert alice.get(f"/v1/jobs/{last}").json()["state"] == "cancelled"
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.org"])

@@ -141,7 +141,13 @@ def _job(args):
     return job_from_dict({"command": args.command, **given})
 
 
+def _no_job_without_server(args) -> None:
+    if getattr(args, "job", None) and not args.server:
+        raise ArenaError(f"--job {args.job} needs --server URL: the server that runs the job")
+
+
 def cmd_adapt(args) -> None:
+    _no_job_without_server(args)
     if args.server:
         from .client import run_remote
 
@@ -180,6 +186,7 @@ def report_adapt(args, result, settings) -> None:
 
 
 def cmd_segment(args) -> None:
+    _no_job_without_server(args)
     if args.server:
         from .client import run_remote
 
@@ -274,6 +281,10 @@ def _add_server_options(p) -> None:
                         "the inputs, follow the job, download the outputs to the same paths")
     p.add_argument("--token-file", metavar="FILE",
                    help="file holding your server token (default: environment ARENASEG_TOKEN)")
+    p.add_argument("--job", metavar="ID",
+                   help="with --server: follow job ID, queued earlier by this same command, and "
+                        "fetch its outputs to --out (and --adapter-out) instead of submitting it "
+                        "again (after the client was cut off: the job goes on on the server)")
 
 
 def _add_image_options(p) -> None:
@@ -382,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", default=None, metavar="RATE",
                    help="requests each user may send, e.g. 600/minute (the default) or 20/second;"
                         " beyond it: HTTP 429 with Retry-After")
+    p.add_argument("--max-job-file-mb", type=float, metavar="MB",
+                   help="largest file one job may write (default: no limit); beyond it the job "
+                        "fails with one line and publishes nothing")
+    p.add_argument("--max-job-memory-gb", type=float, metavar="GB",
+                   help="address space of one job's process (default: no limit); a job beyond "
+                        "it is retried once with smaller crops")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM), needed beyond loopback")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     p.set_defaults(func=cmd_serve)
@@ -406,7 +423,8 @@ def cmd_serve(args) -> None:
 
     serve(args.host, args.port, args.data, workers=args.workers,
           max_upload_mb=args.max_upload_mb, ssl_certfile=args.ssl_certfile,
-          ssl_keyfile=args.ssl_keyfile, rate_limit=args.rate_limit or DEFAULT_RATE_LIMIT)
+          ssl_keyfile=args.ssl_keyfile, rate_limit=args.rate_limit or DEFAULT_RATE_LIMIT,
+          max_job_file_mb=args.max_job_file_mb, max_job_memory_gb=args.max_job_memory_gb)
 
 
 def cmd_token_add(args) -> None:

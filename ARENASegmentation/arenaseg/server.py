@@ -22,8 +22,10 @@ window kept in memory by the ``limits`` library); beyond it the answer is 429 wi
 ``Retry-After`` (seconds).
 
 Each job runs as ``python -m arenaseg.worker job.json`` (``--workers`` at a time), from a queue
-in ``DATA/server.sqlite`` (:mod:`arenaseg.jobstore`). A worker that dies without a last event
-(killed, out of memory) ends its job with an ``error`` event; the next job runs.
+in ``DATA/server.sqlite`` (:mod:`arenaseg.jobstore`), by :mod:`arenaseg.runner`: a worker that
+dies without a last event (killed) ends its job with an ``error`` event and the next job runs; a
+job out of memory is retried once, smaller; ``--max-job-file-mb`` and ``--max-job-memory-gb``
+bound what one job may write and allocate.
 
 FastAPI and uvicorn are imported here only (the ``server`` extra): the engine runs without them.
 """
@@ -37,18 +39,15 @@ import math
 import os
 import re
 import secrets
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from . import __version__
 from .config import BACKBONES, job_from_dict
-from .download import file_digest
 from .errors import ArenaError
 from .jobstore import FINAL_EVENTS, FINISHED, JobStore, sniff_suffix
+from .runner import Runner
 
 VERSION_HEADER = "X-Arenaseg-Version"
 #: Segmentation formats the server writes (single files: no .nhdr/.mhd with a data file).
@@ -171,143 +170,6 @@ def worker_job(store: JobStore, user_id: int, job_id: str, request: dict) -> tup
     return job, shown
 
 
-def _replace(value, shown: dict[str, str]):
-    """``value`` (an event) with every server path in its texts replaced (longest first)."""
-    if isinstance(value, str):
-        for path in sorted(shown, key=len, reverse=True):
-            value = value.replace(path, shown[path])
-        return value
-    if isinstance(value, dict):
-        return {k: _replace(v, shown) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_replace(v, shown) for v in value]
-    return value
-
-
-class Runner:
-    """``workers`` threads, each running one queued job at a time as a worker process."""
-
-    def __init__(self, store: JobStore, workers: int = 1):
-        self.store = store
-        self.workers = workers
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.cancelled: set[str] = set()
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        for n in range(self.workers):
-            thread = threading.Thread(target=self._loop, name=f"arenaseg-worker-{n}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def stop(self) -> None:
-        """Stop taking jobs and stop the running workers; their jobs stay ``running`` in the
-        database and become ``failed`` at the next start (:meth:`JobStore.recover`)."""
-        self.stopping.set()
-        self.wake.set()
-        for proc in list(self.processes.values()):
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except OSError:
-                pass
-        for thread in self.threads:
-            thread.join(timeout=10)
-
-    def cancel(self, job_id: str) -> None:
-        proc = self.processes.get(job_id)
-        self.cancelled.add(job_id)
-        if proc is not None:
-            try:
-                proc.send_signal(signal.SIGTERM)  # the worker stops within about a step
-            except OSError:
-                pass
-
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            job = self.store.claim_next()
-            if job is None:
-                self.wake.wait(1.0)
-                self.wake.clear()
-                continue
-            try:
-                self._run(job)
-            except Exception as err:  # a server bug must not stop the queue
-                if not self.stopping.is_set():
-                    message = f"the server could not run this job ({type(err).__name__}: {err})"
-                    self.store.finish(job["id"], "failed", {"event": "error", "message": message},
-                                      message)
-
-    def _run(self, job: dict) -> None:
-        job_id = job["id"]
-        folder = self.store.jobs_dir / job_id
-        folder.mkdir(exist_ok=True)
-        path = folder / "job.json"
-        path.write_text(json.dumps(job["worker_job"]))
-        shown = job["request"].get("_shown", {})
-        with open(folder / "worker.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "arenaseg.worker", str(path)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                    cwd=folder, start_new_session=True)
-        self.processes[job_id] = proc
-        if job_id in self.cancelled:  # cancelled while it was being claimed
-            proc.send_signal(signal.SIGTERM)
-        last = None
-        try:
-            for line in proc.stdout:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue  # not an event (a library's print): the log has stderr
-                if not isinstance(event, dict):
-                    continue
-                event = _replace(event, shown)
-                if event.get("event") in FINAL_EVENTS:
-                    last = event  # added with the job's end, below
-                else:
-                    self.store.add_event(job_id, event)
-            code = proc.wait()
-        finally:
-            proc.stdout.close()
-            if proc.stdin:
-                proc.stdin.close()
-            self.processes.pop(job_id, None)
-        if self.stopping.is_set() and (last is None or last["event"] != "done"):
-            # stopped with the server (the SIGTERM may surface as any error inside a library):
-            # failed at the next start
-            return
-        kind = last["event"] if last else None
-        if kind == "done" and code == 0:
-            result = self._results(job, folder)
-            last.pop("traceback", None)
-            last["files"] = result
-            self.store.finish(job_id, "done", last, None, result)
-        elif kind == "cancelled" or (kind is None and job_id in self.cancelled):
-            self.store.finish(job_id, "cancelled", {"event": "cancelled"}, "cancelled")
-        elif kind == "error":
-            last.pop("traceback", None)  # stays in the server's log
-            self.store.finish(job_id, "failed", last, last.get("message"))
-        else:
-            cause = (f"killed by signal {signal.Signals(-code).name}" if code < 0
-                     else f"exit status {code}")
-            message = (f"the worker process ended without a result ({cause}): the server "
-                       "goes on with the next job; submit this one again")
-            self.store.finish(job_id, "failed", {"event": "error", "message": message}, message)
-        self.cancelled.discard(job_id)
-
-    def _results(self, job: dict, folder: Path) -> dict:
-        worker = job["worker_job"]
-        segmentation = Path(worker["out"])
-        result = {"segmentation": {"sha256": file_digest(segmentation),
-                                   "suffix": job["request"].get("out_suffix", ".nii.gz")}}
-        if worker.get("adapter_out"):
-            # the user's own file from now on: a segment job names it by this hash
-            sha = self.store.add_file(job["user_id"], Path(worker["adapter_out"]))
-            result["adapter"] = {"sha256": sha, "suffix": ".safetensors"}
-        return result
-
-
 def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
                rate_limit: str = DEFAULT_RATE_LIMIT):
     """The FastAPI application (see the module doc for its routes)."""
@@ -406,9 +268,13 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
                                     "safetensors file")
             sha = digest.hexdigest()
             store.add_blob(user_id, temporary, sha, suffix)
-            audit(request, "upload", user_id, sha256s=[sha], detail=f"{size} bytes, {suffix}")
+        except OSError as err:  # a full disk: the part file goes, the server goes on
+            raise HTTPException(507, f"the server could not store the upload ({err.strerror or err}"
+                                ") in its data folder: its administrator must free space there; "
+                                "then upload again") from None
         finally:
             temporary.unlink(missing_ok=True)
+        audit(request, "upload", user_id, sha256s=[sha], detail=f"{size} bytes, {suffix}")
         return {"sha256": sha, "size": size, "suffix": suffix}
 
     @app.get("/v1/uploads/{sha256}")
@@ -515,7 +381,8 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
 
 def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: float = 1024,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-          rate_limit: str = DEFAULT_RATE_LIMIT) -> None:
+          rate_limit: str = DEFAULT_RATE_LIMIT, max_job_file_mb: float | None = None,
+          max_job_memory_gb: float | None = None) -> None:
     """Run the server until SIGINT or SIGTERM.
 
     Raises:
@@ -527,6 +394,11 @@ def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: floa
         raise ArenaError(f"--workers {workers} must be >= 1 and <= 64")
     if not 0 < max_upload_mb <= 1_000_000:
         raise ArenaError(f"--max-upload-mb {max_upload_mb} must be > 0 and <= 1000000")
+    if max_job_file_mb is not None and not 0 < max_job_file_mb <= 10_000_000:
+        raise ArenaError(f"--max-job-file-mb {max_job_file_mb:g} must be > 0 and <= 10000000")
+    if max_job_memory_gb is not None and not 1 <= max_job_memory_gb <= 100_000:
+        raise ArenaError(f"--max-job-memory-gb {max_job_memory_gb:g} must be >= 1 and <= 100000 "
+                         "(the worker's own libraries take about 1 GB of address space)")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -538,7 +410,7 @@ def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: floa
     failed = store.recover()
     for partial in store.incoming.glob("*.part"):  # uploads cut by the last server's end
         partial.unlink(missing_ok=True)
-    runner = Runner(store, workers)
+    runner = Runner(store, workers, max_job_file_mb, max_job_memory_gb)
     app = create_app(store, runner, int(max_upload_mb * 2**20), rate_limit)
     scheme = "https" if ssl_certfile else "http"
     print(f"arenaseg: serving {data} on {scheme}://{host}:{port} ({workers} worker"
