@@ -403,6 +403,55 @@ def test_kill_9_of_the_server_during_a_queue_of_10(setup, remote_adapt, tmp_path
         assert alice.get(f"/v1/jobs/{last}").json()["state"] == "cancelled"
 
 
+def test_ray_backend_same_results_events_and_cancel(setup, remote_adapt, tmp_path):
+    """One real job through a local Ray instance (started by the server, its ports guarded by
+    Ray's token) gives the local backend's outputs; a running job cancels."""
+    pytest.importorskip("ray")
+    data = tmp_path / "data"
+    frank = add_token(data, "frank")
+    server = Server(data, options=["--backend", "ray"]).start()
+    try:
+        run = subprocess.run(ARENASEG + adapt_options(setup, tmp_path) + ["--server", server.url],
+                             env=dict(os.environ, ARENASEG_TOKEN=frank), capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr + (data.parent / f"server-{server.port}.log").read_text()
+        assert "reading " + str(CT) in run.stderr and "training 2 steps" in run.stderr
+        assert (tmp_path / "seg.nii.gz").read_bytes() == (remote_adapt[0] / "seg.nii.gz").read_bytes()
+        from safetensors.numpy import load_file
+
+        # the same tensors (the metadata names the CT as the worker read it: here a path on the node)
+        ray_adapter, local_adapter = (load_file(str(d / "liver.safetensors"))
+                                      for d in (tmp_path, remote_adapt[0]))
+        assert ray_adapter.keys() == local_adapter.keys()
+        assert all(np.array_equal(ray_adapter[k], local_adapter[k]) for k in local_adapter)
+        with api(server, frank) as client:
+            [job] = client.get("/v1/jobs").json()
+            assert job["state"] == "done"
+            log = (data / "jobs" / job["id"] / "worker.log")  # the node's log came back
+            assert log.is_file()
+            long = client.post("/v1/jobs", json={
+                "command": "adapt", "image": upload(client, CT),
+                "annotations": upload(client, setup["painted"]), "label": LIVER,
+                "device": "cpu", "settings": {"steps": 1000}}).json()["id"]
+            for event in events(client, long, until=("progress",)):
+                pass
+            assert client.delete(f"/v1/jobs/{long}").status_code == 200
+            assert [e["event"] for e in events(client, long)][-1] == "cancelled"
+            assert client.get(f"/v1/jobs/{long}").json()["state"] == "cancelled"
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path):
+    # the import of ray fails as it does where ray is not installed (None in sys.modules)
+    code = ("import sys; sys.modules['ray'] = None; from arenaseg.cli import main; "
+            f"sys.exit(main(['serve', '--data', {str(tmp_path / 'data')!r}, '--backend', 'ray']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "--backend ray needs Ray on the server: pip install 'arenaseg[ray]'" in run.stderr
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.org"])
 def test_no_bind_beyond_loopback_without_tls(tmp_path, host):
     run = subprocess.run(ARENASEG + ["serve", "--host", host, "--port", str(free_port()),

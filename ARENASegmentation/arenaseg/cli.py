@@ -393,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", default=None, metavar="RATE",
                    help="requests each user may send, e.g. 600/minute (the default) or 20/second;"
                         " beyond it: HTTP 429 with Retry-After")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="where jobs run: local (worker processes here, the default) or ray (Ray "
+                        "tasks, one GPU each when the cluster has GPUs; needs the 'ray' extra)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --backend ray: the Ray cluster to use (e.g. auto or "
+                        "ray://head:10001; default: start a local Ray instance)")
     p.add_argument("--max-job-file-mb", type=float, metavar="MB",
                    help="largest file one job may write (default: no limit); beyond it the job "
                         "fails with one line and publishes nothing")
@@ -424,7 +430,8 @@ def cmd_serve(args) -> None:
     serve(args.host, args.port, args.data, workers=args.workers,
           max_upload_mb=args.max_upload_mb, ssl_certfile=args.ssl_certfile,
           ssl_keyfile=args.ssl_keyfile, rate_limit=args.rate_limit or DEFAULT_RATE_LIMIT,
-          max_job_file_mb=args.max_job_file_mb, max_job_memory_gb=args.max_job_memory_gb)
+          max_job_file_mb=args.max_job_file_mb, max_job_memory_gb=args.max_job_memory_gb,
+          backend=args.backend, ray_address=args.ray_address)
 
 
 def cmd_token_add(args) -> None:

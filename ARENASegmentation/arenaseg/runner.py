@@ -100,17 +100,18 @@ def server_write_error(message: str, file_limit_mb: float | None) -> str | None:
 
 
 def spawn_worker(job_path: Path, folder: Path, log, file_limit_mb: float | None = None,
-                 memory_limit_gb: float | None = None) -> subprocess.Popen:
+                 memory_limit_gb: float | None = None, env: dict | None = None) -> subprocess.Popen:
     """Start ``python -m arenaseg.worker job_path`` in ``folder`` (its own session: a Ctrl-C
     in the server's terminal is the server's), stdout piped, stderr to ``log``, with the
     server's per-job limits: ``file_limit_mb`` (RLIMIT_FSIZE, MB per file written; Python
     ignores SIGXFSZ, so a write beyond it fails with EFBIG instead of killing the worker) and
     ``memory_limit_gb`` (RLIMIT_AS, GB of address space: an allocation beyond it fails, and
-    the job is retried smaller instead of the host swapping or its OOM killer striking)."""
-    env = None
+    the job is retried smaller instead of the host swapping or its OOM killer striking).
+    ``env``: the worker's environment (default: this process's)."""
     if memory_limit_gb:  # glibc reserves address space per thread arena: few, so that the
         # limit bounds memory, not the number of cores
-        env = dict(os.environ, MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"))
+        env = dict(env or os.environ)
+        env.setdefault("MALLOC_ARENA_MAX", "2")
     proc = subprocess.Popen([sys.executable, "-m", "arenaseg.worker", str(job_path)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                             cwd=folder, start_new_session=True, env=env)

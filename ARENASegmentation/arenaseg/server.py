@@ -25,7 +25,8 @@ Each job runs as ``python -m arenaseg.worker job.json`` (``--workers`` at a time
 in ``DATA/server.sqlite`` (:mod:`arenaseg.jobstore`), by :mod:`arenaseg.runner`: a worker that
 dies without a last event (killed) ends its job with an ``error`` event and the next job runs; a
 job out of memory is retried once, smaller; ``--max-job-file-mb`` and ``--max-job-memory-gb``
-bound what one job may write and allocate.
+bound what one job may write and allocate. ``--backend ray`` runs the same worker as Ray tasks
+(:mod:`arenaseg.ray_backend`, imported only then).
 
 FastAPI and uvicorn are imported here only (the ``server`` extra): the engine runs without them.
 """
@@ -382,7 +383,8 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
 def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: float = 1024,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
           rate_limit: str = DEFAULT_RATE_LIMIT, max_job_file_mb: float | None = None,
-          max_job_memory_gb: float | None = None) -> None:
+          max_job_memory_gb: float | None = None, backend: str = "local",
+          ray_address: str | None = None) -> None:
     """Run the server until SIGINT or SIGTERM.
 
     Raises:
@@ -406,15 +408,31 @@ def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: floa
         raise ArenaError(f"arenaseg serve needs the 'server' extra ({err.name} is missing): "
                          "pip install 'arenaseg[server]'") from None
     rate_limiter(rate_limit)  # refused before anything starts
+    if backend not in ("local", "ray"):
+        raise ArenaError(f"--backend {backend} must be local or ray")
+    if ray_address and backend != "ray":
+        raise ArenaError("--ray-address needs --backend ray")
+    if backend == "ray":
+        try:
+            from .ray_backend import RayRunner
+        except ImportError as err:
+            if err.name != "ray" and not (err.name or "").startswith("ray."):
+                raise
+            raise ArenaError("--backend ray needs Ray on the server: pip install 'arenaseg[ray]'"
+                             " (or pip install ray==2.60.0)") from None
     store = JobStore(data)
     failed = store.recover()
     for partial in store.incoming.glob("*.part"):  # uploads cut by the last server's end
         partial.unlink(missing_ok=True)
-    runner = Runner(store, workers, max_job_file_mb, max_job_memory_gb)
+    if backend == "ray":
+        runner = RayRunner(store, workers, max_job_file_mb, max_job_memory_gb, ray_address)
+    else:
+        runner = Runner(store, workers, max_job_file_mb, max_job_memory_gb)
     app = create_app(store, runner, int(max_upload_mb * 2**20), rate_limit)
     scheme = "https" if ssl_certfile else "http"
+    where = f"Ray at {ray_address or 'a local instance'}" if backend == "ray" else "here"
     print(f"arenaseg: serving {data} on {scheme}://{host}:{port} ({workers} worker"
-          f"{'s' if workers != 1 else ''}, version {__version__})"
+          f"{'s' if workers != 1 else ''} {where}, version {__version__})"
           + (f"; {len(failed)} job(s) left running by the last server marked failed" if failed else ""),
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
