@@ -191,8 +191,11 @@ class JobStore:
         with open(source, "rb") as f:
             suffix = sniff_suffix(f.read(4096)) or "".join(source.suffixes[-2:])
         temporary = self.incoming / f"{secrets.token_hex(8)}.part"
-        shutil.copyfile(source, temporary)
-        self.add_blob(user_id, temporary, sha, suffix)
+        try:
+            shutil.copyfile(source, temporary)
+            self.add_blob(user_id, temporary, sha, suffix)
+        finally:
+            temporary.unlink(missing_ok=True)  # moved into the blobs, or a partial copy
         return sha
 
     def upload(self, user_id: int, sha256: str) -> Path | None:

@@ -257,7 +257,15 @@ class Runner:
             return
         kind = last["event"] if last else None
         if kind == "done" and code == 0:
-            result = self._results(job, worker)
+            try:
+                result = self._results(job, worker)
+            except OSError as err:  # the adapter's copy into the blobs: a disk that filled up
+                message = (f"the server could not store this job's adapter ({err.strerror or err})"
+                           " in its data folder, so nothing was sent: its administrator must free "
+                           "space there; then submit the job again")
+                self.store.finish(job_id, "failed", {"event": "error", "message": message}, message)
+                self.cancelled.discard(job_id)
+                return
             last.pop("traceback", None)
             last["files"] = result
             self.store.finish(job_id, "done", last, None, result)
