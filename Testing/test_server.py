@@ -305,9 +305,17 @@ def test_disk_full_and_out_of_memory_on_the_server(tmp_path, small_liver):
     RLIMIT_AS (an allocation fails as on a host out of memory)."""
     data = tmp_path / "data"
     erin = add_token(data, "erin")
-    # 16 crops of slab 64 take 4.7 GB of address space here, 1 crop of slab 32 1.8 GB
-    server = Server(data, options=["--max-job-file-mb", "0.05", "--max-job-memory-gb", "3"],
-                    env={"OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}).start()
+    # The worker's libraries take 1.1 GB of address space here (more with a CUDA build of torch),
+    # an adapt with 16 crops of slab 64 3.6 GB more, the retry with 1 crop of slab 32 0.75 GB
+    # more: the limit lies between, above what this machine's libraries take.
+    threads = {"OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}
+    probe = subprocess.run([sys.executable, "-c", "import torch, monai, arenaseg.pipeline; print("
+                            "[l for l in open('/proc/self/status') if l.startswith('VmPeak')][0]"
+                            ".split()[1])"], env=dict(os.environ, **threads),
+                           capture_output=True, text=True, check=True)
+    limit = round(int(probe.stdout) / 2**20 + 1.9, 1)
+    server = Server(data, options=["--max-job-file-mb", "0.05", "--max-job-memory-gb", str(limit)],
+                    env=threads).start()
     try:
         with api(server, erin) as client:
             job = {"command": "adapt", "image": upload(client, CT),
