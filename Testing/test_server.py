@@ -294,6 +294,21 @@ def test_a_client_cut_off_leaves_its_job_running_to_fetch_later(setup, remote_ad
     for name in ("seg.nii.gz", "liver.safetensors"):
         assert (tmp_path / name).read_bytes() == (remote_adapt[0] / name).read_bytes()
 
+    # Ctrl-C is not a cut: it cancels the job on the server, as it stops a local run
+    client = subprocess.Popen(ARENASEG + argv + ["--server", server.url, "--steps", "1000"],
+                              env=dict(os.environ, ARENASEG_TOKEN=setup["alice"]), text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for line in client.stderr:
+        if " queued on " in line:
+            break
+    client.send_signal(signal.SIGINT)
+    rest = client.stderr.read()
+    assert client.wait(timeout=60) == 130
+    cancelled = line.split()[2]
+    assert f"job {cancelled} cancelled on {server.url}" in rest
+    with api(server, setup["alice"]) as alice:
+        assert [e["event"] for e in events(alice, cancelled)][-1] == "cancelled"
+
     wrong = remote(setup, ["segment", "--image", str(CT), "--adapter", str(tmp_path / "liver.safetensors"),
                            "--out", str(tmp_path / "other.nii.gz"), "--job", job_id])
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1

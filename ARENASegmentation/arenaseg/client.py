@@ -227,11 +227,14 @@ def run_remote(args) -> None:
                   flush=True)
         try:
             done = _follow(client, job_id, names, args)
-        except BaseException:  # Ctrl-C, SIGTERM, a lost connection: the job stops there too
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.Terminated): the job stops there too;
+            # a lost connection is no reason to stop it: it is fetched later with --job
             try:
                 client.http.delete(f"/v1/jobs/{job_id}", timeout=5)
+                print(f"\narenaseg: job {job_id} cancelled on {client.url}", file=sys.stderr)
             except Exception:
-                pass
+                print(f"\narenaseg: job {job_id} could not be cancelled on {client.url}: it may "
+                      f"still run there ({fetch_later(job_id)})", file=sys.stderr)
             raise
         files = done["files"]
         with Outputs() as outputs:
