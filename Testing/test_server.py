@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 
 from arenaseg import __version__  # noqa: E402
 from arenaseg.cli import main  # noqa: E402
+from arenaseg.download import file_digest  # noqa: E402
 from conftest import ABDOMEN_SMALL, LIVER  # noqa: E402
 
 CT = ABDOMEN_SMALL / "ct.nii.gz"
@@ -42,8 +43,9 @@ def add_token(data, name) -> str:
 
 
 class Server:
-    def __init__(self, data, max_upload_mb=1):
-        self.data, self.max_upload_mb = data, max_upload_mb
+    def __init__(self, data, max_upload_mb=1, options=(), env=None):
+        self.data, self.max_upload_mb, self.options = data, max_upload_mb, list(options)
+        self.env = env
         self.proc = None
 
     def start(self):
@@ -52,8 +54,9 @@ class Server:
         self.log = open(self.data.parent / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(ARENASEG + ["serve", "--port", str(self.port), "--data",
                                                  str(self.data), "--max-upload-mb",
-                                                 str(self.max_upload_mb)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                                 str(self.max_upload_mb)] + self.options,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=None if self.env is None else dict(os.environ, **self.env))
         for _ in range(200):
             try:
                 httpx.get(self.url + "/v1/version", timeout=1)
@@ -195,6 +198,46 @@ def test_tokens_isolation_size_and_version(setup, remote_adapt):
     assert not (setup["root"] / "never.nii.gz").exists()
 
 
+def audit(data, *options) -> list[list[str]]:
+    out = subprocess.run(ARENASEG + ["audit", "--data", str(data), *options],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines()]
+
+
+def test_audit_log(setup, remote_adapt):
+    server, data = setup["server"], setup["data"]
+    ct_sha, paint_sha = (file_digest(p) for p in (CT, setup["painted"]))
+    with api(server, setup["alice"]) as alice:
+        job = alice.get("/v1/jobs").json()[0]  # the remote adapt: alice's first job
+    rows = audit(data, "--job", job["id"], "--user", "alice")
+    assert [row[1:5] for row in rows[:3]] == [  # test_tokens_... fetches the adapter again
+        ["alice", "adapt", job["id"], f"{ct_sha},{paint_sha}"],
+        ["alice", "download", job["id"], job["result"]["segmentation"]["sha256"]],
+        ["alice", "download", job["id"], job["result"]["adapter"]["sha256"]]]
+    assert all(row[0].endswith("Z") and row[5] == "127.0.0.1" for row in rows)
+    uploads = [row for row in audit(data, "--user", "alice") if row[2] == "upload"]
+    assert [row[4] for row in uploads[:2]] == [ct_sha, paint_sha]  # before the job
+    assert uploads[0][0] < rows[0][0]
+    # bob's tries on alice's job (test_tokens_isolation_size_and_version): refused, each a row
+    tries = audit(data, "--job", job["id"], "--user", "bob")
+    assert len(tries) == 5 and all(row[2] == "denied" and "(404)" in row[6] for row in tries)
+
+    before = audit(data)
+    blobs = sorted(p.name for p in (data / "blobs").rglob("*"))
+    stolen = setup["bob"][:-1] + ("A" if setup["bob"][-1] != "A" else "B")  # one letter off
+    with api(server, stolen) as client:
+        assert client.post("/v1/uploads", content=CT.read_bytes()).status_code == 401
+    after = audit(data)
+    assert after[:len(before)] == before
+    [denied] = after[len(before):]
+    assert denied[1:5] == ["-", "denied", "-", "-"] and denied[5] == "127.0.0.1"
+    assert "unknown token (401) POST /v1/uploads" in denied[6]
+    assert sorted(p.name for p in (data / "blobs").rglob("*")) == blobs
+    stored = b"".join(p.read_bytes() for p in data.glob("server.sqlite*"))
+    for token in (stolen, setup["alice"], setup["bob"]):  # never a token, only their hashes
+        assert token.encode() not in stored
+
+
 def test_worker_killed_mid_job_is_an_error_and_the_next_job_runs(setup, remote_adapt):
     server = setup["server"]
     with api(server, setup["alice"]) as alice:
@@ -224,18 +267,131 @@ def test_worker_killed_mid_job_is_an_error_and_the_next_job_runs(setup, remote_a
         assert f"wrote {out}" in stdout and sitk.GetArrayFromImage(sitk.ReadImage(str(out))).any()
 
 
-def test_restart_keeps_results_and_the_queue(setup, remote_adapt):
+def test_a_client_cut_off_leaves_its_job_running_to_fetch_later(setup, remote_adapt, tmp_path):
     server = setup["server"]
+    argv = adapt_options(setup, tmp_path)  # the remote adapt's job again: the same outputs
+    client = subprocess.Popen(ARENASEG + argv + ["--server", server.url], text=True,
+                              env=dict(os.environ, ARENASEG_TOKEN=setup["alice"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in client.stderr:
+        if " queued on " in line:
+            break
+    job_id = line.split()[2]
+    assert f"run this same command with --job {job_id}" in line
+    with api(server, setup["alice"]) as alice:
+        while alice.get(f"/v1/jobs/{job_id}").json()["state"] == "queued":
+            time.sleep(0.1)
+        client.kill()  # SIGKILL mid-job: no goodbye, the connection just drops
+        client.wait(timeout=30)
+        client.stdout.close(), client.stderr.close()
+        assert [e["event"] for e in events(alice, job_id)][-1] == "done"  # it went on
+    assert list(tmp_path.iterdir()) == []
+
+    run = remote(setup, argv + ["--job", job_id])
+    assert run.returncode == 0, run.stderr
+    assert f"following job {job_id}" in run.stderr and "training 2 steps" in run.stderr
+    assert f"wrote {tmp_path / 'seg.nii.gz'} and {tmp_path / 'liver.safetensors'}" in run.stdout
+    for name in ("seg.nii.gz", "liver.safetensors"):
+        assert (tmp_path / name).read_bytes() == (remote_adapt[0] / name).read_bytes()
+
+    # Ctrl-C is not a cut: it cancels the job on the server, as it stops a local run
+    client = subprocess.Popen(ARENASEG + argv + ["--server", server.url, "--steps", "1000"],
+                              env=dict(os.environ, ARENASEG_TOKEN=setup["alice"]), text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for line in client.stderr:
+        if " queued on " in line:
+            break
+    client.send_signal(signal.SIGINT)
+    rest = client.stderr.read()
+    assert client.wait(timeout=60) == 130
+    cancelled = line.split()[2]
+    assert f"job {cancelled} cancelled on {server.url}" in rest
+    with api(server, setup["alice"]) as alice:
+        assert [e["event"] for e in events(alice, cancelled)][-1] == "cancelled"
+
+    wrong = remote(setup, ["segment", "--image", str(CT), "--adapter", str(tmp_path / "liver.safetensors"),
+                           "--out", str(tmp_path / "other.nii.gz"), "--job", job_id])
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
+    assert f"--job {job_id} ran 'adapt', not 'segment'" in wrong.stderr
+
+
+def test_disk_full_and_out_of_memory_on_the_server(tmp_path, small_liver):
+    """Real OS limits on the job's process: RLIMIT_FSIZE (a write fails as on a full disk) and
+    RLIMIT_AS (an allocation fails as on a host out of memory)."""
+    data = tmp_path / "data"
+    erin = add_token(data, "erin")
+    # The worker's libraries take 1.1 GB of address space here (more with a CUDA build of torch),
+    # an adapt with 16 crops of slab 64 3.6 GB more, the retry with 1 crop of slab 32 0.75 GB
+    # more: the limit lies between, above what this machine's libraries take.
+    threads = {"OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "2"}
+    probe = subprocess.run([sys.executable, "-c", "import torch, monai, arenaseg.pipeline; print("
+                            "[l for l in open('/proc/self/status') if l.startswith('VmPeak')][0]"
+                            ".split()[1])"], env=dict(os.environ, **threads),
+                           capture_output=True, text=True, check=True)
+    limit = round(int(probe.stdout) / 2**20 + 1.9, 1)
+    server = Server(data, options=["--max-job-file-mb", "0.05", "--max-job-memory-gb", str(limit)],
+                    env=threads).start()
+    try:
+        with api(server, erin) as client:
+            job = {"command": "adapt", "image": upload(client, CT),
+                   "annotations": upload(client, small_liver[0]), "label": LIVER, "device": "cpu",
+                   "settings": {"steps": 2}}
+            # the adapter (149 kB) is over the 50 kB file-size limit; the segmentation (6 kB) is not
+            full = client.post("/v1/jobs", json=dict(job, adapter_out=True)).json()["id"]
+            seen = list(events(client, full))
+            assert seen[-1]["event"] == "error"
+            assert seen[-1]["message"] == (
+                "the server could not write this job's adapter (file too large) in its data "
+                "folder, so nothing was saved or sent: its administrator must free space there or "
+                "raise the server's --max-job-file-mb (now 0.05 MB per file); then submit the job "
+                "again")
+            assert client.get(f"/v1/jobs/{full}/files/segmentation").status_code == 409
+            assert sorted(p.name for p in (data / "jobs" / full).iterdir()) == ["job.json", "worker.log"]
+
+            big = dict(job, settings={"steps": 2, "crops_per_step": 16, "slab": 64})
+            oom = client.post("/v1/jobs", json=big).json()["id"]  # the server goes on
+            seen = list(events(client, oom))
+            assert seen[-1]["event"] == "done", seen[-1]
+            [warning] = [e for e in seen if e["event"] == "warning"]
+            assert "out of memory on the server" in warning["message"]
+            assert ("retrying with smaller crops (1 crop per step instead of 16, slab 32 voxels "
+                    "instead of 64") in warning["message"]
+            assert [e["event"] for e in seen].count("started") == 2
+            assert client.get(f"/v1/jobs/{oom}/files/segmentation").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_kill_9_of_the_server_during_a_queue_of_10(setup, remote_adapt, tmp_path):
+    """kill -9 of the server mid-job with 10 jobs of 5 users queued: after the restart finished
+    results are kept, the running job is failed, the 10 run in order per user, each output the
+    same as the same job run here."""
+    server = setup["server"]
+    adapter = remote_adapt[0] / "liver.safetensors"
+    tokens = {"alice": setup["alice"], "bob": setup["bob"]}
+    tokens.update({name: add_token(setup["data"], name) for name in ("carol", "dave", "erin")})
     with api(server, setup["alice"]) as alice:
         done = next(j for j in alice.get("/v1/jobs").json() if j["state"] == "done")
-        image, paint = upload(alice, CT), upload(alice, setup["painted"])
-        job = {"command": "adapt", "image": image, "annotations": paint, "label": LIVER,
-               "device": "cpu", "settings": {"steps": 1000}}
-        running = alice.post("/v1/jobs", json=job).json()["id"]
-        queued = alice.post("/v1/jobs", json=job).json()["id"]
-        for event in events(alice, running, until=("started",)):
+        running = alice.post("/v1/jobs", json={
+            "command": "adapt", "image": upload(alice, CT), "annotations": upload(alice, setup["painted"]),
+            "label": LIVER, "device": "cpu", "settings": {"steps": 1000}}).json()["id"]
+    queue = []  # (user, job id) in the order submitted: two rounds over the five users
+    for _ in range(2):
+        for name, token in tokens.items():
+            with api(server, token) as client:
+                job = {"command": "segment", "image": upload(client, CT),
+                       "adapter": upload(client, adapter), "device": "cpu"}
+                queue.append((name, client.post("/v1/jobs", json=job).json()["id"]))
+    with api(server, setup["alice"]) as alice:
+        last = alice.post("/v1/jobs", json={"command": "adapt", "image": upload(alice, CT),
+                                            "annotations": upload(alice, setup["painted"]),
+                                            "label": LIVER, "device": "cpu",
+                                            "settings": {"steps": 1000}}).json()["id"]
+        for event in events(alice, running, until=("progress",)):
             pass
-    server.stop()
+    server.proc.kill()  # kill -9 mid-job: no clean-up at all
+    server.proc.wait(timeout=30)
+    server.log.close()
     server.start()  # same --data, a new port
     with api(server, setup["alice"]) as alice:
         assert alice.get(f"/v1/jobs/{done['id']}").json()["state"] == "done"
@@ -247,10 +403,76 @@ def test_restart_keeps_results_and_the_queue(setup, remote_adapt):
         failed = alice.get(f"/v1/jobs/{running}").json()
         assert failed["state"] == "failed" and "server stopped" in failed["message"]
         assert [e["event"] for e in events(alice, running)][-1] == "error"
-        assert alice.get(f"/v1/jobs/{queued}").json()["state"] in ("queued", "running")
-        assert alice.delete(f"/v1/jobs/{queued}").status_code == 200
-        assert [e["event"] for e in events(alice, queued)][-1] == "cancelled"
-        assert alice.get(f"/v1/jobs/{queued}").json()["state"] == "cancelled"
+
+    assert main(["segment", "--image", str(CT), "--adapter", str(adapter), "--device", "cpu",
+                 "--out", str(tmp_path / "local.nii.gz")]) == 0  # the same job, here
+    local = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local.nii.gz")))
+    started = {}
+    for name, job_id in queue:
+        with api(server, tokens[name]) as client:
+            assert [e["event"] for e in events(client, job_id)][-1] == "done"
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            started[job_id] = job["started"]
+            out = tmp_path / f"{job_id}.nii.gz"
+            out.write_bytes(client.get(f"/v1/jobs/{job_id}/files/segmentation").content)
+            assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), local)
+    for name in tokens:  # in order per user
+        times = [started[job_id] for user, job_id in queue if user == name]
+        assert times == sorted(times)
+    with api(server, setup["alice"]) as alice:  # the job queued behind them: cancelled
+        assert alice.get(f"/v1/jobs/{last}").json()["state"] in ("queued", "running")
+        assert alice.delete(f"/v1/jobs/{last}").status_code == 200
+        assert [e["event"] for e in events(alice, last)][-1] == "cancelled"
+        assert alice.get(f"/v1/jobs/{last}").json()["state"] == "cancelled"
+
+
+def test_ray_backend_same_results_events_and_cancel(setup, remote_adapt, tmp_path):
+    """One real job through a local Ray instance (started by the server, its ports guarded by
+    Ray's token) gives the local backend's outputs; a running job cancels."""
+    pytest.importorskip("ray")
+    data = tmp_path / "data"
+    frank = add_token(data, "frank")
+    server = Server(data, options=["--backend", "ray"]).start()
+    try:
+        run = subprocess.run(ARENASEG + adapt_options(setup, tmp_path) + ["--server", server.url],
+                             env=dict(os.environ, ARENASEG_TOKEN=frank), capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr + (data.parent / f"server-{server.port}.log").read_text()
+        assert "reading " + str(CT) in run.stderr and "training 2 steps" in run.stderr
+        assert (tmp_path / "seg.nii.gz").read_bytes() == (remote_adapt[0] / "seg.nii.gz").read_bytes()
+        from safetensors.numpy import load_file
+
+        # the same tensors (the metadata names the CT as the worker read it: here a path on the node)
+        ray_adapter, local_adapter = (load_file(str(d / "liver.safetensors"))
+                                      for d in (tmp_path, remote_adapt[0]))
+        assert ray_adapter.keys() == local_adapter.keys()
+        assert all(np.array_equal(ray_adapter[k], local_adapter[k]) for k in local_adapter)
+        with api(server, frank) as client:
+            [job] = client.get("/v1/jobs").json()
+            assert job["state"] == "done"
+            log = (data / "jobs" / job["id"] / "worker.log")  # the node's log came back
+            assert log.is_file()
+            long = client.post("/v1/jobs", json={
+                "command": "adapt", "image": upload(client, CT),
+                "annotations": upload(client, setup["painted"]), "label": LIVER,
+                "device": "cpu", "settings": {"steps": 1000}}).json()["id"]
+            for event in events(client, long, until=("progress",)):
+                pass
+            assert client.delete(f"/v1/jobs/{long}").status_code == 200
+            assert [e["event"] for e in events(client, long)][-1] == "cancelled"
+            assert client.get(f"/v1/jobs/{long}").json()["state"] == "cancelled"
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path):
+    # the import of ray fails as it does where ray is not installed (None in sys.modules)
+    code = ("import sys; sys.modules['ray'] = None; from arenaseg.cli import main; "
+            f"sys.exit(main(['serve', '--data', {str(tmp_path / 'data')!r}, '--backend', 'ray']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "--backend ray needs Ray on the server: pip install 'arenaseg[ray]'" in run.stderr
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.org"])
@@ -261,3 +483,27 @@ def test_no_bind_beyond_loopback_without_tls(tmp_path, host):
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("arenaseg: error: ")
     assert f"--host {host} is not a loopback address" in run.stderr and "--ssl-certfile" in run.stderr
+
+
+def test_rate_limit_per_user(tmp_path):
+    data = tmp_path / "data"
+    carol, dave = add_token(data, "carol"), add_token(data, "dave")
+    server = Server(data, options=["--rate-limit", "3/minute"]).start()  # start() asks as nobody
+    try:
+        with api(server, carol) as client:
+            assert [client.get("/v1/jobs").status_code for _ in range(3)] == [200] * 3
+            refused = client.get("/v1/jobs")
+            assert refused.status_code == 429
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            detail = refused.json()["detail"]
+            assert "carol" in detail and "3 requests per 1 minute" in detail
+            assert "--rate-limit 3/minute" in detail
+        with api(server, dave) as client:  # another user's budget is their own
+            assert client.get("/v1/jobs").status_code == 200
+    finally:
+        server.stop()
+    run = subprocess.run(ARENASEG + ["serve", "--port", str(free_port()), "--data", str(data),
+                                     "--rate-limit", "lots"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "--rate-limit 'lots' must be a number of requests per second, minute or hour" in run.stderr

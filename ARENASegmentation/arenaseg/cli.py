@@ -141,7 +141,13 @@ def _job(args):
     return job_from_dict({"command": args.command, **given})
 
 
+def _no_job_without_server(args) -> None:
+    if getattr(args, "job", None) and not args.server:
+        raise ArenaError(f"--job {args.job} needs --server URL: the server that runs the job")
+
+
 def cmd_adapt(args) -> None:
+    _no_job_without_server(args)
     if args.server:
         from .client import run_remote
 
@@ -180,6 +186,7 @@ def report_adapt(args, result, settings) -> None:
 
 
 def cmd_segment(args) -> None:
+    _no_job_without_server(args)
     if args.server:
         from .client import run_remote
 
@@ -274,6 +281,10 @@ def _add_server_options(p) -> None:
                         "the inputs, follow the job, download the outputs to the same paths")
     p.add_argument("--token-file", metavar="FILE",
                    help="file holding your server token (default: environment ARENASEG_TOKEN)")
+    p.add_argument("--job", metavar="ID",
+                   help="with --server: follow job ID, queued earlier by this same command, and "
+                        "fetch its outputs to --out (and --adapter-out) instead of submitting it "
+                        "again (after the client was cut off: the job goes on on the server)")
 
 
 def _add_image_options(p) -> None:
@@ -379,6 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="jobs run at the same time (default 1)")
     p.add_argument("--max-upload-mb", type=float, default=1024,
                    help="largest upload accepted, in MB (default 1024)")
+    p.add_argument("--rate-limit", default=None, metavar="RATE",
+                   help="requests each user may send, e.g. 600/minute (the default) or 20/second;"
+                        " beyond it: HTTP 429 with Retry-After")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="where jobs run: local (worker processes here, the default) or ray (Ray "
+                        "tasks, one GPU each when the cluster has GPUs; needs the 'ray' extra)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="with --backend ray: the Ray cluster to use (e.g. auto or "
+                        "ray://head:10001; default: start a local Ray instance)")
+    p.add_argument("--max-job-file-mb", type=float, metavar="MB",
+                   help="largest file one job may write (default: no limit); beyond it the job "
+                        "fails with one line and publishes nothing")
+    p.add_argument("--max-job-memory-gb", type=float, metavar="GB",
+                   help="address space of one job's process (default: no limit); a job beyond "
+                        "it is retried once with smaller crops")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM), needed beyond loopback")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     p.set_defaults(func=cmd_serve)
@@ -389,15 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="the server folder of 'arenaseg serve --data'")
     t.add_argument("name", help="user name")
     t.set_defaults(func=cmd_token_add)
+
+    p = sub.add_parser("audit", help="print the server's audit log: who ran what on which upload")
+    p.add_argument("--data", required=True, help="the server folder of 'arenaseg serve --data'")
+    p.add_argument("--user", help="only this user's rows")
+    p.add_argument("--job", help="only this job's rows")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
 def cmd_serve(args) -> None:
-    from .server import serve
+    from .server import DEFAULT_RATE_LIMIT, serve
 
     serve(args.host, args.port, args.data, workers=args.workers,
           max_upload_mb=args.max_upload_mb, ssl_certfile=args.ssl_certfile,
-          ssl_keyfile=args.ssl_keyfile)
+          ssl_keyfile=args.ssl_keyfile, rate_limit=args.rate_limit or DEFAULT_RATE_LIMIT,
+          max_job_file_mb=args.max_job_file_mb, max_job_memory_gb=args.max_job_memory_gb,
+          backend=args.backend, ray_address=args.ray_address)
 
 
 def cmd_token_add(args) -> None:
@@ -409,6 +443,23 @@ def cmd_token_add(args) -> None:
     finally:
         store.close()
     print(f"token for {args.name} (shown only this once; the server keeps its SHA-256): {token}")
+
+
+def cmd_audit(args) -> None:
+    """One line a row, oldest first: time (UTC), user, action, job, SHA-256s, client, detail
+    (``-`` where there is none; tab-separated for ``cut`` and spreadsheets)."""
+    from .jobstore import DATABASE, JobStore
+
+    if not (Path(args.data) / DATABASE).is_file():
+        raise ArenaError(f"--data '{args.data}' holds no {DATABASE}: give the folder of "
+                         "'arenaseg serve --data'")
+    store = JobStore(args.data)
+    try:
+        rows = store.audit_rows(args.user, args.job)
+    finally:
+        store.close()
+    for row in rows:
+        print("\t".join("-" if value is None else str(value) for value in row.values()))
 
 
 #: Options that name files or folders the command reads (its outputs go through

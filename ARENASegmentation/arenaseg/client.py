@@ -6,6 +6,10 @@ job is submitted and followed through its server-sent events, and the outputs ar
 checked against the SHA-256 the server announces, and published atomically
 (:class:`arenaseg.io.outputs.Outputs`). Ctrl-C or SIGTERM cancels the job on the server.
 
+A client that is cut off otherwise (killed, its connection lost) leaves the job running there:
+the same command with ``--job ID`` follows it again (its events from the first) and fetches
+its outputs to the same paths.
+
 The token comes from ``--token-file`` or the environment variable ``ARENASEG_TOKEN``.
 """
 
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -24,6 +30,9 @@ from .io.outputs import Outputs, WriteMismatch, check_writable, shown
 
 VERSION_HEADER = "X-Arenaseg-Version"
 OUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: Longest wait (s) for the server's rate limit before a request is tried again; beyond it the
+#: 429 is the command's error.
+MAX_RETRY_AFTER = 30
 _OPTIONS = {"image": "--image", "annotations": "--annotations", "warm_start": "--warm-start",
             "adapter": "--adapter"}
 
@@ -63,11 +72,19 @@ class Client:
         self.http.close()
 
     def request(self, method: str, path: str, ok=(200, 201), **kwargs):
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except self.httpx.HTTPError as err:
-            raise ArenaError(f"server {self.url} cannot be reached ({type(err).__name__}: "
-                             f"{err}): is 'arenaseg serve' running there?") from None
+        """One request; a 429 (the server's rate limit) is retried after its ``Retry-After``
+        when that is at most :data:`MAX_RETRY_AFTER` seconds, twice at most."""
+        for attempt in range(3):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except self.httpx.HTTPError as err:
+                raise ArenaError(f"server {self.url} cannot be reached ({type(err).__name__}: "
+                                 f"{err}): is 'arenaseg serve' running there?") from None
+            wait = response.headers.get("retry-after", "")
+            if (response.status_code != 429 or not wait.isdigit() or int(wait) > MAX_RETRY_AFTER
+                    or attempt == 2 or "content" in kwargs):  # a streamed upload is sent once
+                break
+            time.sleep(int(wait))
         if response.status_code not in ok:
             raise ArenaError(f"server {self.url}: {self._detail(response)}")
         return response
@@ -129,9 +146,7 @@ class Client:
                 failures += 1
                 if failures > 5:
                     raise ArenaError(f"server {self.url}: lost the job's events ({err}); job "
-                                     f"{job_id} may still run there") from None
-                import time
-
+                                     f"{job_id} may still run there: {fetch_later(job_id)}") from None
                 time.sleep(min(2.0 * failures, 10.0))
                 continue
             state = self.request("GET", f"/v1/jobs/{job_id}").json()["state"]
@@ -152,6 +167,10 @@ class Client:
             raise OSError(f"download of the {name} failed ({err})") from None
         if file_digest(target) != sha:
             raise WriteMismatch(f"the downloaded {name} differs from the server's (SHA-256)")
+
+
+def fetch_later(job_id: str) -> str:
+    return f"to fetch its outputs later, run this same command with --job {job_id}"
 
 
 def run_remote(args) -> None:
@@ -191,21 +210,31 @@ def run_remote(args) -> None:
         if args.command == "adapt":
             request["adapter_out"] = bool(adapter_out)
         names = {"output:segmentation": str(args.out), "output:adapter": str(adapter_out)}
+        job_id = getattr(args, "job", None)
         for name, option in _OPTIONS.items():
             if request.get(name):
-                sha = client.upload(request[name], option)
+                sha = (_digest(request[name], option) if job_id
+                       else client.upload(request[name], option))
                 names[f"upload:{sha}"] = request[name]
                 names[f"upload-name:{sha}"] = Path(request[name]).name
                 request[name] = sha
-        job_id = client.request("POST", "/v1/jobs", json=request).json()["id"]
-        print(f"arenaseg: job {job_id} queued on {client.url}", file=sys.stderr, flush=True)
+        if job_id:
+            _attach(client, job_id, args.command, suffix)
+        else:
+            job_id = client.request("POST", "/v1/jobs", json=request).json()["id"]
+            print(f"arenaseg: job {job_id} queued on {client.url} (Ctrl-C cancels it; if this "
+                  f"client is cut off, it goes on: {fetch_later(job_id)})", file=sys.stderr,
+                  flush=True)
         try:
             done = _follow(client, job_id, names, args)
-        except BaseException:  # Ctrl-C, SIGTERM, a lost connection: the job stops there too
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.Terminated): the job stops there too;
+            # a lost connection is no reason to stop it: it is fetched later with --job
             try:
                 client.http.delete(f"/v1/jobs/{job_id}", timeout=5)
+                print(f"\narenaseg: job {job_id} cancelled on {client.url}", file=sys.stderr)
             except Exception:
-                pass
+                print(f"\narenaseg: job {job_id} could not be cancelled on {client.url}: it may "
+                      f"still run there ({fetch_later(job_id)})", file=sys.stderr)
             raise
         files = done["files"]
         with Outputs() as outputs:
@@ -224,6 +253,29 @@ def run_remote(args) -> None:
         report_adapt(args, types.SimpleNamespace(**done), job.settings)
     else:
         report_segment(args, done)
+
+
+def _digest(path: str, option: str) -> str:
+    try:
+        return file_digest(path)
+    except OSError as err:
+        raise ArenaError(f"{option} '{shown(path)}' cannot be read ({err.strerror or err})") from None
+
+
+def _attach(client: Client, job_id: str, command: str, suffix: str) -> None:
+    """Check that ``--job`` names a job of this command whose segmentation fits ``--out``."""
+    if not re.fullmatch(r"[0-9a-f]{24}", job_id):
+        raise ArenaError(f"--job {job_id[:40]!r} is not a job id (24 hex digits, as 'arenaseg: "
+                         "job ID queued' printed it)")
+    job = client.request("GET", f"/v1/jobs/{job_id}").json()
+    if job["command"] != command:
+        raise ArenaError(f"--job {job_id} ran '{job['command']}', not '{command}': run "
+                         f"'arenaseg {job['command']} ... --job {job_id}'")
+    wrote = (job.get("result") or {}).get("segmentation", {}).get("suffix")
+    if wrote and wrote != suffix:
+        raise ArenaError(f"job {job_id} wrote a {wrote} segmentation: give --out ending in {wrote}")
+    print(f"arenaseg: following job {job_id} on {client.url} ({job['state']})", file=sys.stderr,
+          flush=True)
 
 
 def _follow(client: Client, job_id: str, names: dict, args) -> dict:

@@ -8,10 +8,17 @@ server stopped is marked ``failed`` with an ``error`` event (:meth:`JobStore.rec
 
 Every query that reads a job or an upload takes the user: another user's job or file is simply
 not found.
+
+The ``audit`` table says who did what on which upload: time (UTC, ISO 8601), user name (none for
+a refused token), action (:data:`AUDIT_ACTIONS`), job id, the files' SHA-256s (comma-separated:
+the upload received, the uploads a job reads, the output fetched), the client's address and a
+detail; never a token. ``arenaseg audit --data
+DIR`` prints it; or ``sqlite3 DIR/server.sqlite 'SELECT * FROM audit'``.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -48,7 +55,13 @@ CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, user_id INTEGER NOT NULL
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, created);
 CREATE TABLE IF NOT EXISTS events (job_id TEXT NOT NULL REFERENCES jobs(id), seq INTEGER NOT NULL,
                                    event TEXT NOT NULL, PRIMARY KEY (job_id, seq));
+CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, time TEXT NOT NULL, user TEXT,
+                                  action TEXT NOT NULL, job_id TEXT, sha256s TEXT, client TEXT,
+                                  detail TEXT);
 """
+#: What the audit log records (:meth:`JobStore.audit`): a file received, a job submitted (its
+#: command), a cancel, an output fetched, and a request refused (401, 404 on a job, 429).
+AUDIT_ACTIONS = ("upload", "adapt", "segment", "cancel", "download", "denied")
 
 
 def token_hash(token: str) -> str:
@@ -142,6 +155,10 @@ class JobStore:
         rows = self._query("SELECT user_id FROM tokens WHERE hash = ?", token_hash(token))
         return rows[0]["user_id"] if rows else None
 
+    def user_name(self, user_id: int) -> str:
+        rows = self._query("SELECT name FROM users WHERE id = ?", user_id)
+        return rows[0]["name"] if rows else f"#{user_id}"
+
     # files ------------------------------------------------------------------------------------
 
     def blob_path(self, sha256: str, suffix: str) -> Path:
@@ -174,8 +191,11 @@ class JobStore:
         with open(source, "rb") as f:
             suffix = sniff_suffix(f.read(4096)) or "".join(source.suffixes[-2:])
         temporary = self.incoming / f"{secrets.token_hex(8)}.part"
-        shutil.copyfile(source, temporary)
-        self.add_blob(user_id, temporary, sha, suffix)
+        try:
+            shutil.copyfile(source, temporary)
+            self.add_blob(user_id, temporary, sha, suffix)
+        finally:
+            temporary.unlink(missing_ok=True)  # moved into the blobs, or a partial copy
         return sha
 
     def upload(self, user_id: int, sha256: str) -> Path | None:
@@ -268,6 +288,28 @@ class JobStore:
         return [(row["seq"], json.loads(row["event"])) for row in
                 self._query("SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
                             job_id, after)]
+
+    # audit log --------------------------------------------------------------------------------
+
+    def audit(self, action: str, user: str | None, client: str | None, job_id: str | None = None,
+              sha256s: list[str] | tuple[str, ...] = (), detail: str | None = None) -> None:
+        """Add one row to the audit log (see the module doc)."""
+        assert action in AUDIT_ACTIONS
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        with self._lock:
+            self._db.execute("INSERT INTO audit (time, user, action, job_id, sha256s, client, detail)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (now.replace("+00:00", "Z"), user, action, job_id,
+                              ",".join(sha256s) or None, client, detail))
+
+    def audit_rows(self, user: str | None = None, job_id: str | None = None) -> list[dict]:
+        """The audit log, oldest first (of ``user`` and of ``job_id`` when given)."""
+        where = [clause for clause, value in (("user = ?", user), ("job_id = ?", job_id))
+                 if value is not None]
+        rows = self._query("SELECT time, user, action, job_id, sha256s, client, detail FROM audit"
+                           + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id",
+                           *[v for v in (user, job_id) if v is not None])
+        return [dict(row) for row in rows]
 
     def recover(self) -> list[str]:
         """At start: jobs left running by a server that stopped become failed, each with an

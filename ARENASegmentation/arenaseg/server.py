@@ -17,9 +17,16 @@ both):
   (cancels: SIGTERM to the worker), ``GET /v1/jobs/{id}/files/segmentation`` and ``.../adapter``.
   Another user's job is 404.
 
+Each user may send ``--rate-limit`` requests (:data:`DEFAULT_RATE_LIMIT` by default, a moving
+window kept in memory by the ``limits`` library); beyond it the answer is 429 with
+``Retry-After`` (seconds).
+
 Each job runs as ``python -m arenaseg.worker job.json`` (``--workers`` at a time), from a queue
-in ``DATA/server.sqlite`` (:mod:`arenaseg.jobstore`). A worker that dies without a last event
-(killed, out of memory) ends its job with an ``error`` event; the next job runs.
+in ``DATA/server.sqlite`` (:mod:`arenaseg.jobstore`), by :mod:`arenaseg.runner`: a worker that
+dies without a last event (killed) ends its job with an ``error`` event and the next job runs; a
+job out of memory is retried once, smaller; ``--max-job-file-mb`` and ``--max-job-memory-gb``
+bound what one job may write and allocate. ``--backend ray`` runs the same worker as Ray tasks
+(:mod:`arenaseg.ray_backend`, imported only then).
 
 FastAPI and uvicorn are imported here only (the ``server`` extra): the engine runs without them.
 """
@@ -29,20 +36,19 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import secrets
-import signal
-import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 from . import __version__
 from .config import BACKBONES, job_from_dict
-from .download import file_digest
 from .errors import ArenaError
 from .jobstore import FINAL_EVENTS, FINISHED, JobStore, sniff_suffix
+from .runner import Runner
 
 VERSION_HEADER = "X-Arenaseg-Version"
 #: Segmentation formats the server writes (single files: no .nhdr/.mhd with a data file).
@@ -51,6 +57,10 @@ OUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 HASH_FIELDS = ("image", "annotations", "warm_start", "adapter")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _JOB_ID = re.compile(r"[0-9a-f]{24}")
+#: Requests per user and window (``limits`` notation): far above what a client following its
+#: jobs sends (about ten requests a job, one event stream each), low enough to stop a runaway
+#: script from starving the other users.
+DEFAULT_RATE_LIMIT = "600/minute"
 
 
 def check_bind(host: str, certfile: str | None, keyfile: str | None) -> None:
@@ -76,6 +86,36 @@ def check_bind(host: str, certfile: str | None, keyfile: str | None) -> None:
                          "tokens and scans would cross the network in clear; give "
                          "--ssl-certfile and --ssl-keyfile, or serve on 127.0.0.1 (e.g. behind an "
                          "SSH tunnel)")
+
+
+def rate_limiter(text: str):
+    """A per-user limiter for ``text`` (e.g. ``600/minute``, ``10/second``): a function of a
+    user's key returning None while within the limit, else the seconds to wait.
+
+    Raises:
+        ArenaError: ``text`` is not a rate, or the ``limits`` library is missing.
+    """
+    try:
+        from limits import parse, storage, strategies
+    except ImportError:
+        raise ArenaError("arenaseg serve needs the 'limits' library (the 'server' extra): "
+                         "pip install 'arenaseg[server]'") from None
+    try:
+        item = parse(text)
+    except ValueError:
+        item = None
+    if item is None or item.amount < 1:
+        raise ArenaError(f"--rate-limit {text!r} must be a number of requests per second, minute "
+                         "or hour, e.g. 600/minute")
+    limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+
+    def wait(key: str) -> float | None:
+        if limiter.hit(item, key):
+            return None
+        return max(limiter.get_window_stats(item, key).reset_time - time.time(), 0.0)
+
+    wait.rate = f"{item.amount} requests per {item.multiples} {item.GRANULARITY.name}"
+    return wait
 
 
 def worker_job(store: JobStore, user_id: int, job_id: str, request: dict) -> tuple[dict, dict]:
@@ -131,142 +171,8 @@ def worker_job(store: JobStore, user_id: int, job_id: str, request: dict) -> tup
     return job, shown
 
 
-def _replace(value, shown: dict[str, str]):
-    """``value`` (an event) with every server path in its texts replaced (longest first)."""
-    if isinstance(value, str):
-        for path in sorted(shown, key=len, reverse=True):
-            value = value.replace(path, shown[path])
-        return value
-    if isinstance(value, dict):
-        return {k: _replace(v, shown) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_replace(v, shown) for v in value]
-    return value
-
-
-class Runner:
-    """``workers`` threads, each running one queued job at a time as a worker process."""
-
-    def __init__(self, store: JobStore, workers: int = 1):
-        self.store = store
-        self.workers = workers
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.cancelled: set[str] = set()
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        for n in range(self.workers):
-            thread = threading.Thread(target=self._loop, name=f"arenaseg-worker-{n}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def stop(self) -> None:
-        """Stop taking jobs and stop the running workers; their jobs stay ``running`` in the
-        database and become ``failed`` at the next start (:meth:`JobStore.recover`)."""
-        self.stopping.set()
-        self.wake.set()
-        for proc in list(self.processes.values()):
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except OSError:
-                pass
-        for thread in self.threads:
-            thread.join(timeout=10)
-
-    def cancel(self, job_id: str) -> None:
-        proc = self.processes.get(job_id)
-        self.cancelled.add(job_id)
-        if proc is not None:
-            try:
-                proc.send_signal(signal.SIGTERM)  # the worker stops within about a step
-            except OSError:
-                pass
-
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            job = self.store.claim_next()
-            if job is None:
-                self.wake.wait(1.0)
-                self.wake.clear()
-                continue
-            try:
-                self._run(job)
-            except Exception as err:  # a server bug must not stop the queue
-                if not self.stopping.is_set():
-                    message = f"the server could not run this job ({type(err).__name__}: {err})"
-                    self.store.finish(job["id"], "failed", {"event": "error", "message": message},
-                                      message)
-
-    def _run(self, job: dict) -> None:
-        job_id = job["id"]
-        folder = self.store.jobs_dir / job_id
-        folder.mkdir(exist_ok=True)
-        path = folder / "job.json"
-        path.write_text(json.dumps(job["worker_job"]))
-        shown = job["request"].get("_shown", {})
-        with open(folder / "worker.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "arenaseg.worker", str(path)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                    cwd=folder, start_new_session=True)
-        self.processes[job_id] = proc
-        if job_id in self.cancelled:  # cancelled while it was being claimed
-            proc.send_signal(signal.SIGTERM)
-        last = None
-        try:
-            for line in proc.stdout:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue  # not an event (a library's print): the log has stderr
-                if not isinstance(event, dict):
-                    continue
-                event = _replace(event, shown)
-                if event.get("event") in FINAL_EVENTS:
-                    last = event  # added with the job's end, below
-                else:
-                    self.store.add_event(job_id, event)
-            code = proc.wait()
-        finally:
-            proc.stdout.close()
-            if proc.stdin:
-                proc.stdin.close()
-            self.processes.pop(job_id, None)
-        if self.stopping.is_set() and (last is None or last["event"] == "cancelled"):
-            return  # stopped with the server: failed at the next start
-        kind = last["event"] if last else None
-        if kind == "done" and code == 0:
-            result = self._results(job, folder)
-            last.pop("traceback", None)
-            last["files"] = result
-            self.store.finish(job_id, "done", last, None, result)
-        elif kind == "cancelled" or (kind is None and job_id in self.cancelled):
-            self.store.finish(job_id, "cancelled", {"event": "cancelled"}, "cancelled")
-        elif kind == "error":
-            last.pop("traceback", None)  # stays in the server's log
-            self.store.finish(job_id, "failed", last, last.get("message"))
-        else:
-            cause = (f"killed by signal {signal.Signals(-code).name}" if code < 0
-                     else f"exit status {code}")
-            message = (f"the worker process ended without a result ({cause}): the server "
-                       "goes on with the next job; submit this one again")
-            self.store.finish(job_id, "failed", {"event": "error", "message": message}, message)
-        self.cancelled.discard(job_id)
-
-    def _results(self, job: dict, folder: Path) -> dict:
-        worker = job["worker_job"]
-        segmentation = Path(worker["out"])
-        result = {"segmentation": {"sha256": file_digest(segmentation),
-                                   "suffix": job["request"].get("out_suffix", ".nii.gz")}}
-        if worker.get("adapter_out"):
-            # the user's own file from now on: a segment job names it by this hash
-            sha = self.store.add_file(job["user_id"], Path(worker["adapter_out"]))
-            result["adapter"] = {"sha256": sha, "suffix": ".safetensors"}
-        return result
-
-
-def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
+def create_app(store: JobStore, runner: Runner, max_upload_bytes: int,
+               rate_limit: str = DEFAULT_RATE_LIMIT):
     """The FastAPI application (see the module doc for its routes)."""
     from contextlib import asynccontextmanager
 
@@ -279,28 +185,51 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
         yield
         await asyncio.to_thread(runner.stop)
 
+    too_often = rate_limiter(rate_limit)
     app = FastAPI(title="arenaseg", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
+
+    limited: set[int] = set()  # users over the rate limit: one audit row per burst, not each
+
+    def audit(request: Request, action: str, user_id: int | None, **fields) -> None:
+        store.audit(action, None if user_id is None else store.user_name(user_id),
+                    request.client.host if request.client else None, **fields)
 
     def user(request: Request) -> int:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            audit(request, "denied", None, detail=f"no token (401) {request.method} "
+                  f"{request.url.path[:80]}")
             raise HTTPException(401, "no token: send 'Authorization: Bearer TOKEN' (a server "
                                 "administrator creates one with 'arenaseg token add')",
                                 headers={"WWW-Authenticate": "Bearer"})
         user_id = store.user_of(token.strip())
         if user_id is None:
+            audit(request, "denied", None, detail=f"unknown token (401) {request.method} "
+                  f"{request.url.path[:80]}")
             raise HTTPException(401, "the token is not known to this server",
                                 headers={"WWW-Authenticate": "Bearer"})
+        wait = too_often(str(user_id))
+        if wait is not None:
+            seconds = math.ceil(wait) or 1
+            if user_id not in limited:
+                limited.add(user_id)
+                audit(request, "denied", user_id, detail=f"rate limit {rate_limit} (429)")
+            raise HTTPException(429, f"user {store.user_name(user_id)} sent more than "
+                                f"{too_often.rate} (the server's --rate-limit {rate_limit}): "
+                                f"wait {seconds} s", headers={"Retry-After": str(seconds)})
+        limited.discard(user_id)
         client = request.headers.get(VERSION_HEADER)
         if client is not None and client != __version__:
             raise HTTPException(409, f"client version {client} and server version {__version__} "
                                 f"differ: install arenaseg {__version__} on the client")
         return user_id
 
-    def own_job(job_id: str, user_id: int) -> dict:
+    def own_job(job_id: str, user_id: int, request: Request) -> dict:
         job = store.job(job_id, user_id) if _JOB_ID.fullmatch(job_id) else None
         if job is None:
+            audit(request, "denied", user_id, job_id=job_id if _JOB_ID.fullmatch(job_id) else None,
+                  detail=f"no such job of this user (404) {request.method} {request.url.path[:80]}")
             raise HTTPException(404, f"no job {job_id[:40]} of yours on this server")
         return job
 
@@ -340,8 +269,13 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
                                     "safetensors file")
             sha = digest.hexdigest()
             store.add_blob(user_id, temporary, sha, suffix)
+        except OSError as err:  # a full disk: the part file goes, the server goes on
+            raise HTTPException(507, f"the server could not store the upload ({err.strerror or err}"
+                                ") in its data folder: its administrator must free space there; "
+                                "then upload again") from None
         finally:
             temporary.unlink(missing_ok=True)
+        audit(request, "upload", user_id, sha256s=[sha], detail=f"{size} bytes, {suffix}")
         return {"sha256": sha, "size": size, "suffix": suffix}
 
     @app.get("/v1/uploads/{sha256}")
@@ -367,6 +301,8 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
             raise HTTPException(400, str(err)) from None
         request_fields = dict(fields, _shown=shown)
         store.add_job(job_id, user_id, job["command"], request_fields, job)
+        audit(request, job["command"], user_id, job_id=job_id,
+              sha256s=[fields[name] for name in HASH_FIELDS if fields.get(name)])
         runner.wake.set()
         return {"id": job_id, "state": "queued"}
 
@@ -375,12 +311,13 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
         return [public(job) for job in store.jobs_of(user_id)]
 
     @app.get("/v1/jobs/{job_id}")
-    def state(job_id: str, user_id: int = Depends(user)):
-        return public(own_job(job_id, user_id))
+    def state(job_id: str, request: Request, user_id: int = Depends(user)):
+        return public(own_job(job_id, user_id, request))
 
     @app.delete("/v1/jobs/{job_id}")
-    def cancel(job_id: str, user_id: int = Depends(user)):
-        job = own_job(job_id, user_id)
+    def cancel(job_id: str, request: Request, user_id: int = Depends(user)):
+        job = own_job(job_id, user_id, request)
+        audit(request, "cancel", user_id, job_id=job_id, detail=f"was {job['state']}")
         if job["state"] == "queued" and store.cancel_queued(job_id):
             return public(store.job(job_id))
         if job["state"] in ("queued", "running"):
@@ -390,7 +327,7 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str, request: Request, after: int = 0,
                      user_id: int = Depends(user)):
-        own_job(job_id, user_id)
+        own_job(job_id, user_id, request)
         last_id = request.headers.get("last-event-id", "")
         start = max(after, int(last_id) if last_id.isdigit() else 0)
 
@@ -419,8 +356,8 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/jobs/{job_id}/files/{name}")
-    def files(job_id: str, name: str, user_id: int = Depends(user)):
-        job = own_job(job_id, user_id)
+    def files(job_id: str, name: str, request: Request, user_id: int = Depends(user)):
+        job = own_job(job_id, user_id, request)
         if name not in ("segmentation", "adapter"):
             raise HTTPException(404, f"no file {name[:40]}: ask for segmentation or adapter")
         if job["state"] != "done":
@@ -430,6 +367,7 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
             raise HTTPException(404, f"job {job_id} wrote no {name}")
         worker = job["worker_job"]
         path = Path(worker["out"] if name == "segmentation" else worker["adapter_out"])
+        audit(request, "download", user_id, job_id=job_id, sha256s=[result["sha256"]], detail=name)
         return FileResponse(path, media_type="application/octet-stream",
                             filename=f"{name}{result['suffix']}",
                             headers={"X-Content-SHA256": result["sha256"]})
@@ -443,7 +381,10 @@ def create_app(store: JobStore, runner: Runner, max_upload_bytes: int):
 
 
 def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: float = 1024,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+          rate_limit: str = DEFAULT_RATE_LIMIT, max_job_file_mb: float | None = None,
+          max_job_memory_gb: float | None = None, backend: str = "local",
+          ray_address: str | None = None) -> None:
     """Run the server until SIGINT or SIGTERM.
 
     Raises:
@@ -455,21 +396,43 @@ def serve(host: str, port: int, data: str, workers: int = 1, max_upload_mb: floa
         raise ArenaError(f"--workers {workers} must be >= 1 and <= 64")
     if not 0 < max_upload_mb <= 1_000_000:
         raise ArenaError(f"--max-upload-mb {max_upload_mb} must be > 0 and <= 1000000")
+    if max_job_file_mb is not None and not 0 < max_job_file_mb <= 10_000_000:
+        raise ArenaError(f"--max-job-file-mb {max_job_file_mb:g} must be > 0 and <= 10000000")
+    if max_job_memory_gb is not None and not 1 <= max_job_memory_gb <= 100_000:
+        raise ArenaError(f"--max-job-memory-gb {max_job_memory_gb:g} must be >= 1 and <= 100000 "
+                         "(the worker's own libraries take about 1 GB of address space)")
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as err:
         raise ArenaError(f"arenaseg serve needs the 'server' extra ({err.name} is missing): "
                          "pip install 'arenaseg[server]'") from None
+    rate_limiter(rate_limit)  # refused before anything starts
+    if backend not in ("local", "ray"):
+        raise ArenaError(f"--backend {backend} must be local or ray")
+    if ray_address and backend != "ray":
+        raise ArenaError("--ray-address needs --backend ray")
+    if backend == "ray":
+        try:
+            from .ray_backend import RayRunner
+        except ImportError as err:
+            if err.name != "ray" and not (err.name or "").startswith("ray."):
+                raise
+            raise ArenaError("--backend ray needs Ray on the server: pip install 'arenaseg[ray]'"
+                             " (or pip install ray==2.60.0)") from None
     store = JobStore(data)
     failed = store.recover()
     for partial in store.incoming.glob("*.part"):  # uploads cut by the last server's end
         partial.unlink(missing_ok=True)
-    runner = Runner(store, workers)
-    app = create_app(store, runner, int(max_upload_mb * 2**20))
+    if backend == "ray":
+        runner = RayRunner(store, workers, max_job_file_mb, max_job_memory_gb, ray_address)
+    else:
+        runner = Runner(store, workers, max_job_file_mb, max_job_memory_gb)
+    app = create_app(store, runner, int(max_upload_mb * 2**20), rate_limit)
     scheme = "https" if ssl_certfile else "http"
+    where = f"Ray at {ray_address or 'a local instance'}" if backend == "ray" else "here"
     print(f"arenaseg: serving {data} on {scheme}://{host}:{port} ({workers} worker"
-          f"{'s' if workers != 1 else ''}, version {__version__})"
+          f"{'s' if workers != 1 else ''} {where}, version {__version__})"
           + (f"; {len(failed)} job(s) left running by the last server marked failed" if failed else ""),
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
