@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 job = json.load(f)
         except (OSError, ValueError) as err:
             raise ArenaError(f"job file '{argv[0]}' cannot be read as JSON ({err})") from None
-        server = job.pop("server", None)  # not a field of the engine's job: where it runs
+        # not a field of the engine's job but where it runs (job_from_dict refuses a non-dict)
+        server = job.pop("server", None) if isinstance(job, dict) else None
         job_from_dict(job)  # every field's name and type, before any work
         if server:
             return _run_remote(dict(job, server=server))
