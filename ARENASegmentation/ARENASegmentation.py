@@ -988,7 +988,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         summary.update(adapter=adapter, method=settings.get("method"), backbone=job["job"].get("backbone"),
                        steps=settings.get("steps"), lam=settings.get("lam"), rank=settings.get("rank"),
                        warm_start=ctx["warmStart"], structure=job["job"]["structure"],
-                       loss=(done.get("loss") or [None])[-1])
+                       loss=(done.get("loss") or [None])[-1], server=job["job"].get("server"))
         results.updateRankNodes(summary, target.GetName())
         if self.history:
             results.updateTrainingNodes(self.history)
@@ -1012,7 +1012,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         segmentId = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(name), name)
         ranks = done.get("ranks") or {}
         summary = {"ranks": ranks, "effective_rank": sum(ranks.values()), "adapter": ctx["adapterPath"],
-                   "seconds": done.get("seconds"), "structure": structure}
+                   "seconds": done.get("seconds"), "structure": structure, "server": job["job"].get("server")}
         try:
             results.updateRankNodes(summary, name)
             slicer.util.updateSegmentBinaryLabelmapFromArray(result.astype(np.uint8), segmentationNode, segmentId,

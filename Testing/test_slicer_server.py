@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+#: Slicer's PythonSlicer stand-in: forwards stdin but no signal, so Cancel is the end of stdin only.
+LAUNCHER = [sys.executable, str(Path(__file__).resolve().parent / "launcher_stand_in.py"), sys.executable]
 SMALL = {"backbone": "arena-small-ct-unet", "device": "cpu", "steps": 2, "warmStart": False}
 
 
@@ -140,13 +143,17 @@ def test_the_effect_on_a_server_gives_the_local_result_with_its_progress(module,
     assert f"started on server {server['url']} (cpu)" in logic.log
     assert any(line.startswith("uploading ") for line in logic.log)
     assert os.path.isfile(remote["summary"]["adapter"])  # downloaded, then kept like a local one
+    assert remote["summary"]["server"] == server["url"] and local["summary"]["server"] is None
+    assert f"on cpu of server {server['url']}" in module.results.summaryText(remote["summary"])
     assert effect.session.hasPreview and untouched(module, node, target, volume, painted)
     assert jobs_on(server)[-1]["state"] == "done"
 
 
 def test_cancel_cancels_the_job_on_the_server(module, server, painted_small):
+    """Through the launcher stand-in, as in Slicer: only the end of stdin reaches the worker."""
     volume, node, target, painted = painted_small
     logic = module.ARENASegmentationLogic()
+    logic.pythonCommand = lambda: LAUNCHER
     logic.startAdapt(volume, node, target, **dict(SMALL, steps=1000), server=server["url"],
                      tokenFile=server["tokenFile"])
     run_dir = logic.job["runDir"]
