@@ -203,3 +203,22 @@ def test_settings_that_cannot_work_are_refused_before_any_process(module, painte
             logic.startAdapt(volume, node, target, **SMALL, server=server, tokenFile=tokenFile)
         assert not logic.isRunning
     assert untouched(module, node, target, volume, painted)
+
+
+def test_a_worker_cancelled_before_its_job_exists_leaves_nothing_on_the_server(server, small_liver, tmp_path):
+    """stdin closed at once (Cancel right after Adapt): no job is left running on the server,
+    the worker says cancelled, exit 143, no output here. Engine level: the worker alone."""
+    import json
+
+    before = len(jobs_on(server))
+    job = {"command": "adapt", "image": str(ABDOMEN_SMALL / "ct.nii.gz"), "annotations": str(small_liver[0]),
+           "label": LIVER, "out": str(tmp_path / "seg.nrrd"), "device": "cpu", "settings": {"steps": 2},
+           "stop_on_stdin_eof": True, "server": server["url"]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, ARENASEG_TOKEN=open(server["tokenFile"]).read().strip(),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(MODULE_DIR), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "arenaseg.worker", str(tmp_path / "job.json")],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 143 and json.loads(done.stdout.splitlines()[-1]) == {"event": "cancelled"}
+    assert all(job["state"] in ("cancelled", "done", "failed") for job in jobs_on(server)[before:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]

@@ -24,7 +24,7 @@ from typing import Callable
 
 from .client import OUT_SUFFIXES, Client
 from .errors import ArenaError, Cancelled
-from .io.outputs import Outputs, check_writable, shown
+from .io.outputs import Outputs, check_writable, shown, signals_held
 
 #: Job fields naming input files: uploaded, and sent as their SHA-256.
 UPLOADED = ("image", "annotations", "warm_start", "adapter")
@@ -96,8 +96,9 @@ class RemoteJob:
                     sha = client.upload(path, f"job field {field}")
                     names.update({f"upload:{sha}": path, f"upload-name:{sha}": Path(path).name})
                     request[field] = sha
-            self.jobId = client.request("POST", "/v1/jobs", json=request).json()["id"]
             try:
+                with signals_held():  # a cancel meanwhile lands after the id is known: deleted below
+                    self.jobId = client.request("POST", "/v1/jobs", json=request).json()["id"]
                 if self.cancelled:  # stdin closed while uploading or submitting
                     raise Cancelled()
                 self.emit("phase", phase="queued", message=f"job {self.jobId} queued on {self.url}")
