@@ -330,10 +330,16 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.showWhereJobsRun()
 
     def showWhereJobsRun(self) -> None:
-        """Say under the server settings where the next job runs, or what is wrong with the URL."""
-        url = serverSettings()["server"]
-        self.ui.serverWhereLabel.text = panel.serverUrlProblem(url) or _("Jobs run {where}.").format(
-            where=panel.whereText(url.rstrip("/")))
+        """Say under the server settings where the next job runs, or what is wrong with the URL
+        or the token file (the check :meth:`ARENASegmentationLogic.remote` makes at each run)."""
+        settings = serverSettings()
+        try:
+            remote = ARENASegmentationLogic.remote(settings["server"], settings["tokenFile"])
+        except RuntimeError as err:
+            self.ui.serverWhereLabel.text = str(err)
+            return
+        self.ui.serverWhereLabel.text = _("Jobs run {where}.").format(
+            where=panel.whereText(remote["server"] if remote else ""))
 
     def onSceneStartClose(self, caller, event) -> None:
         # the Logic stops its own job on scene close (it observes the scene); here only the GUI

@@ -222,3 +222,22 @@ def test_a_worker_cancelled_before_its_job_exists_leaves_nothing_on_the_server(s
     assert done.returncode == 143 and json.loads(done.stdout.splitlines()[-1]) == {"event": "cancelled"}
     assert all(job["state"] in ("cancelled", "done", "failed") for job in jobs_on(server)[before:])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]
+
+
+def test_the_panel_says_where_jobs_run_or_what_is_wrong(module, monkeypatch, tmp_path):
+    """The line under the Server settings (the Qt widgets are stand-ins: no Slicer application)."""
+    import types
+
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    widget = module.ARENASegmentationWidget()
+    widget.ui = types.SimpleNamespace(serverWhereLabel=types.SimpleNamespace(text=""))
+    for settings, expected in (({"server": "", "tokenFile": ""}, "Jobs run on this computer."),
+                               ({"server": "https://gpu.example.org:8765/", "tokenFile": str(token)},
+                                "Jobs run on server https://gpu.example.org:8765."),
+                               ({"server": "https://gpu.example.org:8765", "tokenFile": str(tmp_path / "gone")},
+                                "cannot be read"),
+                               ({"server": "gpu.example.org", "tokenFile": str(token)}, "not an http://")):
+        monkeypatch.setattr(module, "serverSettings", lambda settings=settings: settings)
+        widget.showWhereJobsRun()
+        assert expected in widget.ui.serverWhereLabel.text
