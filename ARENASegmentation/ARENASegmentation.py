@@ -76,10 +76,36 @@ def sharedLogic() -> "ARENASegmentationLogic":
 
 
 def runSettings(parameterNode) -> dict:
-    """The panel's settings as ``ARENASegmentationLogic.startAdapt`` keyword arguments."""
+    """The panel's settings, and where jobs run (:func:`serverSettings`), as
+    ``ARENASegmentationLogic.startAdapt`` keyword arguments."""
     p = parameterNode
     return dict(backbone=p.backbone, method=p.method, initialRank=p.initialRank, lam=p.lam, steps=p.steps,
-                device=p.device, warmStart=p.warmStart)
+                device=p.device, warmStart=p.warmStart, **serverSettings())
+
+
+#: Application settings (QSettings: Slicer.ini, per user), not the parameter node: a scene is
+#: shared with colleagues, a server address and its token are not. The token itself is not
+#: stored (QSettings keeps plain text in Slicer.ini); the path of a file holding it is, which the
+#: user can protect (read-only for them) and share with the command line's --token-file.
+SERVER_URL_KEY = "ARENASegmentation/ServerURL"
+SERVER_TOKEN_FILE_KEY = "ARENASegmentation/ServerTokenFile"
+
+
+def serverSettings() -> dict:
+    """``{"server": URL, "tokenFile": path}`` from Slicer's application settings ("" when unset:
+    jobs run on this computer). Outside the Slicer application (no ``qt.QSettings``): unset."""
+    if not hasattr(qt, "QSettings"):
+        return {"server": "", "tokenFile": ""}
+    settings = qt.QSettings()
+    return {"server": str(settings.value(SERVER_URL_KEY, "") or "").strip(),
+            "tokenFile": str(settings.value(SERVER_TOKEN_FILE_KEY, "") or "").strip()}
+
+
+def saveServerSettings(server: str, tokenFile: str) -> None:
+    """Store the server URL and the token file's path in Slicer's application settings."""
+    settings = qt.QSettings()
+    settings.setValue(SERVER_URL_KEY, server.strip())
+    settings.setValue(SERVER_TOKEN_FILE_KEY, tokenFile.strip())
 
 
 #: One-click sample for a first try: Slicer's public abdominal CT angiography (Panoramix, from the
@@ -112,13 +138,16 @@ def registerEditorEffect() -> None:
 
 def ensureDependencies(method: str, backbone: str = DEFAULT_BACKBONE, onStatus: Optional[Callable] = None) -> bool:
     """True when the packages ``method`` on ``backbone`` needs are installed (after one
-    confirmation, if they were missing); the panel and the effect both call this."""
-    return dependencies.ensure(method, backbone, onStatus)
+    confirmation, if they were missing); with a server set, only its HTTP client is needed here.
+    The panel and the effect both call this."""
+    return dependencies.ensure(method, backbone, onStatus, server=bool(serverSettings()["server"]))
 
 
 def memoryAdvice(backbone: str) -> str:
     """A warning with advice when the free memory is below what one CPU run on ``backbone``
-    needs (measured, ``BackboneSpec.memory_gb``); "" otherwise."""
+    needs (measured, ``BackboneSpec.memory_gb``); "" otherwise, and "" when jobs run on a server."""
+    if serverSettings()["server"]:
+        return ""
     spec, fallback = engine.REGISTRY.get(backbone), engine.REGISTRY.get(engine.EMBEDDED_BACKBONE)
     return panel.memoryAdvice(backbone, spec.memory_gb if spec else None, panel.availableMemoryGB(),
                               engine.EMBEDDED_BACKBONE, fallback.memory_gb if fallback else None)
@@ -228,6 +257,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         "show3DButton", "resultsCollapsibleButton", "rankSummaryLabel", "rankTableView",
         "rankPlotWidget", "trainingPlotWidget", "logTextEdit", "saveAdapterButton",
         "applyAdapterPathLineEdit", "applyAdapterButton", "exportSegmentButton",
+        "serverUrlLineEdit", "serverTokenFileLineEdit", "serverWhereLabel",
     )
     POLL_INTERVAL_MS = 100
 
@@ -266,6 +296,14 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.applyAdapterButton.connect("clicked(bool)", self.onApplyAdapter)
         self.ui.exportSegmentButton.connect("clicked(bool)", self.onExportSegment)
 
+        # Server settings: application settings (QSettings), read once here, saved on each edit.
+        server = serverSettings()
+        self.ui.serverUrlLineEdit.text = server["server"]
+        self.ui.serverTokenFileLineEdit.currentPath = server["tokenFile"]
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
+        self.ui.serverTokenFileLineEdit.connect("currentPathChanged(QString)", self.onServerSettingsChanged)
+        self.showWhereJobsRun()
+
         self.ui.statusLabel.text = slicerVersionProblem()
         self.initializeParameterNode()
 
@@ -285,6 +323,23 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onServerSettingsChanged(self, *args) -> None:
+        """The server URL or token file was edited: store both (Slicer's application settings)."""
+        saveServerSettings(self.ui.serverUrlLineEdit.text, self.ui.serverTokenFileLineEdit.currentPath)
+        self.showWhereJobsRun()
+
+    def showWhereJobsRun(self) -> None:
+        """Say under the server settings where the next job runs, or what is wrong with the URL
+        or the token file (the check :meth:`ARENASegmentationLogic.remote` makes at each run)."""
+        settings = serverSettings()
+        try:
+            remote = ARENASegmentationLogic.remote(settings["server"], settings["tokenFile"])
+        except RuntimeError as err:
+            self.ui.serverWhereLabel.text = str(err)
+            return
+        self.ui.serverWhereLabel.text = _("Jobs run {where}.").format(
+            where=panel.whereText(remote["server"] if remote else ""))
 
     def onSceneStartClose(self, caller, event) -> None:
         # the Logic stops its own job on scene close (it observes the scene); here only the GUI
@@ -414,7 +469,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             editor.setActiveEffectByName(EFFECT_NAME)
 
     def _started(self) -> None:
-        self.ui.statusLabel.text = _("Starting the background process...")
+        self.ui.statusLabel.text = _("Starting the background process ({where})...").format(where=self.logic.where())
         self.ui.logTextEdit.clear()
         self._shownEvents = 0
         self._pollTimer.start()
@@ -428,7 +483,7 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if not p.segmentationNode:
                 p.segmentationNode = self.logic.createSegmentationNode(p.inputVolume)
             self.logic.startApplyAdapter(p.inputVolume, str(p.applyAdapterPath), p.segmentationNode,
-                                         device=p.device, onFinished=self.onWorkerFinished)
+                                         device=p.device, onFinished=self.onWorkerFinished, **serverSettings())
             self.ui.progressBar.maximum = 0  # busy indicator: segmenting has no steps
             self._started()
 
@@ -448,12 +503,13 @@ class ARENASegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onWorkerProgress(self, event: dict) -> None:
         self.ui.progressBar.maximum = max(1, event["steps"])
         self.ui.progressBar.value = event["step"]
-        text = panel.progressText(event, self.logic.elapsed(), self.logic.device or "")
+        text = panel.progressText(event, self.logic.elapsed(), self.logic.device or "", self.logic.server)
         self.ui.statusLabel.text = text
         slicer.util.showStatusMessage(text, 3000)
         chart = results.updateTrainingNodes(self.logic.history)[1]  # no "_ =": _ is the translation function
         self.ui.trainingPlotWidget.setMRMLPlotViewNode(self._plotViewNode("ARENASegmentationTraining", chart))
-        notice = panel.deviceNotice((self.logic.job or {}).get("job", {}).get("device", "auto"), self.logic.device or "")
+        notice = panel.deviceNotice((self.logic.job or {}).get("job", {}).get("device", "auto"), self.logic.device or "",
+                                    self.logic.server)
         if notice:
             self.ui.statusLabel.text += "\n" + notice
 
@@ -575,6 +631,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         self.lastPhase = None
         self.device = None  # where the worker really runs, as it reports it
         self.workerPid = None  # the interpreter's process id (PythonSlicer is only its launcher)
+        self.server = ""  # URL of the server the current or last job runs on ("": this computer)
         self.history = []  # (step, loss, total rank) of the current or last run
         self.log = []  # lines for the panel's log view
 
@@ -621,7 +678,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                    warmStartAdapter: Optional[str] = None,
                    structure: Optional[str] = None,
                    settings: Optional[dict] = None, onProgress: Optional[Callable] = None,
-                   onFinished: Optional[Callable] = None) -> None:
+                   onFinished: Optional[Callable] = None, server: str = "", tokenFile: str = "") -> None:
         """Start adapting to the painted segment in a background process; returns at once.
 
         The segmentation is never written: the outcome's ``result`` holds the prediction, which
@@ -648,12 +705,18 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                 default (a name the backbone knows, e.g. "liver", starts its head pretrained).
             onProgress: called with each ``progress`` event (step, steps, loss, total_rank, ranks).
             onFinished: called once with the outcome dict (see :meth:`processEvents`).
+            server: URL of an ``arenaseg serve`` server to run the job on ("": this computer);
+                the background process is the same, it uploads, relays and downloads.
+            tokenFile: file holding the server's token ("": ``ARENASEG_TOKEN`` of Slicer's
+                environment).
 
         Raises:
-            RuntimeError: a job is running, or an input is missing, empty, or on another grid.
+            RuntimeError: a job is running, an input is missing, empty, or on another grid, or
+                the server URL or token cannot be used.
         """
         if self.job is not None:
             raise RuntimeError(_("An ARENA job is already running: cancel it or wait for it to end."))
+        remote = self.remote(server, tokenFile)  # before any file is written
         if not volumeNode or not volumeNode.GetImageData():
             raise RuntimeError(_("Select a CT volume that holds an image."))
         if not segmentationNode:
@@ -704,25 +767,29 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                 settings=jobSettings, stop_on_stdin_eof=True).to_dict()
             self._launch(job, runDir, onProgress, onFinished, dict(
                 volumeNode=volumeNode, segmentationNode=segmentationNode, targetSegmentId=targetSegmentId,
-                labels=labels, targetName=name, warmStart=warmStartAdapter))
+                labels=labels, targetName=name, warmStart=warmStartAdapter), remote)
         except BaseException:
             shutil.rmtree(runDir, ignore_errors=True)
             raise
 
     def startApplyAdapter(self, volumeNode, adapterPath: str, segmentationNode, segmentName: Optional[str] = None,
-                          device: str = "auto", onFinished: Optional[Callable] = None) -> None:
-        """Segment ``volumeNode`` (e.g. a new patient) with a saved adapter, in the background.
+                          device: str = "auto", onFinished: Optional[Callable] = None, server: str = "",
+                          tokenFile: str = "") -> None:
+        """Segment ``volumeNode`` (e.g. a new patient) with a saved adapter, in the background
+        (on ``server`` when one is given: see :meth:`startAdapt`).
 
         The result goes into a new segment of ``segmentationNode`` named ``segmentName``, by
         default "<structure stored in the adapter> (ARENA)" (a unique name: an existing segment,
         e.g. a corrected result of another patient, is never replaced).
 
         Raises:
-            RuntimeError: a job is running, no image, no adapter file, or a segmentation that
-                does not store binary labelmaps (checked before the run).
+            RuntimeError: a job is running, no image, no adapter file, a segmentation that
+                does not store binary labelmaps, or a server URL or token that cannot be used
+                (checked before the run).
         """
         if self.job is not None:
             raise RuntimeError(_("An ARENA job is already running: cancel it or wait for it to end."))
+        remote = self.remote(server, tokenFile)
         if not volumeNode or not volumeNode.GetImageData():
             raise RuntimeError(_("Select a CT volume that holds an image."))
         if not adapterPath or not os.path.isfile(adapterPath):
@@ -739,25 +806,53 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
                                     stop_on_stdin_eof=True).to_dict()
             self._launch(job, runDir, None, onFinished, dict(
                 volumeNode=volumeNode, segmentationNode=segmentationNode, segmentName=segmentName,
-                adapterPath=str(adapterPath)))
+                adapterPath=str(adapterPath)), remote)
         except BaseException:
             shutil.rmtree(runDir, ignore_errors=True)
             raise
 
-    def _launch(self, job: dict, runDir: Path, onProgress, onFinished, context: dict) -> None:
+    @staticmethod
+    def remote(server: str, tokenFile: str) -> Optional[dict]:
+        """``{"server": URL, "token": token}`` for a job on a server, None for this computer.
+
+        Raises:
+            RuntimeError: a URL that is not http(s), or no readable token (one line each).
+        """
+        server = (server or "").strip().rstrip("/")
+        if not server:
+            return None
+        problem = panel.serverUrlProblem(server)
+        if problem:
+            raise RuntimeError(problem)
+        return {"server": server, "token": panel.serverToken(tokenFile, os.environ)}
+
+    def _launch(self, job: dict, runDir: Path, onProgress, onFinished, context: dict,
+                remote: Optional[dict] = None) -> None:
         # Jobs are made with stop_on_stdin_eof: cancel goes through the launcher (ARENASegmentationLib.process).
+        # On a server, the same worker runs the job there (arenaseg/remote_worker.py): the job
+        # file names the server, the token goes in the child's environment only (a job file
+        # or a command line can be read by others).
+        env = self.workerEnvironment()
+        if remote:
+            job = dict(job, server=remote["server"])
+            env["ARENASEG_TOKEN"] = remote["token"]
         jobPath = runDir / "job.json"
         jobPath.write_text(json.dumps(job, indent=1))
         worker = process.WorkerProcess(self.pythonCommand() + ["-m", "arenaseg.worker", str(jobPath)],
-                                       self.workerEnvironment(), runDir / "worker.log",
-                                       graceSeconds=self.CANCEL_GRACE_SECONDS)
+                                       env, runDir / "worker.log", graceSeconds=self.CANCEL_GRACE_SECONDS)
         scene = context["volumeNode"].GetScene() or slicer.mrmlScene
         observer = scene.AddObserver(scene.StartCloseEvent, lambda caller, event: self.stop())
         self.job = dict(job=job, runDir=runDir, worker=worker, onProgress=onProgress, onFinished=onFinished,
                         context=context, final=None, started=time.monotonic(), sceneObserver=(scene, observer))
         self.lastProgress = self.lastPhase = self.device = self.workerPid = None
+        self.server = remote["server"] if remote else ""
         self.history, self.log = [], []
-        logging.info(f"ARENA: {job['command']} started (process {worker.process.pid}, folder {runDir})")
+        logging.info(f"ARENA: {job['command']} started {self.where()} (process {worker.process.pid}, "
+                     f"folder {runDir})")
+
+    def where(self) -> str:
+        """Where the current or last job runs: "on server URL (device)" or "on this computer (cpu)"."""
+        return panel.whereText(self.server, self.device or "")
 
     def elapsed(self) -> float:
         """Seconds since the running job started (0 when idle)."""
@@ -813,7 +908,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
             elif kind == "started":
                 self.device = event.get("device")  # the worker says where it runs: no torch here
                 self.workerPid = event.get("pid")
-                self.log.append(f"started on {self.device}")
+                self.log.append(f"started {self.where()}")
             elif kind == "phase":
                 self.lastPhase = event
                 if event.get("done") is None or event.get("done") == event.get("total"):
@@ -899,7 +994,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         summary.update(adapter=adapter, method=settings.get("method"), backbone=job["job"].get("backbone"),
                        steps=settings.get("steps"), lam=settings.get("lam"), rank=settings.get("rank"),
                        warm_start=ctx["warmStart"], structure=job["job"]["structure"],
-                       loss=(done.get("loss") or [None])[-1])
+                       loss=(done.get("loss") or [None])[-1], server=job["job"].get("server"))
         results.updateRankNodes(summary, target.GetName())
         if self.history:
             results.updateTrainingNodes(self.history)
@@ -923,7 +1018,7 @@ class ARENASegmentationLogic(ScriptedLoadableModuleLogic):
         segmentId = segmentation.AddEmptySegment(segmentation.GenerateUniqueSegmentID(name), name)
         ranks = done.get("ranks") or {}
         summary = {"ranks": ranks, "effective_rank": sum(ranks.values()), "adapter": ctx["adapterPath"],
-                   "seconds": done.get("seconds"), "structure": structure}
+                   "seconds": done.get("seconds"), "structure": structure, "server": job["job"].get("server")}
         try:
             results.updateRankNodes(summary, name)
             slicer.util.updateSegmentBinaryLabelmapFromArray(result.astype(np.uint8), segmentationNode, segmentId,

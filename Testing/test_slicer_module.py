@@ -264,8 +264,8 @@ def test_the_panel_and_the_effect_install_through_one_entry_point(monkeypatch):
 
     asked = []
 
-    def declined(method, backbone, onStatus=None):
-        asked.append((method, backbone))
+    def declined(method, backbone, onStatus=None, server=False):
+        asked.append((method, backbone, server))
         onStatus and onStatus("The Python packages were not installed.")
         return False
 
@@ -278,7 +278,8 @@ def test_the_panel_and_the_effect_install_through_one_entry_point(monkeypatch):
     assert widget.ensureDependencies("arena", "merlin-resnet152") is False
     assert "not installed" in widget.ui.statusLabel.text and refreshed
     assert module.ensureDependencies("lora", "arena-small-ct-unet") is False
-    assert asked == [("arena", "merlin-resnet152"), ("lora", "arena-small-ct-unet")]
+    # no server URL in the settings (none outside the Slicer application): the local packages
+    assert asked == [("arena", "merlin-resnet152", False), ("lora", "arena-small-ct-unet", False)]
 
 
 def test_training_curve_uses_the_step_column_and_two_colours(slicer_app):  # noqa: F811

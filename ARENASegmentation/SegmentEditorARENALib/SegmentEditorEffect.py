@@ -177,8 +177,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                       onProgress=self.onProgress, onFinished=self.onFinished)
             self.progressBar.visible, self.progressBar.value = True, 0
             self.progressBar.maximum = max(1, parameters.steps)
-            advice = module.memoryAdvice(parameters.backbone)
-            self.statusLabel.text = advice or _("Starting the background process...")
+            advice = module.memoryAdvice(parameters.backbone)  # "" for a job on a server
+            self.statusLabel.text = advice or _("Starting the background process ({where})...").format(
+                where=logic.logic.where())
             self._startTimer()
         self.updateGUIFromMRML()
 
@@ -202,7 +203,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.progressBar.maximum = max(1, event["steps"])
         self.progressBar.value = event["step"]
         logic = self.effectLogic.logic
-        self.statusLabel.text = panel.progressText(event, logic.elapsed(), logic.device or "")
+        self.statusLabel.text = panel.progressText(event, logic.elapsed(), logic.device or "", logic.server)
 
     def onFinished(self, outcome):
         self.progressBar.visible = False

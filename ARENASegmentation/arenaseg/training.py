@@ -26,15 +26,11 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from .config import DEFAULT_LR, FULL_FINE_TUNING_LR, AdaptSettings  # noqa: F401 (re-exported)
-from .errors import ArenaError
+from .errors import ArenaError, Cancelled  # noqa: F401 (Cancelled is re-exported)
 from .precision import autocast, guard_bf16_defects, reuse_freed_memory
 from .methods import Method
 
 ProgressFn = Callable[[int, float, dict], None]
-
-
-class Cancelled(Exception):
-    """Raised inside training when the caller asks to stop (e.g. SIGTERM in the worker)."""
 
 
 @dataclass

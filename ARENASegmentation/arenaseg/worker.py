@@ -18,6 +18,10 @@ The worker prints one JSON object per line on stdout, flushed at once:
 ``{"event": "error", "message"}`` (exit 2) or ``{"event": "cancelled"}`` (exit 143 after
 SIGTERM, within about a training step; outputs are written atomically at the very end, so a
 cancelled job leaves none). CUDA (bf16 autocast) is used when present, else the CPU.
+
+With ``"server": URL`` the job runs on that ``arenaseg serve`` server instead, with the token in
+the environment variable ``ARENASEG_TOKEN``: the same events and output files
+(:mod:`arenaseg.remote_worker`), and no torch needed here.
 """
 
 from __future__ import annotations
@@ -31,9 +35,8 @@ import threading
 import traceback
 
 from .config import AdaptJob, job_from_dict
-from .errors import ArenaError
+from .errors import ArenaError, Cancelled  # torch-free: a job relayed to a server needs no torch
 from .io.outputs import ReadablePaths, interrupt
-from .training import Cancelled
 
 
 def emit(event: str, **fields) -> None:
@@ -62,8 +65,9 @@ def _on_sigterm(signum, frame):
 INPUT_FIELDS = ("image", "annotations", "warm_start", "weights", "backbone", "adapter")
 
 
-def _stop_at_stdin_eof() -> None:
-    """Job field ``"stop_on_stdin_eof": true``: the end of stdin cancels the job like SIGTERM.
+def _stop_at_stdin_eof(cancel=None) -> None:
+    """Job field ``"stop_on_stdin_eof": true``: the end of stdin cancels the job like SIGTERM
+    (or calls ``cancel``: a job on a server is cancelled there).
 
     Slicer's PythonSlicer launcher forwards stdin to the interpreter it starts but no signal, so
     a GUI client cancels by closing the worker's stdin; a client that dies closes it too.
@@ -73,7 +77,10 @@ def _stop_at_stdin_eof() -> None:
             pass
     except (OSError, ValueError):
         pass
-    _thread.interrupt_main(signal.SIGTERM)  # runs _on_sigterm in the main thread
+    if cancel is not None:
+        cancel()
+    else:
+        _thread.interrupt_main(signal.SIGTERM)  # runs _on_sigterm in the main thread
 
 
 def run_job(job: dict) -> dict:
@@ -132,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                 job = json.load(f)
         except (OSError, ValueError) as err:
             raise ArenaError(f"job file '{argv[0]}' cannot be read as JSON ({err})") from None
+        # not a field of the engine's job but where it runs (job_from_dict refuses a non-dict)
+        server = job.pop("server", None) if isinstance(job, dict) else None
         job_from_dict(job)  # every field's name and type, before any work
+        if server:
+            return _run_remote(dict(job, server=server))
         if job.get("stop_on_stdin_eof"):
             threading.Thread(target=_stop_at_stdin_eof, daemon=True).start()
         from .inference import pick_device
@@ -150,6 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an engine bug: report it rather than die silently
         emit("error", message=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         return 1
+
+
+def _run_remote(job: dict) -> int:
+    """The job on its server (:mod:`arenaseg.remote_worker`): same events, same outputs."""
+    from .remote_worker import RemoteJob
+
+    remote = RemoteJob(job, emit)
+    if job.get("stop_on_stdin_eof"):
+        threading.Thread(target=_stop_at_stdin_eof, args=(remote.cancel,), daemon=True).start()
+    emit("done", **remote.run())
+    return 0
 
 
 if __name__ == "__main__":
