@@ -507,3 +507,19 @@ def test_rate_limit_per_user(tmp_path):
                          timeout=60)
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "--rate-limit 'lots' must be a number of requests per second, minute or hour" in run.stderr
+
+
+def test_a_relative_data_folder_is_kept_absolute(tmp_path, monkeypatch):
+    """``serve --data data`` (relative) failed every job: each worker runs inside its own job
+    folder, where the relative job-file path no longer resolved."""
+    from arenaseg.jobstore import JobStore
+
+    monkeypatch.chdir(tmp_path)
+    store = JobStore("data")
+    try:
+        assert store.data == (tmp_path / "data").resolve()
+        assert store.jobs_dir.is_absolute() and store.blobs.is_absolute()
+    finally:
+        store.close()
+    monkeypatch.chdir("/")
+    assert (tmp_path / "data" / "jobs").is_dir()

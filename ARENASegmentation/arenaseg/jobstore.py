@@ -107,7 +107,8 @@ class JobStore:
     """The database and the blob folder of one server data folder (thread-safe)."""
 
     def __init__(self, data: str | os.PathLike):
-        self.data = Path(data)
+        # absolute: every job's worker runs inside its own job folder
+        self.data = Path(data).resolve()
         self.blobs = self.data / "blobs"
         self.jobs_dir = self.data / "jobs"
         self.incoming = self.data / "incoming"
