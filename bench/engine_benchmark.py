@@ -35,6 +35,7 @@ import SimpleITK as sitk
 import torch
 
 from arenaseg.adapter_file import read_adapter
+from arenaseg.config import DEFAULT_METHOD
 from arenaseg.io.annotations import dice, find_annotation, paint_slices
 from arenaseg.backbones import DEFAULT_BACKBONE, EMBEDDED_BACKBONE, get_spec, load_backbone
 from arenaseg.io.geometry import array_ijk, image_like
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "REPORT.md"))
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="registry id of the backbone")
-    parser.add_argument("--methods", nargs="+", default=["arena", "lora", "linear-probe"])
+    parser.add_argument("--methods", nargs="+", default=[DEFAULT_METHOD, "lora", "linear-probe"])
     parser.add_argument("--structures", nargs="+", default=[s[0] for s in STRUCTURES])
     parser.add_argument("--k", type=int, default=3, help="painted axial slices")
     parser.add_argument("--k-sweep", type=int, nargs="*", default=[1, 2, 5, 8],
