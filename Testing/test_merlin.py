@@ -213,3 +213,29 @@ def test_the_decoder_starts_as_the_linear_probe_and_reads_unpainted_slices(merli
     head = model.classifier.weight.flatten()
     assert head[0] == 1 and not head[1:].any()
     assert all(not conv.weight.any() for conv in model.decoder.refine)
+
+
+def test_lora_on_the_encoder_merges_to_the_same_output(merlin):
+    """LoRA on the default targets (``conv1``, ``conv3``: 1×1×1 kernels, ``conv2``: 3×3×3) predicts
+    the same merged for inference as beside the frozen weights, and unmerges back."""
+    torch.manual_seed(0)
+    model = MerlinSegmenter()
+    model.load_state_dict({k: v for k, v in merlin.state_dict().items() if k.startswith("encoder.")},
+                          strict=False)
+    model.eval()
+    tuning = prepare(model, SPEC, AdaptSettings(method="lora", rank=4, steps=1))
+    assert {tuple(layer.get_base_layer().kernel_size) for layer in tuning.layers.values()} == {
+        (1, 1, 1), (3, 3, 3)}
+    for layer in tuning.layers.values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)  # a non-zero update
+    x = torch.rand(1, 1, 32, 32, 16)
+    weights = {n: p.clone() for n, p in model.state_dict().items() if "lora_" not in n}
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        beside = model(x)
+        tuning.merge()
+        merged = model(x)
+        tuning.unmerge()
+        again = model(x)
+    assert torch.allclose(merged, beside, atol=1e-4 * float(beside.abs().max()))
+    assert torch.allclose(again, beside, atol=1e-5 * float(beside.abs().max()))
+    assert all(torch.allclose(model.state_dict()[n], w, atol=1e-6) for n, w in weights.items())

@@ -324,7 +324,8 @@ class Method:
     def unmerge(self) -> None:
         """Restore the backbone weights after :meth:`merge`."""
         for layer in self.layers.values():
-            layer.unmerge()
+            if layer.merged:
+                layer.unmerge()
 
 
 #: Steps over which η rises linearly from 5 % to its value when the backbone's decoder starts
@@ -412,6 +413,15 @@ class LoRA(Method):
 
     def ranks(self) -> dict[str, int]:
         return self.initial_ranks()
+
+    def merge(self) -> None:
+        """As :meth:`Method.merge`, but a Conv3d with a 1×1×1 kernel keeps its adapter beside
+        it (the same output): PEFT 0.21 merges such a kernel as a 2-D one and fails on the
+        shapes (the Merlin encoder's ``conv1`` and ``conv3``)."""
+        for layer in self.layers.values():
+            base = layer.get_base_layer()
+            if not (isinstance(base, nn.Conv3d) and tuple(base.kernel_size) == (1, 1, 1)):
+                layer.merge()
 
 
 class AdaLoRA(Method):
