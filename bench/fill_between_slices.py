@@ -62,9 +62,10 @@ def fill_between_slices(painted: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndar
         _process = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE)
         atexit.register(_close)
-    pickle.dump((np.asarray(painted) > 0, tuple(float(s) for s in spacing)), _process.stdin)
-    _process.stdin.flush()
     try:
+        pickle.dump((np.asarray(painted) > 0, tuple(float(s) for s in spacing)), _process.stdin)
+        _process.stdin.flush()
         return pickle.load(_process.stdout)
-    except EOFError:
-        raise RuntimeError(f"the Fill between slices process ended (exit code {_process.wait()})") from None
+    except (BrokenPipeError, EOFError):
+        raise RuntimeError(f"the Fill between slices process ended (exit code {_process.wait()}; "
+                           "without ITK, install the bench extra: pip install -e '.[bench]')") from None
