@@ -79,6 +79,14 @@ def test_zero_shot_of_an_unknown_structure_is_refused():
         prepare(model, spec, AdaptSettings(method="zero-shot"), "urinary_bladder")
 
 
+def test_zero_shot_on_a_backbone_without_organ_classes_names_one_with_them():
+    from arenaseg.backbones import EMBEDDED_BACKBONE, get_spec
+
+    with pytest.raises(ArenaError, match=r"'merlin-resnet152' has none .* --method arena\), or a "
+                                         rf"--backbone pretrained on organ labels \({EMBEDDED_BACKBONE}, "):
+        METHOD_CLASSES["zero-shot"].check(get_spec("merlin-resnet152"), None)
+
+
 def test_one_class_per_method_name():
     """Each name of the config has its class, and preparing by name gives that class."""
     assert tuple(METHOD_CLASSES) == METHODS

@@ -48,7 +48,7 @@ from .adapters import ArenaLayer, GateSteps, effective_ranks, inject_adapters
 from .config import ADAPTER_METHODS, METHODS, AdaptSettings  # noqa: F401 (re-exported)
 from .errors import ArenaError
 from .precision import bf16_defective
-from .backbones.registry import BackboneSpec
+from .backbones.registry import REGISTRY, BackboneSpec
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -352,8 +352,14 @@ class ZeroShot(Method):
 
     @classmethod
     def check(cls, spec: BackboneSpec, structure: str | None) -> None:
+        known = [c for c in spec.classes if spec.pretrained_channel(c) is not None]
+        if not known:
+            with_classes = [b.id for b in REGISTRY.values() if b.classes]
+            raise ArenaError(f"zero-shot needs a backbone pretrained on organ labels, and "
+                             f"'{spec.id}' has none (its decoder is trained from the painted "
+                             f"slices): choose a method that trains (e.g. --method arena), or a "
+                             f"--backbone pretrained on organ labels ({', '.join(with_classes)})")
         if spec.pretrained_channel(structure) is None:
-            known = [c for c in spec.classes if spec.pretrained_channel(c) is not None]
             raise ArenaError(f"zero-shot needs a structure the backbone '{spec.id}' knows (one of "
                              f"{', '.join(known)}), not '{structure}': give --structure with one "
                              "of these names, or choose a method that trains")

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from .adapter_file import apply_adapter, read_adapter, save_adapter
 from .io.annotations import Annotation, dice, find_annotation, interpolate
-from .backbones import DEFAULT_BACKBONE, load_backbone, state_checksum
+from .backbones import DEFAULT_BACKBONE, get_spec, load_backbone, state_checksum
 from .errors import ArenaError
 from .io.checks import backbone_preprocessing, check_extent, check_intensities, check_paint, describe
 from .io.geometry import array_ijk
@@ -23,7 +23,7 @@ from .io.images import read_image, write_image
 from .io.labels import painted_points, read_labels_on, resolve_label
 from .inference import StatusFn, input_probability, pick_device, predict, recognise
 from .io.outputs import Outputs, check_writable
-from .methods import Method, prepare
+from .methods import METHOD_CLASSES, Method, prepare
 from .postprocessing import profile as read_profile
 from .preprocessing import Scan  # noqa: F401 (the geometry object; public here too)
 from .config import AdaptSettings
@@ -311,6 +311,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                                  f"{saved}, not {given}: give {option} {saved}, or start "
                                  "without --warm-start")
     used = warm[1]["backbone"] if warm else backbone
+    METHOD_CLASSES[settings.method].check(get_spec(used), structure)  # before the backbone runs
     check_extent(ct, image, backbone_preprocessing(used), str(used), warn)
     result = fit(ct, annotation, settings, backbone, structure, dev, warm, zero_shot=True, profile=True,
                  weights=weights, progress=progress, should_stop=should_stop, status=status)
