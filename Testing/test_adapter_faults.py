@@ -11,6 +11,7 @@ from dataclasses import fields
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+import torch
 
 import arenaseg
 from arenaseg import adapter_file
@@ -172,3 +173,30 @@ def test_every_setting_and_field_has_a_rule(adapter):
     assert set(adapter_file._SETTINGS) == {f.name for f in fields(AdaptSettings)}
     with safe_open(str(adapter), framework="pt") as f:
         assert set(json.loads(f.metadata()["arenaseg"])) <= set(adapter_file._FIELDS)
+
+
+def _reading(**shapes):
+    return {f"reading.{name}": torch.zeros(shape) for name, shape in shapes.items()}
+
+
+# The frozen backbone's reading (arenaseg.reading.TENSORS), edited: (tensors, name and words in the message)
+READINGS = {
+    "reading without its mean": (_reading(structure=(4, 8), background=(6, 8), scale=(8,)),
+                                 ("'reading.mean'", "missing")),
+    "samples of another width": (_reading(structure=(4, 8), background=(6, 5), mean=(8,), scale=(8,)),
+                                 ("'reading.background'", "(6, 5)")),
+    "an unknown reading tensor": (_reading(structure=(4, 8), background=(6, 8), mean=(8,), scale=(8,),
+                                           extra=(8,)), ("'reading.extra'", "unexpected")),
+}
+
+
+@pytest.mark.parametrize("case", list(READINGS))
+def test_an_edited_reading_is_refused_naming_the_tensor(capsys, adapter, tmp_path, case):
+    added, words = READINGS[case]
+    with safe_open(str(adapter), framework="pt") as f:
+        header = f.metadata()
+    path = tmp_path / "edited.safetensors"
+    save_file({**load_file(str(adapter)), **added}, str(path), metadata=header)
+    out = tmp_path / "seg.nii.gz"
+    refused(capsys, ["segment", "--image", CT, "--adapter", str(path), "--out", str(out)],
+            out, str(path), *words, FIX)

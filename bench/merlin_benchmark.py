@@ -44,7 +44,6 @@ from contextlib import contextmanager
 
 from arenaseg.backbones import REGISTRY, get_spec, load_backbone
 from arenaseg.backbones.merlin import TAPS, MerlinSegmenter, fit_logistic, upsample_exact
-from arenaseg.backbones.registry import merlin_key_rules
 from arenaseg.config import AdaptSettings
 from arenaseg.io.geometry import array_ijk, image_like
 from arenaseg.io.images import read_image
@@ -72,8 +71,7 @@ def deep_encoder() -> MerlinSegmenter:
     """The encoder kept down to ``layer3`` (for the stage table)."""
     spec = get_spec(BACKBONE)
     deep = dataclasses.replace(spec, id=BACKBONE + "-to-layer3",
-                               network_args=(("stages", PROBE_STAGES + ("layer3",)),),
-                               source=dataclasses.replace(spec.source, key_rules=merlin_key_rules("", 3)))
+                               network_args=(("stages", PROBE_STAGES + ("layer3",)),))
     REGISTRY[deep.id] = deep
     return load_backbone(deep.id)[0]
 

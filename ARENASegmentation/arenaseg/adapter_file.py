@@ -32,19 +32,20 @@ FORMAT = "arenaseg-adapter/3"  # 3: ARENA gates scaled by the spectral norm of W
 
 
 def save_adapter(path: str | os.PathLike, tuning: Method, metadata: dict,
-                 outputs: Outputs | None = None) -> Path:
+                 outputs: Outputs | None = None, reading: dict[str, torch.Tensor] | None = None) -> Path:
     """Prune ``tuning`` (:meth:`~arenaseg.methods.Method.prune`: ARENA drops its switched-off
     components) and write its trained tensors (:meth:`~arenaseg.methods.Method.state`) and
     ``metadata``; the file
     is re-opened and compared before it is published (:func:`~arenaseg.io.outputs.write_safetensors`),
     with ``outputs``' other files when given. ``metadata`` must hold ``backbone``,
-    ``backbone_checksum`` and ``settings``; the ranks are added here.
+    ``backbone_checksum`` and ``settings``; the ranks are added here. ``reading``: the frozen
+    backbone's reading of the paint (:func:`arenaseg.reading.painted_reading`), stored beside.
 
     Raises:
         ArenaError: the write failed (file, cause, fix); nothing was published.
     """
     tuning.prune()
-    tensors = tuning.state()
+    tensors = dict(tuning.state(), **(reading or {}))
     meta = dict(metadata, format=FORMAT, arenaseg_version=__version__, method=tuning.method,
                 ranks=tuning.ranks(), initial_ranks=tuning.initial_ranks(),
                 stored_ranks=tuning.stored_ranks())
@@ -228,7 +229,31 @@ def check_metadata(path, meta, tensors: dict[str, torch.Tensor]) -> dict:
             raise _bad(path, f"'settings.{name}'", value, rule) from None
         raise ArenaError(f"adapter '{path}': metadata field 'settings' cannot work ({err}): {_FIX}") from None
     _check_ranks(path, meta, tensors)
+    _check_reading(path, tensors)
     return meta
+
+
+def _check_reading(path, tensors: dict[str, torch.Tensor]) -> None:
+    """The frozen backbone's reading (:data:`arenaseg.reading.TENSORS`): all or none of its
+    tensors, samples ``(n, C)`` with n ≥ 1 and one ``C``, mean and scale ``(C,)``."""
+    from .reading import TENSORS
+
+    held = [name for name in TENSORS if name in tensors]
+    extra = sorted(n for n in tensors if n.startswith("reading.") and n not in TENSORS)
+    if extra or 0 < len(held) < len(TENSORS):
+        name = extra[0] if extra else next(n for n in TENSORS if n not in tensors)
+        raise ArenaError(f"adapter '{path}': tensor '{name}' is {'unexpected' if extra else 'missing'} "
+                         f"(the reading is {', '.join(TENSORS)}): {_FIX}")
+    if not held:
+        return
+    structure = tensors["reading.structure"]
+    channels = structure.shape[-1] if structure.dim() == 2 else None
+    for name, want in (("reading.structure", 2), ("reading.background", 2), ("reading.mean", 1),
+                       ("reading.scale", 1)):
+        t = tensors[name]
+        if t.dim() != want or t.shape[-1] != channels or t.shape[0] < 1 or not t.is_floating_point():
+            raise ArenaError(f"adapter '{path}': tensor '{name}' has shape {tuple(t.shape)} "
+                             f"(must be {'(n, C)' if want == 2 else '(C,)'}, C = {channels}, float): {_FIX}")
 
 
 def _check_ranks(path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -316,14 +341,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
-def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch.Tensor],
-                  meta: dict, source: str = "adapter") -> Method:
-    """Prepare a freshly loaded backbone for the saved method and load the saved tensors.
-
-    Raises:
-        ArenaError: the adapter was made for another backbone (id or weights checksum), or its
-            tensors do not fit.
-    """
+def check_backbone(model: nn.Module, spec: BackboneSpec, meta: dict, source: str = "adapter") -> None:
+    """Raise :class:`ArenaError` unless the adapter (``meta``) was made for exactly this
+    backbone: its id and its weights checksum (:func:`~arenaseg.backbones.state_checksum`)."""
     if meta.get("backbone") != spec.id:
         raise ArenaError(f"adapter '{source}' was made for backbone '{meta.get('backbone')}', "
                          f"not '{spec.id}': use the backbone it was trained on")
@@ -332,6 +352,18 @@ def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch
         raise ArenaError(f"adapter '{source}' was made for other weights of backbone '{spec.id}' "
                          f"(checksum {str(meta.get('backbone_checksum'))[:12]}…, installed "
                          f"{checksum[:12]}…): adapt again on the installed backbone")
+
+
+def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch.Tensor],
+                  meta: dict, source: str = "adapter") -> Method:
+    """Prepare a freshly loaded backbone for the saved method and load the saved tensors (the
+    frozen backbone's reading, ``reading.*``, is not the method's: it stays out).
+
+    Raises:
+        ArenaError: the adapter was made for another backbone (id or weights checksum), or its
+            tensors do not fit.
+    """
+    check_backbone(model, spec, meta, source)
     modules = dict(model.named_modules())
     missing = [name for name in meta["stored_ranks"] if name not in modules]
     if missing:
@@ -339,6 +371,6 @@ def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch
                          f"'{missing[0]}', which backbone '{spec.id}' does not have: {_FIX}")
     tuning = prepare(model, spec, AdaptSettings.from_dict(meta["settings"]), meta.get("structure"),
                      ranks=meta["stored_ranks"])
-    load_state(tuning, tensors, source)
+    load_state(tuning, {n: t for n, t in tensors.items() if not n.startswith("reading.")}, source)
     tuning.fresh_decoder = False
     return tuning

@@ -144,7 +144,7 @@ def input_probability(tuning: Method, spec, scan: Scan, device: torch.device,
 
 def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int = 1,
             annotation: Annotation | None = None, status: StatusFn | None = None,
-            classes: sitk.Image | None = None, expected: list[int] | None = None) -> Objects:
+            reads_as: sitk.Image | None = None) -> Objects:
     """Segment ``scan`` with the adapted backbone.
 
     Sliding-window logits (MONAI) on the canonical grid, their sigmoid resampled (trilinear,
@@ -161,9 +161,9 @@ def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int =
         label: value of the structure in the returned labelmap.
         annotation: the painted slices on the input grid (adapt), or None (segment).
         status: ``status("inference", message)`` after each window.
-        classes, expected: the backbone's reading of the scan (:func:`recognise`) and the class
-            indices of the painted structure: without ``annotation``, only objects the backbone
-            reads as the structure are kept.
+        reads_as: where the frozen backbone reads the scan as the painted structure
+            (:func:`arenaseg.reading.read_as_structure`): without ``annotation``, only objects
+            it reads as the structure are kept.
 
     Returns:
         :class:`~arenaseg.postprocessing.Objects`: ``image`` is a labelmap on exactly the input
@@ -185,7 +185,7 @@ def predict(tuning: Method, spec, scan: Scan, device: torch.device, label: int =
     if annotation is None:
         mask, core = threshold(probability, outside=scan.outside)
         del probability
-        return select_objects(mask, core, label, classes=classes, expected=expected)
+        return select_objects(mask, core, label, reads_as=reads_as)
     mask, core = threshold(probability, annotation, scan.outside)
     uncertain = np.transpose(doubt(sitk.GetArrayViewFromImage(probability)), (2, 1, 0))
     del probability

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .adapter_file import apply_adapter, read_adapter, save_adapter
+from .adapter_file import apply_adapter, check_backbone, read_adapter, save_adapter
 from .io.annotations import Annotation, dice, find_annotation, interpolate
 from .backbones import DEFAULT_BACKBONE, get_spec, load_backbone, state_checksum
 from .errors import ArenaError
@@ -21,10 +21,10 @@ from .io.checks import backbone_preprocessing, check_extent, check_intensities, 
 from .io.geometry import array_ijk
 from .io.images import read_image, write_image
 from .io.labels import painted_points, read_labels_on, resolve_label
-from .inference import StatusFn, input_probability, pick_device, predict, recognise
+from .inference import StatusFn, input_probability, pick_device, predict
 from .io.outputs import Outputs, check_writable
 from .methods import METHOD_CLASSES, Method, prepare
-from .postprocessing import profile as read_profile
+from .reading import painted_reading, read_as_structure
 from .preprocessing import Scan  # noqa: F401 (the geometry object; public here too)
 from .config import AdaptSettings
 from .training import ProgressFn, train
@@ -132,6 +132,8 @@ class Fit:
     checksum: str
     zero_shot_dice: float | None = None
     profile: dict[str, float] = field(default_factory=dict)
+    #: the frozen features' reading of the paint, for the adapter (:mod:`arenaseg.reading`)
+    reading: dict = field(default_factory=dict)
 
 
 def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings,
@@ -160,7 +162,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         zero_shot: also measure the Dice, on the painted slices, of the backbone's own output
             row for ``structure`` before training (None when the backbone does not know it).
         profile: also record how the frozen backbone reads the painted structure
-            (:func:`~arenaseg.postprocessing.profile`; one more sliding-window pass), which
+            (:func:`~arenaseg.reading.painted_reading`; one more pass of the frozen network), which
             ``segment`` uses to tell the structure from look-alikes.
         progress: called after each step with (step, loss, per-layer ranks).
         should_stop: polled every step; True raises :class:`~arenaseg.training.Cancelled`.
@@ -196,12 +198,10 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
         scan = Scan.from_image(scan, spec)
     checksum = state_checksum(model)
-    painted_profile = {}
+    painted_profile, reading = {}, {}
     if profile:
         status("preprocessing", f"reading the scan with the frozen backbone ({spec.id})")
-        classes, names = recognise(model, spec, scan, dev)
-        if classes is not None:
-            painted_profile = read_profile(classes, names, annotation.target)
+        painted_profile, reading = painted_reading(model, spec, scan, dev, annotation)
     if warm:
         tuning = apply_adapter(model, spec, *warm, source="--warm-start adapter")
     else:
@@ -228,7 +228,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     status("training", f"training {settings.steps} steps ({tuning.method})")
     log = train(tuning, scan.x, coords, targets, crop, settings, dev,
                 progress=progress, should_stop=should_stop, pseudo=pseudo)
-    return Fit(tuning, spec, scan, log, checksum, zero_shot_dice, painted_profile)
+    return Fit(tuning, spec, scan, log, checksum, zero_shot_dice, painted_profile, reading)
 
 
 def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str | None = None,
@@ -343,7 +343,7 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                 "annotated_slices": list(annotation.slices), "source_image": str(image),
                 "objects": objects.kept, "volume_ml": round(objects.kept_ml, 3),
                 "profile": result.profile},
-                outputs=outputs)
+                outputs=outputs, reading=result.reading)
         write_image(objects.image, out, what="output segmentation", option="--out",
                     outputs=outputs)
         outputs.publish()
@@ -396,15 +396,12 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
     check_extent(ct, image, spec.preprocessing, spec.id, warn)
     status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
     scan = Scan.from_image(ct, spec)
-    classes, names = (None, ())
-    if meta.get("profile"):
-        status("preprocessing", f"reading the scan with the frozen backbone ({spec.id})")
-        classes, names = recognise(model, spec, scan, dev)
+    check_backbone(model, spec, meta, source=str(adapter))  # before the reading's pass
+    status("preprocessing", f"reading the scan with the frozen backbone ({spec.id})")
+    reads_as = read_as_structure(model, spec, scan, dev, meta.get("profile"), tensors)
     tuning = apply_adapter(model, spec, tensors, meta, source=str(adapter))
     status("inference", "segmenting the whole volume")
-    expected = [names.index(n) for n in meta.get("profile") or {} if n in names]
-    objects = predict(tuning, spec, scan, dev, meta.get("label", 1), status=status,
-                      classes=classes, expected=expected)
+    objects = predict(tuning, spec, scan, dev, meta.get("label", 1), status=status, reads_as=reads_as)
     status("writing", f"writing {out}")
     write_image(objects.image, out, what="output segmentation", option="--out")
     return {"segmentation": str(out), "structure": meta.get("structure"),

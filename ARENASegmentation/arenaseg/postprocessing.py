@@ -6,14 +6,15 @@ muscle for a psoas) is never shown as background. Two rules follow, one per job:
 - **adapt** (the paint is given): the structure is what is connected to the paint. Everything
   else is removed, and its volume is reported: those are the adapter's false positives.
 - **segment** (a new scan, no paint): every object the model is confident about is kept, however
-  many there are (both kidneys painted as one structure stay two objects). An object is
-  confident when it holds a core of at least :data:`CORE_ML` mL at probability ≥
-  :data:`CORE_PROBABILITY`, and, for a backbone with pretrained classes, when the backbone reads
-  it as it read the paint: at least :data:`MATCH_SHARE` of its voxels fall in the classes that
-  made up the painted structure's :func:`profile`. A few-shot adapter is confident far outside
-  what it was shown (a liver adapter on a pelvis finds 0.7 L of "liver" in the bladder at
-  probability 0.94), but the frozen backbone still tells bladder from liver. When no object is
-  kept, the result is empty: the structure is absent.
+  many there are (both kidneys painted as one structure stay two objects), whole or cut by the
+  field of view. An object is confident when it holds a core of at least :data:`CORE_ML` mL at
+  probability ≥ :data:`CORE_PROBABILITY`, and, when the adapter holds the frozen backbone's
+  reading of the paint, when the backbone reads it as it read the paint: at least
+  :data:`MATCH_SHARE` of its voxels are read as the structure (:mod:`arenaseg.reading`: its
+  pretrained classes, or its deepest features). A few-shot adapter is confident far outside
+  what it was shown (a liver adapter finds "liver" in the bladder at probability 0.96), but the
+  frozen backbone still tells bladder from liver. When no object is kept, the result is empty:
+  the structure is absent.
 
 Everything stays in SimpleITK images at one byte per voxel where it can: a thin-slice CT has 10⁸
 voxels. The float probability is thresholded (:func:`threshold`) and dropped before the objects
@@ -33,7 +34,7 @@ CORE_PROBABILITY = 0.9
 CORE_ML = 1.0
 #: A backbone class belongs to the painted structure's profile above this share of its voxels.
 PROFILE_SHARE = 0.05
-#: An object matches the profile when this share of its voxels are read as one of its classes.
+#: An object is read as the structure when this share of its voxels are (:mod:`arenaseg.reading`).
 MATCH_SHARE = 0.5
 
 
@@ -113,8 +114,7 @@ def threshold(probability: sitk.Image, paint: Annotation | None = None,
 
 
 def select_objects(mask: sitk.Image, core: sitk.Image | None, label: int = 1,
-                   target: np.ndarray | None = None, classes: sitk.Image | None = None,
-                   expected: list[int] | None = None) -> Objects:
+                   target: np.ndarray | None = None, reads_as: sitk.Image | None = None) -> Objects:
     """Keep the objects of ``mask`` that make up the structure.
 
     Args:
@@ -122,9 +122,9 @@ def select_objects(mask: sitk.Image, core: sitk.Image | None, label: int = 1,
         label: value written in the kept objects.
         target: boolean ``(I, J, K)``: painted structure voxels (adapt): only objects connected
             to the paint are kept. Without it (segment), confident objects are kept.
-        classes: the backbone's class index per voxel (uint8 image on the input grid), or None.
-        expected: the class indices of the painted structure's :func:`profile`; without paint,
-            an object is kept only when it matches them (ignored when None or empty).
+        reads_as: uint8 image on the input grid, 1 where the frozen backbone reads the voxel
+            as the painted structure (:func:`arenaseg.reading.read_as_structure`), or None;
+            without paint, an object is kept only when :data:`MATCH_SHARE` of it is.
 
     Returns:
         :class:`Objects`.
@@ -140,8 +140,8 @@ def select_objects(mask: sitk.Image, core: sitk.Image | None, label: int = 1,
     else:
         stats.Execute(core, objects)
         keep = [n for n in stats.GetLabels() if n and stats.GetSum(n) * voxel_ml >= CORE_ML]
-        if classes is not None and expected:
-            stats.Execute(_any_of(classes, expected), objects)
+        if reads_as is not None:
+            stats.Execute(reads_as, objects)
             keep = [n for n in keep if stats.GetMean(n) >= MATCH_SHARE]
     sizes = {n: stats.GetCount(n) for n in stats.GetLabels() if n}
     del stats

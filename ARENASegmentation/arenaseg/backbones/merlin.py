@@ -38,6 +38,9 @@ WIDTHS = (64, 128, 256, 512)
 #: Channels and strides, in (Z, X, Y) canonical voxels, of the stages the decoder can read.
 TAPS = {"stem": (64, (1, 2, 2)), "layer1": (256, (2, 4, 4)), "layer2": (512, (4, 8, 8)),
         "layer3": (1024, (8, 16, 16))}
+#: The layer whose frozen output is the scan's reading (:meth:`MerlinSegmenter.reading`): its
+#: 24 mm features carry the anatomical context that tells a liver from a bladder of the same HU.
+READING_LAYER = 3
 
 
 class Bottleneck(nn.Module):
@@ -66,12 +69,14 @@ class Bottleneck(nn.Module):
 
 
 class InflatedResNet(nn.Module):
-    """Merlin's I3D ResNet-152 up to ``layers`` of its four layers (the decoder reads no deeper).
+    """Merlin's I3D ResNet-152 up to ``layers`` of its four layers; its chain of units
+    (:meth:`units`) ends at ``depth``, the deepest layer the decoder reads, and the layers below
+    it (``layer3``) serve the frozen reading of the scan (:meth:`MerlinSegmenter.reading`).
 
     ``conv1`` is ``(64, 3, 3, 7, 7)``, stride (1, 2, 2), padding (1, 3, 3), no bias; ``maxpool``
     3×3×3, stride 2, padding 1. Input ``(B, 3, Z, X, Y)``."""
 
-    def __init__(self, layers: int = 3):
+    def __init__(self, layers: int = 3, depth: int | None = None):
         super().__init__()
         self.conv1 = nn.Conv3d(3, 64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
         self.bn1 = nn.BatchNorm3d(64)
@@ -85,6 +90,7 @@ class InflatedResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             cin = 4 * WIDTHS[i]
         self.layers = layers
+        self.depth = layers if depth is None else depth
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.conv1) is nn.Conv3d or type(self.conv1).__name__ == "_Bf16SafeConv3d":
@@ -95,12 +101,13 @@ class InflatedResNet(nn.Module):
             x = self.conv1(x.expand(-1, 3, -1, -1, -1))
         return self.relu(self.bn1(x))
 
-    def units(self) -> list[tuple[str, list[nn.Module], object, str | None]]:
+    def units(self, depth: int | None = None) -> list[tuple[str, list[nn.Module], object, str | None]]:
         """The encoder as a chain: ``(name, modules, function, tap)`` per unit, ``tap`` the stage
-        whose output the unit ends (or None). Units: ``stem``, ``maxpool``, then every block."""
+        whose output the unit ends (or None). Units: ``stem``, ``maxpool``, then every block of
+        ``layer1`` to ``layer{depth}`` (default :attr:`depth`)."""
         chain = [("stem", [self.conv1, self.bn1], self._stem, "stem"),
                  ("maxpool", [], self.maxpool, None)]
-        for i in range(1, self.layers + 1):
+        for i in range(1, (self.depth if depth is None else depth) + 1):
             layer = getattr(self, f"layer{i}")
             chain += [(f"layer{i}.{b}", [block], block, f"layer{i}" if b == len(layer) - 1 else None)
                       for b, block in enumerate(layer)]
@@ -223,8 +230,8 @@ class MerlinSegmenter(nn.Module):
                  width: int = 32):
         super().__init__()
         stages = tuple(stages)
-        layers = max(int(s[-1]) if s.startswith("layer") else 0 for s in stages)
-        self.encoder = InflatedResNet(layers)
+        depth = max(int(s[-1]) if s.startswith("layer") else 0 for s in stages)
+        self.encoder = InflatedResNet(max(depth, READING_LAYER), depth)
         self.decoder = FeatureDecoder(stages, width)
         self.classifier = nn.Conv3d(width, 1, 1)
         zxy = TAPS[stages[-1]][1]
@@ -363,6 +370,27 @@ class MerlinSegmenter(nn.Module):
             logits = self(state)
         sx, sy, sz = cache.size
         return logits[0, :, :sx, :sy, :sz].float().cpu()
+
+
+    @torch.no_grad()
+    def reading(self, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The frozen encoder's reading of the canonical CT ``x`` ``(1, X, Y, Z)``: the output of
+        ``layer3`` (:data:`READING_LAYER`), whose receptive field spans the abdomen, without
+        adapters (call before they are injected). Used to tell, object by object, whether what
+        the adapted network segments is read as the painted structure
+        (:mod:`arenaseg.reading`).
+
+        Returns:
+            ``(features, stride)``: float32 ``(1, 1024, X', Y', Z')`` on CPU, and its stride
+            ``(X, Y, Z)`` in canonical voxels (16, 16, 8): node ``n`` lies on voxel ``stride·n``.
+        """
+        z, sx, sy = TAPS[f"layer{READING_LAYER}"][1]
+        pad = [-n % a for n, a in zip(x.shape[1:], (sx, sy, z))]
+        h = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))[None].permute(0, 1, 4, 2, 3).to(device)
+        with autocast(device):
+            for _, _, fn, _ in self.encoder.units(READING_LAYER):
+                h = fn(h)
+        return h.float().permute(0, 1, 3, 4, 2).cpu(), (sx, sy, z)
 
 
 def fit_logistic(a: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -317,13 +317,13 @@ MERLIN_CITATION = ("Blankemeier et al. Merlin: A Vision Language Foundation Mode
 ASTRA_CITATION = "Astra CT report generation (Hugging Face zzzwzh/Astra_CTRG), encoder initialised from Merlin"
 
 
-def merlin_key_rules(prefix: str, deepest: int = 2) -> tuple[tuple[str, str | None], ...]:
+def merlin_key_rules(prefix: str) -> tuple[tuple[str, str | None], ...]:
     """The renaming of a Merlin image encoder's keys onto :class:`MerlinSegmenter`'s
-    ``encoder.``: keys under ``prefix`` of the stem to ``layer{deepest}`` kept (the decoder reads
-    no deeper), every other key (deeper layers, pooled heads, text encoder, logit scale)
-    dropped."""
+    ``encoder.``: keys under ``prefix`` of the stem to ``layer3`` kept (the decoder reads stem to
+    ``layer2``, the scan's reading ``layer3``), every other key (``layer4``, pooled heads, text
+    encoder, logit scale) dropped."""
     p = re.escape(prefix)
-    return ((rf"^(?!{p}(conv1|bn1|layer[1-{deepest}])\.)", None),
+    return ((rf"^(?!{p}(conv1|bn1|layer[1-3])\.)", None),
             (rf"^{p}", "encoder."))
 
 
@@ -338,7 +338,8 @@ MERLIN = BackboneSpec(
     preprocessing=Preprocessing(spacing_mm=(1.5, 1.5, 3.0), hu_window=(-1000.0, 1000.0),
                                 roi_size=(128, 128, 64)),
     architecture="Merlin's I3D ResNet-152 encoder (stem to layer2, 5.2 M parameters, frozen batch "
-                 "norm) + FPN-style decoder (stem, layer1, layer2 to 32 channels on the "
+                 "norm; its layer3 reads the scan for the object check) + FPN-style decoder (stem, layer1, "
+                 "layer2 to 32 channels on the "
                  "3 mm stem grid) + 1×1×1 classifier",
     decoder=(r"^decoder\b",),
     trains_decoder=True,
