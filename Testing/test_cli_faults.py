@@ -225,9 +225,13 @@ def test_every_limit_admits_the_defaults_and_refuses_beyond():
 
 # --- 8: SIGTERM while writing ------------------------------------------------------------------
 
-def test_sigterm_while_writing_leaves_nothing_and_says_so(small_liver, tmp_path):
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                   (signal.SIGHUP, 129, "hung up (SIGHUP)")])
+def test_sigterm_while_writing_leaves_nothing_and_says_so(small_liver, tmp_path, signum, status, said):
     """SIGTERM as soon as the hidden temporary folder of an output appears: exit 143, one line,
-    nothing left (before: killed silently, the temporary folder and a partial file stayed)."""
+    nothing left (before: killed silently, the temporary folder and a partial file stayed).
+    SIGHUP (the terminal closed, the SSH session dropped) is handled alike: exit 129 (before, the
+    hidden folder holding the whole adapter stayed)."""
     outdir = tmp_path / "out"
     outdir.mkdir()
     # the temporary folders live for about 30 ms (writing, flushing, reading back both files):
@@ -245,13 +249,13 @@ def test_sigterm_while_writing_leaves_nothing_and_says_so(small_liver, tmp_path)
             seen = True
             break
     assert seen, proc.communicate()[1][-3000:]
-    for _ in range(20):  # a second SIGTERM may not cut the clean-up short either
-        proc.send_signal(signal.SIGTERM)
+    for _ in range(20):  # a second signal may not cut the clean-up short either
+        proc.send_signal(signum)
         time.sleep(0.005)
     _, err = proc.communicate(timeout=30)
     lines = err.decode().strip().splitlines()
-    assert proc.returncode == 143, err[-3000:]
-    assert lines[-1].startswith("arenaseg: terminated (SIGTERM); ")
+    assert proc.returncode == status, err[-3000:]
+    assert lines[-1].startswith(f"arenaseg: {said}; ")
     assert "Traceback" not in err.decode()
     if lines[-1].endswith("no output was written"):
         assert list(outdir.iterdir()) == []

@@ -1,13 +1,14 @@
 """The arenaseg command line: adapt, segment, pretrain, demo.
 
 Every user error prints one line ``arenaseg: error: ...`` (file, value, fix) and exits with 2.
-Ctrl-C exits with 130 and SIGTERM with 143, each after one line; neither leaves an output or a
-temporary file (:mod:`arenaseg.io.outputs`).
+Ctrl-C exits with 130, SIGTERM with 143 and SIGHUP (terminal closed) with 129, each after one
+line; none leaves an output or a temporary file (:mod:`arenaseg.io.outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -471,16 +472,26 @@ INPUT_OPTIONS = {"image": "--image", "annotations": "--annotations", "warm_start
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is: the run stops, its temporary files are removed."""
+    """SIGTERM or SIGHUP (the terminal closed, the SSH session dropped), handled as Ctrl-C is:
+    the run stops, its temporary files are removed; exit status 128 + the signal's number."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
-_terminating: list[bool] = []  # SIGTERM came: whatever error surfaces next is its doing
+#: Signals that end a run as Ctrl-C does, and how the last line names them.
+ENDING = {signal.SIGTERM: "terminated (SIGTERM)"}
+if hasattr(signal, "SIGHUP"):  # not on Windows
+    ENDING[signal.SIGHUP] = "hung up (SIGHUP)"
+_terminating: list[int] = []  # such a signal came: whatever error surfaces next is its doing
 
 
 def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second cannot cut the clean-up
-    _terminating.append(True)
-    interrupt(Terminated())
+    for ending in ENDING:  # one is enough: a second cannot cut the clean-up
+        signal.signal(ending, signal.SIG_IGN)
+    _terminating.append(signum)
+    interrupt(Terminated(signum))
 
 
 def _on_sigint(signum, frame):
@@ -504,10 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = "arenaseg " + shlex.join(argv)
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = {ending: signal.signal(ending, _on_sigterm) for ending in ENDING}
         previous_int = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # main() called outside the main thread: signals stay as they are
-        previous = previous_int = None
+        previous, previous_int = None, None
     paths = ReadablePaths()
     args.explain = paths.explain
     published = len(PUBLISHED)
@@ -517,24 +528,33 @@ def main(argv: list[str] | None = None) -> int:
     except ArenaError as err:
         print(f"arenaseg: error: {shown(paths.explain(str(err)))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout left (`arenaseg adapt ... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
+        written = PUBLISHED[published:]
+        print("arenaseg: standard output was closed (broken pipe); "
+              + (f"written: {', '.join(shown(p) for p in written)}" if written else "no output was written"),
+              file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, Exception) as err:
         if not isinstance(err, KeyboardInterrupt):
             if not _terminating:
                 raise
-            err = Terminated()  # SIGTERM landed in a library's C code, which raised its own error
-        if previous is not None:  # stays so: a late SIGTERM must not turn this exit into a kill
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            err = Terminated(_terminating[0])  # the signal landed in a library's C code, which raised its own error
+        if previous is not None:  # stays so: a late signal must not turn this exit into a kill
+            for ending in ENDING:
+                signal.signal(ending, signal.SIG_IGN)
             previous = None
-        cause = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        cause = ENDING[err.signum] if isinstance(err, Terminated) else "interrupted"
         written = PUBLISHED[published:]
         outcome = (f"after writing {', '.join(shown(p) for p in written)}" if written
                    else "no output was written")
         print(f"\narenaseg: {cause}; {outcome}", file=sys.stderr)  # after a bar
-        return 143 if isinstance(err, Terminated) else 130
+        return 128 + err.signum if isinstance(err, Terminated) else 130
     finally:
         paths.close()
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            for ending, handler in previous.items():
+                signal.signal(ending, handler)
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import ArenaError
@@ -173,6 +174,12 @@ def settings_problems(settings) -> list[tuple[str, object, str]]:
     for name in ("train_decoder", "checkpointing"):
         if not isinstance(getattr(settings, name), bool):
             problems.append((name, getattr(settings, name), "true or false"))
+    for pattern in settings.targets or ():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            problems.append(("targets", None, f"'{pattern}' is not a regular expression ({err}): "
+                             "give module names or patterns such as 'encoder\\.layer2\\.7\\.conv2'"))
     if settings.targets and settings.method not in ADAPTER_METHODS:
         problems.append(("targets", None,
                          f"applies to the adapter methods ({', '.join(ADAPTER_METHODS)}), not to "

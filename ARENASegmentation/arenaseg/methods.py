@@ -354,7 +354,8 @@ class ZeroShot(Method):
     def check(cls, spec: BackboneSpec, structure: str | None) -> None:
         known = [c for c in spec.classes if spec.pretrained_channel(c) is not None]
         if not known:
-            with_classes = [b.id for b in REGISTRY.values() if b.classes]
+            with_classes = [b.id for b in REGISTRY.values()
+                            if b.offered and any(b.pretrained_channel(c) is not None for c in b.classes)]
             raise ArenaError(f"zero-shot needs a backbone pretrained on organ labels, and "
                              f"'{spec.id}' has none (its decoder is trained from the painted "
                              f"slices): choose a method that trains (e.g. --method arena), or a "

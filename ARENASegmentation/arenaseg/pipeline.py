@@ -290,6 +290,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
                        {"image": image, "annotations": annotations})
     if adapter_out:
         adapter_out = check_output(adapter_out, (".safetensors",), "adapter output",
+                                   {"image": image, "annotations": annotations, "--weights": weights,
+                                    "--backbone checkpoint": backbone if Path(str(backbone)).is_file() else None},
                                    option="--adapter-out")
     status = status or _quiet
     dev = pick_device(device)

@@ -182,11 +182,18 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
                          "with --label")
     counts = [int(np.any(target, axis=tuple(a for a in range(3) if a != ax)).sum())
               for ax in range(3)]
+    detected = int(np.argmin(counts))
     if axis is None:
-        axis = int(np.argmin(counts))
+        axis = detected
     if axis not in (0, 1, 2):
         raise ArenaError(f"slice axis {axis} is not 0, 1 or 2 (i, j, k): give --slice-axis "
                          "auto, 0, 1 or 2")
+    if counts[axis] > 2 * counts[detected]:  # every slice it touches would count as painted
+        raise ArenaError(f"--slice-axis {axis}: '{source}' is painted on {counts[detected]} slices "
+                         f"across voxel axis {'ijk'[detected]} ({detected}), and touches "
+                         f"{counts[axis]} across axis {'ijk'[axis]}, all of which would count as "
+                         f"painted slices, the rest of them as background: give --slice-axis "
+                         f"{detected}, or auto")
     slices = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
     _refuse_other_view(target, axis, slices, source)
     if background is not None and background == value:

@@ -139,9 +139,33 @@ def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "anno
                          f"{tuple(round(o, 1) for o in labels.GetOrigin())} mm vs image origin "
                          f"{tuple(round(o, 1) for o in image.GetOrigin())} mm): use the labels "
                          "drawn on this scan")
+    _refuse_slices_across_the_grid(image, labels, path, what)
     labels = sitk.Cast(labels, sitk.sitkInt32) if labels.GetPixelID() in (
         sitk.sitkFloat32, sitk.sitkFloat64) else labels
     return resample_to(labels, image, linear=False, default=0)
+
+
+def _refuse_slices_across_the_grid(image: sitk.Image, labels: sitk.Image, path, what: str) -> None:
+    """Refuse paint whose slices are not slices of the image: painted on a grid whose slice axis
+    (the one its paint touches the fewest slices along) is parallel to none of the image's axes.
+    Resampled onto the image, each painted slice would cut through dozens of the image's
+    slices, each then read as painted, with everything else on it as background. (Paint on a
+    grid turned within the slice plane, or flipped, keeps its slices and is read as such.)"""
+    painted = np.transpose(sitk.GetArrayViewFromImage(labels) > 0, (2, 1, 0))
+    if not painted.any():
+        return
+    counts = [int(np.any(painted, axis=tuple(a for a in range(3) if a != ax)).sum()) for ax in range(3)]
+    axis = int(np.argmin(counts))
+    normal = np.asarray(labels.GetDirection(), float).reshape(3, 3)[:, axis]
+    cosine = float(np.abs(np.asarray(image.GetDirection(), float).reshape(3, 3).T @ normal).max())
+    if cosine < 1 - 1e-4:
+        angle = float(np.degrees(np.arccos(min(cosine, 1.0))))
+        raise ArenaError(f"{what} '{path}' is painted on {counts[axis]} slices across its voxel "
+                         f"axis {'ijk'[axis]}, which lies at {angle:.1f} degrees to every axis of the "
+                         "image: its slices are not slices of the image, and each would be read as "
+                         "paint on many of them; paint on the image's own grid (in 3D Slicer: the "
+                         "segmentation's geometry taken from this volume), or give the image resampled "
+                         "onto the labelmap's grid")
 
 
 def painted_points(path, limit: int = 4000) -> np.ndarray:
