@@ -69,28 +69,34 @@ class Bottleneck(nn.Module):
 
 
 class InflatedResNet(nn.Module):
-    """Merlin's I3D ResNet-152 up to ``layers`` of its four layers; its chain of units
-    (:meth:`units`) ends at ``depth``, the deepest layer the decoder reads, and the layers below
-    it (``layer3``) serve the frozen reading of the scan (:meth:`MerlinSegmenter.reading`).
+    """Merlin's I3D ResNet-152 up to ``layers`` of its four layers: the chain of units
+    (:meth:`units`) that the decoder reads, to :attr:`depth`. :meth:`extend` builds deeper layers
+    outside that chain (``layer3``, the frozen reading of the scan:
+    :meth:`MerlinSegmenter.reading`).
 
     ``conv1`` is ``(64, 3, 3, 7, 7)``, stride (1, 2, 2), padding (1, 3, 3), no bias; ``maxpool``
     3×3×3, stride 2, padding 1. Input ``(B, 3, Z, X, Y)``."""
 
-    def __init__(self, layers: int = 3, depth: int | None = None):
+    def __init__(self, layers: int = 3):
         super().__init__()
         self.conv1 = nn.Conv3d(3, 64, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
-        cin = 64
-        for i in range(layers):
+        self.layers = 0
+        self.extend(layers)
+        self.depth = layers
+
+    def extend(self, layers: int) -> None:
+        """Build the layers after the last built up to ``layers``, outside the chain
+        (:attr:`depth` stays)."""
+        for i in range(self.layers, layers):
+            cin = 64 if i == 0 else 4 * WIDTHS[i - 1]
             stride = 1 if i == 0 else 2
             blocks = [Bottleneck(cin if b == 0 else 4 * WIDTHS[i], WIDTHS[i], stride if b == 0 else 1)
                       for b in range(BLOCKS[i])]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            cin = 4 * WIDTHS[i]
-        self.layers = layers
-        self.depth = layers if depth is None else depth
+        self.layers = max(self.layers, layers)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.conv1) is nn.Conv3d or type(self.conv1).__name__ == "_Bf16SafeConv3d":
@@ -230,10 +236,11 @@ class MerlinSegmenter(nn.Module):
                  width: int = 32):
         super().__init__()
         stages = tuple(stages)
-        depth = max(int(s[-1]) if s.startswith("layer") else 0 for s in stages)
-        self.encoder = InflatedResNet(max(depth, READING_LAYER), depth)
+        self.encoder = InflatedResNet(max(int(s[-1]) if s.startswith("layer") else 0 for s in stages))
         self.decoder = FeatureDecoder(stages, width)
         self.classifier = nn.Conv3d(width, 1, 1)
+        # after the decoder, so that its fixed-seed start stays the one bench/ measured
+        self.encoder.extend(READING_LAYER)
         zxy = TAPS[stages[-1]][1]
         self.align = (zxy[1], zxy[2], zxy[0])
         strides, stride = [], (1, 1, 1)

@@ -330,7 +330,7 @@ def merlin_key_rules(prefix: str) -> tuple[tuple[str, str | None], ...]:
 #: The Merlin-derived ResNet-152 encoder with a decoder trained per task.
 MERLIN = BackboneSpec(
     id="merlin-resnet152",
-    memory_gb=2.6,  # bench/MERLIN.md: 2588 MB on abdomen_ct
+    memory_gb=3.0,  # 2908 MB on abdomen_ct with the reading's layer3 (bench/merlin_benchmark.py cli_runs)
     network="merlin.merlin_segmenter",
     classes=(),
     head="classifier",
