@@ -141,3 +141,27 @@ def test_segment_of_a_scan_without_the_structure_is_empty_and_says_so(kidneys):
     assert "no confident object: the structure seems absent" in run.stdout
     out = sitk.ReadImage(str(tmp / "pelvis_seg.nii.gz"))
     assert out.GetSize() == pelvis.GetSize() and not array_ijk(out).any()
+
+
+def test_segment_keeps_the_best_read_object_only_when_it_is_read_well_enough():
+    """Without paint, objects are kept when half of them is read as the structure; when none is,
+    the best-read one is kept from BEST_SHARE on (a thin vessel cut by the field of view), and
+    nothing below it (the structure is absent)."""
+    from arenaseg.postprocessing import BEST_SHARE, MATCH_SHARE
+
+    mask = np.zeros((24, 24, 24), np.uint8)
+    mask[2:12, 2:8, 2:8] = 1     # object a: 10 planes of 36 voxels
+    mask[14:24, 14:20, 14:20] = 1  # object b
+    image = sitk.GetImageFromArray(mask)
+    image.SetSpacing((5.0, 5.0, 5.0))  # 0.125 mL per voxel: both hold a core of 1 mL
+    assert (MATCH_SHARE, BEST_SHARE) == (0.5, 0.4)
+    for planes_a, planes_b, kept in ((5, 5, 2), (4, 1, 1), (3, 1, 0)):  # planes of 10 read as it
+        reads = np.zeros_like(mask)
+        reads[2:2 + planes_a, 2:8, 2:8] = 1
+        reads[14:14 + planes_b, 14:20, 14:20] = 1
+        reads_as = sitk.GetImageFromArray(reads)
+        reads_as.CopyInformation(image)
+        objects = select_objects(image, image, 1, reads_as=reads_as)
+        assert objects.kept == kept, (planes_a, planes_b)
+        if kept == 1:  # the best-read one
+            assert sitk.GetArrayViewFromImage(objects.image)[4, 4, 4] == 1

@@ -10,7 +10,8 @@ muscle for a psoas) is never shown as background. Two rules follow, one per job:
   field of view. An object is confident when it holds a core of at least :data:`CORE_ML` mL at
   probability ≥ :data:`CORE_PROBABILITY`, and, when the adapter holds the frozen backbone's
   reading of the paint, when the backbone reads it as it read the paint: at least
-  :data:`MATCH_SHARE` of its voxels are read as the structure (:mod:`arenaseg.reading`: its
+  :data:`MATCH_SHARE` of its voxels are read as the structure (when none is, the best-read one
+  when :data:`BEST_SHARE` of it is; :mod:`arenaseg.reading`: its
   pretrained classes, or its deepest features). A few-shot adapter is confident far outside
   what it was shown (a liver adapter finds "liver" in the bladder at probability 0.96), but the
   frozen backbone still tells bladder from liver. When no object is kept, the result is empty:
@@ -36,6 +37,10 @@ CORE_ML = 1.0
 PROFILE_SHARE = 0.05
 #: An object is read as the structure when this share of its voxels are (:mod:`arenaseg.reading`).
 MATCH_SHARE = 0.5
+#: When no confident object reaches :data:`MATCH_SHARE`, the best-read one is kept if this share
+#: of it is read as the structure: a portal vein cut by the field of view read at 0.49, a bladder
+#: under a liver adapter at 0.23 (``bench/OBJECT_CHECK.md``).
+BEST_SHARE = 0.4
 
 
 @dataclass
@@ -124,7 +129,8 @@ def select_objects(mask: sitk.Image, core: sitk.Image | None, label: int = 1,
             to the paint are kept. Without it (segment), confident objects are kept.
         reads_as: uint8 image on the input grid, 1 where the frozen backbone reads the voxel
             as the painted structure (:func:`arenaseg.reading.read_as_structure`), or None;
-            without paint, an object is kept only when :data:`MATCH_SHARE` of it is.
+            without paint, an object is kept only when :data:`MATCH_SHARE` of it is (or, when
+            none is, the best-read one when :data:`BEST_SHARE` of it is).
 
     Returns:
         :class:`Objects`.
@@ -142,7 +148,11 @@ def select_objects(mask: sitk.Image, core: sitk.Image | None, label: int = 1,
         keep = [n for n in stats.GetLabels() if n and stats.GetSum(n) * voxel_ml >= CORE_ML]
         if reads_as is not None:
             stats.Execute(reads_as, objects)
-            keep = [n for n in keep if stats.GetMean(n) >= MATCH_SHARE]
+            share = {n: stats.GetMean(n) for n in keep}
+            best = max(keep, key=share.get, default=None)
+            keep = [n for n in keep if share[n] >= MATCH_SHARE]
+            if not keep and best is not None and share[best] >= BEST_SHARE:
+                keep = [best]  # a thin structure cut by the field of view reads weaker
     sizes = {n: stats.GetCount(n) for n in stats.GetLabels() if n}
     del stats
     if label <= 255:  # written straight as the label: no cast, no product image
