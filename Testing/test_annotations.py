@@ -41,7 +41,10 @@ def test_background_label_adds_known_negatives_on_any_slice():
 
 def test_explicit_axis_and_clear_errors():
     labels = labels_with_sagittal_strokes()
-    assert find_annotation(labels, 3, axis=2).slices == tuple(range(10, 30))
+    assert find_annotation(labels, 3, axis=0).slices == (5, 12)
+    # an axis the paint is not on: each of the 20 k-slices it touches would count as painted
+    with pytest.raises(ArenaError, match=r"--slice-axis 2: .* 2 slices across voxel axis i .* give --slice-axis 0"):
+        find_annotation(labels, 3, axis=2)
     with pytest.raises(ArenaError, match=r"label value 4 is absent .* \(values present: 3, 7, 9\)"):
         find_annotation(labels, 4, source="painted.nrrd")
     with pytest.raises(ArenaError, match="no annotated slice"):
