@@ -141,8 +141,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = run(args.data)
+    text = report(rows, f"python bench/object_check.py --data {args.data} --out {args.out}")  # before: a clean tree
     args.out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args.out.write_text(report(rows, f"python bench/object_check.py --data {args.data} --out {args.out}"))
+    args.out.write_text(text)
 
 
 if __name__ == "__main__":
