@@ -104,3 +104,13 @@ def test_stdout_closed_early_is_one_line_without_traceback(tmp_path, small_liver
     assert proc.returncode == 1
     assert err.strip().splitlines()[-1].startswith("arenaseg: standard output was closed (broken pipe)")
     assert (out_dir / "seg.nii.gz").is_file()  # the result was complete before the report
+
+
+def test_a_nearly_whole_label_is_shown_as_it_is(tmp_path, capsys, small_liver):
+    """Labels of 4.99999999 (a float labelmap rounded on the way): the message said "holds the
+    value 5: a labelmap holds whole numbers", which reads as a contradiction."""
+    labels = sitk.Cast(sitk.ReadImage(str(small_liver[0])), sitk.sitkFloat64)
+    labels = labels * (4.99999999 / LIVER)
+    path = tmp_path / "float.nrrd"
+    sitk.WriteImage(labels, str(path))
+    refused(capsys, adapt_argv(path, tmp_path), tmp_path, str(path), "holds the value 4.99999999")

@@ -131,7 +131,7 @@ def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "anno
     fractional = (values != np.round(values)) if np.issubdtype(values.dtype, np.floating) else None
     if low < 0 or (fractional is not None and fractional.any()):
         bad = low if low < 0 else values[fractional].flat[0]
-        raise ArenaError(f"{what} '{path}' holds the value {bad:g}: a labelmap holds whole "
+        raise ArenaError(f"{what} '{path}' holds the value {bad:.12g}: a labelmap holds whole "
                          "numbers >= 0 (0 = not painted). Is this the CT itself? Give the "
                          "labelmap (segmentation) painted on it instead")
     if not world_overlap(image, labels):
