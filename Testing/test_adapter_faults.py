@@ -198,5 +198,6 @@ def test_an_edited_reading_is_refused_naming_the_tensor(capsys, adapter, tmp_pat
     path = tmp_path / "edited.safetensors"
     save_file({**load_file(str(adapter)), **added}, str(path), metadata=header)
     out = tmp_path / "seg.nii.gz"
-    refused(capsys, ["segment", "--image", CT, "--adapter", str(path), "--out", str(out)],
-            out, str(path), *words, FIX)
+    line = refused(capsys, ["segment", "--image", CT, "--adapter", str(path), "--out", str(out)],
+                   out, str(path), *words, FIX)
+    assert line.startswith("arenaseg: error: adapter ") and all(word in line for word in words)

@@ -69,8 +69,11 @@ def test_a_slice_axis_that_is_not_the_paint_s_is_refused(tmp_path, capsys, small
     """``--slice-axis 0`` with axial paint: every i-slice the paint touches counted as painted,
     the rest of it as background (exit 0, the paint copied out, Dice 0.19)."""
     for axis in ("0", "1"):
-        refused(capsys, adapt_argv(small_liver[0], tmp_path, "--slice-axis", axis), tmp_path,
-                f"--slice-axis {axis}", "3 slices across voxel axis k", "--slice-axis 2")
+        line = refused(capsys, adapt_argv(small_liver[0], tmp_path, "--slice-axis", axis), tmp_path,
+                       f"--slice-axis {axis}", "3 slices across voxel axis k", "--slice-axis 2")
+        assert line.endswith("give --slice-axis 2, or auto") and str(small_liver[0]) in line
+    assert main(adapt_argv(small_liver[0], tmp_path, "--slice-axis", "2")) == 0  # the paint's own axis
+    assert (tmp_path / "seg.nii.gz").is_file()
 
 
 def test_the_adapter_output_never_replaces_the_weights(tmp_path, capsys, small_liver):
@@ -87,8 +90,9 @@ def test_the_adapter_output_never_replaces_the_weights(tmp_path, capsys, small_l
 
 def test_a_target_that_is_not_a_regular_expression_is_one_line(tmp_path, capsys, small_liver):
     """``--targets '('``: a traceback (re.error) after the image and the backbone were read."""
-    refused(capsys, adapt_argv(small_liver[0], tmp_path, "--targets", "("), tmp_path,
-            "--targets", "'('", "not a regular expression")
+    line = refused(capsys, adapt_argv(small_liver[0], tmp_path, "--targets", "("), tmp_path,
+                   "--targets", "'('", "not a regular expression")
+    assert "Traceback" not in line and "missing )" in line  # the cause, as re names it
 
 
 def test_stdout_closed_early_is_one_line_without_traceback(tmp_path, small_liver):
@@ -113,4 +117,5 @@ def test_a_nearly_whole_label_is_shown_as_it_is(tmp_path, capsys, small_liver):
     labels = labels * (4.99999999 / LIVER)
     path = tmp_path / "float.nrrd"
     sitk.WriteImage(labels, str(path))
-    refused(capsys, adapt_argv(path, tmp_path), tmp_path, str(path), "holds the value 4.99999999")
+    line = refused(capsys, adapt_argv(path, tmp_path), tmp_path, str(path), "holds the value 4.99999999")
+    assert "holds the value 5:" not in line
