@@ -260,3 +260,18 @@ def test_each_wrong_value_gets_one_reason(capsys, small_liver, tmp_path):
     err = assert_refused(capsys, common + ["--label", "5", "--lr", "nan"], "--lr nan must be a finite number")
     assert "> 0" not in err
     assert_refused(capsys, common + ["--label", "1.5"], "--label 1.5 is not a whole number")
+
+
+def test_adapt_help_shows_the_defaults_a_run_uses(capsys):
+    """Options left out take the engine's defaults: --help names each one, read from the engine."""
+    from arenaseg.config import DEFAULT_BACKBONE, DEFAULT_LR, AdaptSettings
+
+    with pytest.raises(SystemExit) as stop:
+        main(["adapt", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    d = AdaptSettings()
+    for shown in (f"(default {d.rank};", f"(default {d.lam:g})", f"(default {d.steps})",
+                  f"(default {DEFAULT_LR:g};", f"(default {d.rho:g})", f"(default {d.seed})",
+                  f"(default {DEFAULT_BACKBONE})"):
+        assert shown in text, shown

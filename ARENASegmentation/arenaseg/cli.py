@@ -252,20 +252,26 @@ def cmd_demo(args) -> None:
 
 
 def _add_adapt_options(p) -> None:
-    from .config import DEFAULT_METHOD, METHODS
+    from .config import DEFAULT_LR, DEFAULT_METHOD, FULL_FINE_TUNING_LR, METHODS, AdaptSettings
 
+    d = AdaptSettings()
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help="arena: rank found by the l1 gate (default); baselines: lora (fixed "
                         "rank, PEFT), adalora (PEFT), linear-probe (head), bitfit (biases), "
                         "affine-ln (norm scale/shift), full (all weights), zero-shot (the "
                         "backbone's own class, no training)")
-    p.add_argument("--rank", type=int, default=None, help="initial rank r0 of every adapter")
+    p.add_argument("--rank", type=int, default=None,
+                   help=f"initial rank r0 of every adapter (default {d.rank}; with --warm-start, the adapter's)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
-                   help="l1 weight λ on the gates (higher: smaller rank)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=None, help="η: AdamW learning rate of A, B, head")
-    p.add_argument("--rho", type=float, default=None, help="ρ: the gates' step ρ·η (gradient normalised per layer)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (crops, initialisation)")
+                   help=f"l1 weight λ on the gates, higher: smaller rank (default {d.lam:g})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"η: AdamW learning rate of A, B, head (default {DEFAULT_LR:g}; "
+                        f"{FULL_FINE_TUNING_LR:g} with --method full)")
+    p.add_argument("--rho", type=float, default=None,
+                   help=f"ρ: the gates' step ρ·η, gradient normalised per layer (default {d.rho:g})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"random seed of crops and initialisation (default {d.seed})")
     p.add_argument("--targets", nargs="+", metavar="REGEX",
                    help="module-name patterns of the adapted layers (default: the backbone's)")
     p.add_argument("--train-decoder", action="store_true",
@@ -357,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also say which slice to paint next: the one where the result is least sure")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help="pretrained backbone: a registry id (see README, Backbones; public "
-                        "checkpoints are downloaded once into the cache) or a checkpoint file")
+                        "checkpoints are downloaded once into the cache) or a checkpoint file "
+                        f"(default {DEFAULT_BACKBONE})")
     p.add_argument("--weights", help="local checkpoint file of --backbone (no download)")
     _add_adapt_options(p)
     _add_server_options(p)
