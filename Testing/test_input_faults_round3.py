@@ -119,3 +119,21 @@ def test_a_nearly_whole_label_is_shown_as_it_is(tmp_path, capsys, small_liver):
     sitk.WriteImage(labels, str(path))
     line = refused(capsys, adapt_argv(path, tmp_path), tmp_path, str(path), "holds the value 4.99999999")
     assert "holds the value 5:" not in line
+
+
+def test_a_long_file_name_is_written_and_one_too_long_is_named(tmp_path, capsys, small_liver):
+    """A 250-character --out name was refused as "cannot be written … choose another folder"
+    (the staging name added to it passed the file system's 255 bytes), and a 260-character one
+    ended in an OSError traceback. The first is written; the second is refused naming its length,
+    the limit and the fix."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    fits = "s" * 243 + ".nii.gz"
+    argv = adapt_argv(small_liver[0], out_dir)
+    argv[argv.index("--out") + 1] = str(out_dir / fits)
+    assert main(argv) == 0
+    assert [p.name for p in out_dir.iterdir()] == [fits]
+    (out_dir / fits).unlink()
+    for too_long in (out_dir / ("s" * 253 + ".nii.gz"), out_dir / ("d" * 300) / "seg.nii.gz"):
+        argv[argv.index("--out") + 1] = str(too_long)
+        refused(capsys, argv, out_dir, "--out", "bytes long", "allows 255", "shorter name")

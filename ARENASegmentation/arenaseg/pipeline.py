@@ -22,7 +22,7 @@ from .io.geometry import array_ijk
 from .io.images import read_image, write_image
 from .io.labels import painted_points, read_labels_on, resolve_label
 from .inference import StatusFn, input_probability, pick_device, predict
-from .io.outputs import Outputs, check_writable
+from .io.outputs import Outputs, check_name_length, check_writable
 from .methods import METHOD_CLASSES, Method, prepare
 from .reading import painted_reading, read_as_structure
 from .preprocessing import Scan  # noqa: F401 (the geometry object; public here too)
@@ -104,6 +104,7 @@ def check_output(path, suffixes, what: str, inputs: dict | None = None,
     (read-only, no permission, full disk: :func:`~arenaseg.io.outputs.check_writable`), which
     would otherwise only show after the whole run."""
     path = Path(path)
+    check_name_length(path, what, option)
     for name, given in (inputs or {}).items():
         if given and Path(given).resolve() == path.resolve():
             raise ArenaError(f"{what} '{path}' is the {name} file: writing it would replace "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -269,6 +270,35 @@ def _one_line(text: str) -> str:
     return lines[-1] if lines else "unknown reason"
 
 
+def check_name_length(path: str | os.PathLike, what: str = "output", option: str | None = None) -> None:
+    """Refuse a file name longer than its file system allows (``NAME_MAX``, 255 bytes on most),
+    which would otherwise show as a folder that cannot be written.
+
+    Raises:
+        ArenaError: the name's length in bytes, the limit, and the fix.
+    """
+    def exists(p: Path) -> bool:
+        try:
+            return p.exists()
+        except OSError:  # a name too long for the file system
+            return False
+
+    path = Path(path)
+    missing = [path] + list(itertools.takewhile(lambda p: not exists(p), path.parents))
+    folder = path.parents[len(missing) - 1]
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf; 255 there too
+        limit = 255
+    for part in (p.name for p in missing):
+        size = len(os.fsencode(part))
+        if size > limit:
+            where = f" for {option}" if option else ""
+            raise ArenaError(f"{what} '{shown(path)}': the name '{shown(part[:40])}…' is {size} "
+                             f"bytes long, and the file system of '{shown(folder)}' allows {limit}: "
+                             f"choose a shorter name{where}")
+
+
 def check_writable(path: str | os.PathLike, what: str = "output", option: str | None = None) -> Path:
     """Show before any work that ``path`` can be written: create a small temporary file in its
     folder (the nearest existing one: missing folders are created when writing), write and flush
@@ -279,6 +309,7 @@ def check_writable(path: str | os.PathLike, what: str = "output", option: str | 
             permission, full disk, ...).
     """
     path = Path(path)
+    check_name_length(path, what, option)
     if path.is_dir():
         raise ArenaError(f"{what} '{shown(path)}' is a folder: give a file name in it, e.g. "
                          f"'{shown(path / 'result')}' with the right extension")
@@ -287,7 +318,7 @@ def check_writable(path: str | os.PathLike, what: str = "output", option: str | 
         folder = folder.parent
     try:
         with signals_held():  # an interruption cannot leave the probe behind
-            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".probe", dir=folder)
             try:
                 os.write(fd, b"\0")
                 os.fsync(fd)  # some file systems (NFS, quotas) only refuse when data reaches the disk
@@ -381,7 +412,7 @@ class Outputs:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with signals_held():  # the folder is recorded as soon as it exists
-                stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+                stage = Path(tempfile.mkdtemp(prefix=f".{path.name[:32]}.", dir=path.parent))
                 self._staged.append((path, stage, what, option, None, name))
             alias = None
             if not utf8_path(stage):
