@@ -240,8 +240,17 @@ def test_lost_rescale_intercept_is_refused_saying_what_to_do(capsys, small_liver
     sitk.WriteImage(stored, str(tmp_path / "ct_uint16.nii.gz"))
     refused(capsys, ["adapt", "--image", str(tmp_path / "ct_uint16.nii.gz"), "--annotations",
                      str(small_liver[0]), "--label", "5", "--out", str(tmp_path / "seg.nii.gz")],
-            "ct_uint16.nii.gz", "HU + 1024", "rescale intercept", "subtract 1024")
+            "ct_uint16.nii.gz", "HU + 1024", "rescale intercept", "- 1024")
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_lost_rescale_intercept_other_than_1024_is_read_from_the_air():
+    """Stored as HU + 2048 (a RescaleIntercept of -2048): the message told the user to subtract
+    1024, which leaves every value 1024 too high. The offset is read from the air."""
+    hu = sitk.ReadImage(str(CT))
+    stored = sitk.Cast(sitk.Clamp(hu + 2048, lowerBound=0), sitk.sitkUInt16)
+    with pytest.raises(ArenaError, match=r"HU \+ 2048 .*RescaleIntercept.*- 2048"):
+        checks.check_intensities(stored, "ct_2048.nii.gz")
 
 
 def test_normalised_image_is_not_a_ct():

@@ -212,6 +212,10 @@ def fill_outside(image: sitk.Image) -> tuple[sitk.Image, np.ndarray | None]:
     return filled, outside
 
 
+#: Offsets at which scanners store CT values (HU = stored − offset; RescaleIntercept = −offset).
+STORED_OFFSETS = (1024, 2048, 3072)
+
+
 def check_intensities(image: sitk.Image, path, warn: WarnFn | None = None) -> None:
     """Refuse a CT whose values are not Hounsfield units; warn about non-finite voxels.
 
@@ -240,11 +244,15 @@ def check_intensities(image: sitk.Image, path, warn: WarnFn | None = None) -> No
     if low >= -50:
         seen = f"1 % of voxels below {low:g}, median {median:g}, 99 % below {high:g}"
         if median >= 800:
+            # air (-1000 HU) is among the lowest values of a body CT: its reading gives the offset
+            offset = next((o for o in STORED_OFFSETS if abs(low + 1000 - o) < 150),
+                          int(round(low + 1000, -1)))
             raise ArenaError(
-                f"image '{path}' looks like HU + 1024 stored without its rescale intercept ({seen}; "
-                "a CT in HU has air near -1000 and soft tissue near 0-100): subtract 1024, e.g. "
-                f"sitk.WriteImage(sitk.Cast(sitk.ReadImage(path), sitk.sitkInt16) - 1024, "
-                "'ct_hu.nii.gz'), or convert the DICOM again keeping its rescale intercept")
+                f"image '{path}' looks like HU + {offset} stored without its rescale intercept "
+                f"({seen}; a CT in HU has air near -1000 and soft tissue near 0-100): for DICOM, "
+                "convert the series again keeping its RescaleIntercept (0028,1052), or subtract "
+                f"the intercept, e.g. sitk.WriteImage(sitk.Cast(sitk.ReadImage(path), "
+                f"sitk.sitkInt16) - {offset}, 'ct_hu.nii.gz'), if {offset} is the scanner's")
         raise ArenaError(
             f"image '{path}' is not a CT in Hounsfield units ({seen}; a CT has air near -1000 "
             "and fat near -100): give the original CT in HU, not a normalised, 8-bit or MR "
