@@ -137,3 +137,24 @@ def test_a_long_file_name_is_written_and_one_too_long_is_named(tmp_path, capsys,
     for too_long in (out_dir / ("s" * 253 + ".nii.gz"), out_dir / ("d" * 300) / "seg.nii.gz"):
         argv[argv.index("--out") + 1] = str(too_long)
         refused(capsys, argv, out_dir, "--out", "bytes long", "allows 255", "shorter name")
+
+
+def test_a_stray_click_and_a_slice_painted_whole_are_refused(tmp_path, capsys, small_liver):
+    """One painted voxel trained into a one-voxel result (exit 0); a slice painted in every voxel
+    left no background on it. Both are refused before any training, naming the slice."""
+    labels = sitk.ReadImage(str(small_liver[0]))
+    array = sitk.GetArrayFromImage(labels)  # (K, J, I)
+    k = int(np.flatnonzero((array == LIVER).any(axis=(1, 2)))[0])
+    stray = np.zeros_like(array)
+    stray[k, array.shape[1] // 2, array.shape[2] // 2] = LIVER
+    whole = array.copy()
+    whole[k] = LIVER
+    for name, painted, words in (("stray", stray, ("covers only 1 voxel", f", {k})", "stray click")),
+                                 ("whole", whole, (f"every voxel of slice {k}", "background"))):
+        image = sitk.GetImageFromArray(painted)
+        image.CopyInformation(labels)
+        path = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(path))
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        refused(capsys, adapt_argv(path, out_dir), out_dir, f"{name}.nii.gz", *words)

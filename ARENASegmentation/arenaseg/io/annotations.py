@@ -163,7 +163,9 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
 
     Raises:
         ArenaError: nothing painted at all, ``value`` absent (the message lists the values
-            present), or ``background`` 0 (0 is "not painted").
+            present), ``background`` 0 (0 is "not painted"), paint in two views or across the
+            grid's slices, fewer than :data:`MIN_PAINTED_VOXELS` structure voxels (a stray
+            click), or a slice painted in every voxel.
     """
     if background == 0:
         raise ArenaError(f"background label 0 cannot mean painted background: 0 is every voxel nobody "
@@ -196,6 +198,7 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
                          f"{detected}, or auto")
     slices = np.flatnonzero(np.any(target, axis=tuple(a for a in range(3) if a != axis)))
     _refuse_other_view(target, axis, slices, source)
+    _refuse_implausible_paint(target, value, axis, slices, source)
     if background is not None and background == value:
         raise ArenaError(f"background label {background} equals the structure's label: give "
                          "another value")
@@ -205,6 +208,31 @@ def find_annotation(labels: np.ndarray, value: int, axis: int | None = None,
                          "them or leave --background-label out")
     return Annotation(axis=axis, slices=tuple(int(s) for s in slices), target=target,
                       background=None if background is None else labels == background)
+
+
+#: Fewest painted structure voxels that can teach a structure: below, a stray click.
+MIN_PAINTED_VOXELS = 10
+
+
+def _refuse_implausible_paint(target: np.ndarray, value: int, axis: int, slices: np.ndarray,
+                              source: str) -> None:
+    """Refuse paint that cannot be a structure drawn on slices: a stray click of a few voxels
+    (trained, it gave a few-voxel result with exit 0), or a slice painted in every voxel (no
+    background left on it: everything learns to be the structure)."""
+    count = int(target.sum())
+    if count < MIN_PAINTED_VOXELS:
+        at = "; ".join(str(tuple(int(i) for i in v)) for v in np.argwhere(target)[:3])
+        raise ArenaError(f"label {value} covers only {count} voxel{'s' * (count != 1)} in "
+                         f"'{source}' (voxel (i, j, k) {at}): a stray click? paint the "
+                         f"structure's whole cross-section on a few slices (at least "
+                         f"{MIN_PAINTED_VOXELS} voxels)")
+    per_slice = target.shape[(axis + 1) % 3] * target.shape[(axis + 2) % 3]
+    full = [int(s) for s in slices if target.take(s, axis=axis).sum() == per_slice]
+    if full:
+        raise ArenaError(f"'{source}' has label {value} on every voxel of slice "
+                         f"{', '.join(map(str, full[:5]))} across voxel axis {'ijk'[axis]}: "
+                         "nothing on it is left as background; paint only the structure there "
+                         "(erase the fill, or fill inside its outline)")
 
 
 def _refuse_other_view(target: np.ndarray, axis: int, slices: np.ndarray, source: str) -> None:
