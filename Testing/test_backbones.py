@@ -276,3 +276,23 @@ def test_organ_names_match_as_users_write_them():
     assert spec.pretrained_channel("Kidney right") == spec.pretrained_channel("kidney-right") == kidney
     assert spec.pretrained_channel("urinary bladder") is None and spec.pretrained_channel(None) is None
     assert spec.pretrained_channel("background") is None
+
+
+def test_the_weights_checksum_follows_every_change_of_the_weights():
+    """The checksum is kept between calls (segment asks twice): a tensor changed in place or
+    replaced must still change it, and restoring the weights restores it."""
+    from arenaseg.backbones import state_checksum
+
+    model, _ = load_backbone(EMBEDDED_BACKBONE)
+    first = state_checksum(model)
+    assert state_checksum(model) == first
+    weight = next(model.parameters())
+    with torch.no_grad():
+        weight.add_(1e-3)
+    assert state_checksum(model) != first
+    with torch.no_grad():
+        weight.sub_(1e-3)
+    name, tensor = next(iter(model.state_dict().items()))
+    model.load_state_dict({name: tensor.clone() + 1}, strict=False)
+    assert state_checksum(model) != first
+    assert state_checksum(load_backbone(EMBEDDED_BACKBONE)[0]) == first

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -37,16 +38,26 @@ def cached_weights_path(spec: BackboneSpec) -> Path:
     return cache_dir() / "backbones" / spec.source.filename
 
 
+#: model → (what its tensors were, their checksum): hashing half a gigabyte takes a second.
+_CHECKSUMS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def state_checksum(model: nn.Module) -> str:
     """SHA-256 over every parameter and buffer (sorted names, raw float bytes).
 
     It identifies the exact backbone weights an adapter was trained on, whatever file they came
-    from."""
+    from. It is computed again only when a tensor was replaced or changed in place since the last
+    call on ``model`` (each tensor's storage and version counter)."""
+    state = sorted(model.state_dict().items())
+    seen = tuple((name, t.data_ptr(), t._version, tuple(t.shape)) for name, t in state)
+    if model in _CHECKSUMS and _CHECKSUMS[model][0] == seen:
+        return _CHECKSUMS[model][1]
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    _CHECKSUMS[model] = (seen, digest.hexdigest())
+    return _CHECKSUMS[model][1]
 
 
 def _locate_weights(spec: BackboneSpec, download: bool, progress) -> Path:
