@@ -229,12 +229,24 @@ def cmd_demo(args) -> None:
     image, labels = data / "ct.nii.gz", data / "labels.nii.gz"
     ct = read_image(image)
     reference = array_ijk(read_labels_on(ct, labels, "labels"))
-    painted = paint_slices(reference, args.label, args.slices, axis=2)
+    holding = int(np.any(reference == args.label, axis=(0, 1)).sum())
+    if holding == 0:
+        present = ", ".join(map(str, np.unique(reference)[1:21].tolist()))
+        raise ArenaError(f"--label {args.label} is absent from {shown(args.explain(str(labels)))} "
+                         f"(values present: {present}): give one of them")
+    if args.slices >= holding:  # Dice is measured on the structure's unpainted slices
+        raise ArenaError(f"--slices {args.slices}: label {args.label} lies on {holding} axial "
+                         f"slices of {shown(args.explain(str(labels)))}; give at most "
+                         f"{holding - 1}, so that some are left to measure the Dice on")
     out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArenaError(f"--out-dir '{shown(out_dir)}' is a file: give a folder (it is created "
+                         "when missing)")
+    painted = paint_slices(reference, args.label, args.slices, axis=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     annotations = write_image(image_like(painted, ct), out_dir / "painted_slices.nii.gz")
-    print(f"painted {args.slices} axial slices of label {args.label} ({args.structure}) "
-          f"from {shown(args.explain(str(labels)))}")
+    print(f"painted {int(np.any(painted == args.label, axis=(0, 1)).sum())} axial slices of "
+          f"label {args.label} ({args.structure}) from {shown(args.explain(str(labels)))}")
     result = adapt(str(image), str(annotations), args.label, str(out_dir / "segmentation.nii.gz"),
                    str(out_dir / "adapter.safetensors"), settings=settings,
                    structure=args.structure, device=args.device,

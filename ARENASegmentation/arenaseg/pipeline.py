@@ -117,6 +117,13 @@ def check_output(path, suffixes, what: str, inputs: dict | None = None,
         fix = (f"write the extension in lower case, '{path.name[:-len(lower)]}{lower}'" if lower
                else f"use one of {', '.join(suffixes)}")
         raise ArenaError(f"{what} '{path}' has an unsupported extension: {fix}")
+    suffix = max((x for x in suffixes if path.name.endswith(x)), key=len)
+    stem = path.name[:-len(suffix)]
+    inner = next((x for x in (".nii.gz", ".nii") if stem.lower().endswith(x)), None)
+    if suffix in (".nii", ".nii.gz") and inner:  # ITK's NIfTI writer drops the inner one
+        fixed = path.with_name(stem[:-len(inner)] + suffix)
+        raise ArenaError(f"{what} '{path}' ends in a doubled extension '{inner}{suffix}': the "
+                         f"NIfTI writer would write '{fixed.name}' instead; give {option} '{fixed}'")
     if not path.parent.resolve().is_dir():
         raise ArenaError(f"folder of {what} '{path}' does not exist: create it first")
     return check_writable(path, what, option)

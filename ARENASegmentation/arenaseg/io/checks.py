@@ -31,6 +31,9 @@ AIR_HU = -1000.0
 #: axis. The small UNet downsamples 4 times (by 16): thinner than 16 voxels its deepest layers see
 #: mostly the zero padding of the sliding window; thinner than 8, only padding at the two deepest.
 MIN_VOXELS, THIN_VOXELS = 8, 16
+#: Most voxels of the backbone's canonical grid a scan may cover: 2^28 (1 GiB as float32) is
+#: 768 × 768 × 1,536 mm on Merlin's grid, beyond any body; past it the header's spacing is wrong.
+MAX_GRID_VOXELS = 2 ** 28
 
 
 def _log_warning(message: str) -> None:
@@ -261,9 +264,21 @@ def check_intensities(image: sitk.Image, path, warn: WarnFn | None = None) -> No
 
 def check_extent(image: sitk.Image, path, prep, backbone: str, warn: WarnFn | None = None) -> None:
     """Refuse an image thinner than :data:`MIN_VOXELS` voxels of the backbone's grid along any
-    axis (e.g. 3 slices); warn below :data:`THIN_VOXELS`."""
+    axis (e.g. 3 slices), or larger than :data:`MAX_GRID_VOXELS` voxels of it (a wrong spacing in
+    the header: resampling it would exhaust the memory); warn below :data:`THIN_VOXELS`."""
     warn = warn or _log_warning
     direction = np.abs(np.array(image.GetDirection()).reshape(3, 3))
+    extents = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    targets = [float(prep.spacing_mm[int(np.argmax(direction[:, axis]))]) for axis in range(3)]
+    voxels = float(np.prod(extents / targets))
+    if voxels > MAX_GRID_VOXELS:
+        raise ArenaError(
+            f"image '{path}' spans {' × '.join(f'{e:.0f}' for e in extents)} mm "
+            f"({' × '.join(map(str, image.GetSize()))} voxels of "
+            f"{' × '.join(f'{s:g}' for s in image.GetSpacing())} mm): on the {' × '.join(f'{t:g}' for t in targets)} mm "
+            f"grid of backbone '{backbone}' that is {voxels / 1e6:,.0f} million voxels, more than "
+            f"{MAX_GRID_VOXELS / 1e6:,.0f} million (a body is under 1,000 mm across): check the "
+            "voxel spacing in the image header, or crop the image")
     for axis in range(3):
         target = float(prep.spacing_mm[int(np.argmax(direction[:, axis]))])
         extent = image.GetSize()[axis] * image.GetSpacing()[axis]

@@ -71,7 +71,8 @@ def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annota
 
     Raises:
         ArenaError: a name in a file without segment names, an unknown name (the segments are
-            listed), or a value that stands for several non-empty segments.
+            listed), a value that stands for several non-empty segments, or a number that is
+            also another segment's name.
     """
     path = Path(path)
     text = str(label).strip()
@@ -99,6 +100,14 @@ def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annota
                              f"{_segment_list(segments)}): give one of these names or values")
         return int(named[0].get("labelValue", 1)), int(named[0].get("layer", 0))
     same = [s for s in segments if int(s.get("labelValue", 1)) == number]
+    named = [s for s in segments if s["name"] == text and s not in same]
+    if named:  # a segment named "2" painted with value 1, and another painted with 2
+        value = int(named[0].get("labelValue", 1))
+        other = f"for {_segment_list(same)} give its name" if same else \
+            f"no segment has the value {number}"
+        raise ArenaError(f"--label {text} is ambiguous in {what} '{path}': it is the name of "
+                         f"{_segment_list(named)}, whose value is {value}: for that segment give "
+                         f"--label {value}; {other}")
     if len(same) > 1:  # the same value in several layers: an empty segment cannot be the paint
         import slicerio
 
