@@ -54,3 +54,17 @@ def read_ijk(path) -> np.ndarray:
     from arenaseg.io.geometry import array_ijk
 
     return array_ijk(sitk.ReadImage(str(path)))
+
+
+def refused(capsys, argv, out_dir, *words) -> str:
+    """Run the command line on ``argv``: exit 2, the last stderr line the one error line holding
+    each of ``words``, and nothing named ``seg*`` or hidden left in ``out_dir``. Returns the line."""
+    from arenaseg.cli import main
+
+    rc = main(argv)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and line.startswith("arenaseg: error: "), line
+    for word in words:
+        assert word in line, line
+    assert sorted(p.name for p in out_dir.iterdir() if p.name.startswith(("seg", "."))) == []
+    return line

@@ -8,21 +8,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from arenaseg.cli import main
+from arenaseg.io.checks import MAX_GRID_VOXELS
 from arenaseg.io.geometry import array_ijk, index_to_world_matrix
 
-from conftest import ABDOMEN, ABDOMEN_SMALL, LIVER, SPLEEN
+from conftest import ABDOMEN, ABDOMEN_SMALL, LIVER, SPLEEN, refused
 
 CT = ABDOMEN_SMALL / "ct.nii.gz"
-
-
-def refused(capsys, argv, folder, *words) -> str:
-    rc = main(argv)
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and line.startswith("arenaseg: error: "), line
-    for word in words:
-        assert word in line, line
-    assert list(folder.iterdir()) == [], list(folder.iterdir())
-    return line
 
 
 def test_a_doubled_nifti_extension_is_refused_before_the_run(tmp_path, capsys, small_liver):
@@ -35,6 +26,7 @@ def test_a_doubled_nifti_extension_is_refused_before_the_run(tmp_path, capsys, s
         refused(capsys, ["adapt", "--image", str(CT), "--annotations", str(small_liver[0]),
                          "--label", str(LIVER), "--out", str(out_dir / name), "--steps", "2"],
                 out_dir, "doubled extension", f"give --out '{out_dir / fixed}'")
+        assert list(out_dir.iterdir()) == []
 
 
 def test_a_spacing_far_too_large_is_refused_naming_it(tmp_path, capsys, small_liver):
@@ -46,9 +38,12 @@ def test_a_spacing_far_too_large_is_refused_naming_it(tmp_path, capsys, small_li
         sitk.WriteImage(image, str(tmp_path / name))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    refused(capsys, ["adapt", "--image", str(tmp_path / "ct50.nii.gz"), "--annotations", str(tmp_path / "paint50.nii.gz"),
-                     "--label", str(LIVER), "--out", str(out_dir / "seg.nii.gz")],
-            out_dir, "ct50.nii.gz", "50 × 50 × 50 mm", "million voxels", "voxel spacing in the image header")
+    line = refused(capsys, ["adapt", "--image", str(tmp_path / "ct50.nii.gz"), "--annotations",
+                            str(tmp_path / "paint50.nii.gz"), "--label", str(LIVER), "--out",
+                            str(out_dir / "seg.nii.gz")],
+                   out_dir, "ct50.nii.gz", "50 × 50 × 50 mm", "voxel spacing in the image header")
+    assert f"more than {MAX_GRID_VOXELS / 1e6:,.0f} million" in line
+    assert list(out_dir.iterdir()) == []
 
 
 def test_demo_refuses_more_slices_than_the_structure_has_and_a_file_as_folder(tmp_path, capsys):
