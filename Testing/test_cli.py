@@ -273,5 +273,5 @@ def test_adapt_help_shows_the_defaults_a_run_uses(capsys):
     d = AdaptSettings()
     for shown in (f"(default {d.rank};", f"(default {d.lam:g})", f"(default {d.steps})",
                   f"(default {DEFAULT_LR:g};", f"(default {d.rho:g})", f"(default {d.seed})",
-                  f"(default {DEFAULT_BACKBONE})"):
+                  f"(default {d.self_training})", f"(default {DEFAULT_BACKBONE})"):
         assert shown in text, shown

@@ -57,15 +57,15 @@ def cmd_pretrain(args) -> None:
           f"({report['seconds']:.0f} s)")
 
 
-def _progress_bar(steps: int):
-    """Update callback drawing a tqdm bar (step, loss, total effective rank); the bar appears at
-    the first step, so input errors print alone, and starts there, so its rate is that of the
-    training steps, not of the set-up before them."""
+def _progress_bar():
+    """Update callback drawing a tqdm bar (step of steps, loss, total effective rank); the bar
+    appears at the first step, so input errors print alone, and starts there, so its rate is
+    that of the training steps, not of the set-up before them."""
     from tqdm import tqdm
 
     bar = None
 
-    def update(step: int, loss: float, ranks: dict) -> None:
+    def update(step: int, steps: int, loss: float, ranks: dict) -> None:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=steps, initial=step, desc="adapt", unit="step")
@@ -123,6 +123,7 @@ def _settings(args):
 
     given = {"method": args.method, "rank": args.rank, "lam": args.lam, "lr": args.lr,
              "rho": args.rho, "steps": args.steps, "seed": args.seed,
+             "self_training": args.self_training,
              "targets": tuple(args.targets) if args.targets else None,
              "train_decoder": args.train_decoder or None,
              "checkpointing": args.checkpointing or None}
@@ -157,7 +158,7 @@ def cmd_adapt(args) -> None:
 
     job = _job(args)
     settings = job.settings
-    result = adapt(**job.arguments(), progress=_progress_bar(settings.steps), status=PhaseLines(args.explain))
+    result = adapt(**job.arguments(), progress=_progress_bar(), status=PhaseLines(args.explain))
     report_adapt(args, result, settings)
 
 
@@ -250,7 +251,7 @@ def cmd_demo(args) -> None:
     result = adapt(str(image), str(annotations), args.label, str(out_dir / "segmentation.nii.gz"),
                    str(out_dir / "adapter.safetensors"), settings=settings,
                    structure=args.structure, device=args.device,
-                   progress=_progress_bar(settings.steps), status=PhaseLines(args.explain))
+                   progress=_progress_bar(), status=PhaseLines(args.explain))
     print_ranks(result.ranks, settings.rank)
     with ReadablePaths() as paths:  # SimpleITK takes UTF-8 paths only
         seg = array_ijk(sitk.ReadImage(paths(result.segmentation, "--out-dir"))) > 0
@@ -276,7 +277,12 @@ def _add_adapt_options(p) -> None:
                    help=f"initial rank r0 of every adapter (default {d.rank}; with --warm-start, the adapter's)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help=f"l1 weight λ on the gates, higher: smaller rank (default {d.lam:g})")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps in all, rounds included (default {d.steps})")
+    p.add_argument("--self-training", type=int, default=None, metavar="ROUNDS",
+                   help="rounds of self-training in the second half of the steps: the structure "
+                        "found so far on the unpainted slices trains too; 0: the paint only "
+                        f"(default {d.self_training})")
     p.add_argument("--lr", type=float, default=None,
                    help=f"η: AdamW learning rate of A, B, head (default {DEFAULT_LR:g}; "
                         f"{FULL_FINE_TUNING_LR:g} with --method full)")

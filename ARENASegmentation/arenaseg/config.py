@@ -86,7 +86,8 @@ class LoopSettings:
     """How the training loop runs (:func:`arenaseg.training.train`).
 
     Attributes:
-        steps: optimizer steps.
+        steps: optimizer steps on the paint alone; each round of self-training adds half as
+            many (:func:`arenaseg.self_training.round_steps`).
         crops_per_step: random crops per step around painted voxels, half of them centred on
             the structure.
         slab: crop thickness in voxels across the painted slices (the ROI elsewhere): the loss
@@ -98,6 +99,11 @@ class LoopSettings:
             ``interpolate_mm`` mm from the nearest painted slice; 0: only the painted slices.
         checkpointing: gradient checkpointing inside the backbone (SwinUNETR), trading compute
             for GPU memory.
+        self_training: rounds of self-training after the steps on the paint: each takes the
+            structure the network then finds, and the background around it, on the unpainted
+            slices as more labels (:mod:`arenaseg.self_training`); 0: the paint only; None:
+            the backbone's (``BackboneSpec.self_training``: 2 on the Merlin encoder, 0 on the
+            small U-Net).
     """
 
     steps: int = 120  # one crop at a time, twice as often: same compute, higher Dice (COMPARISON.md)
@@ -107,11 +113,13 @@ class LoopSettings:
     seed: int = 0
     interpolate_mm: float = 0.0
     checkpointing: bool = False
+    self_training: int | None = None
 
 
 #: Field order of the flat settings (as adapters and jobs have always stored them).
 _ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "crops_per_step", "slab",
-          "max_points", "seed", "targets", "train_decoder", "checkpointing", "interpolate_mm")
+          "max_points", "seed", "targets", "train_decoder", "checkpointing", "interpolate_mm",
+          "self_training")
 
 
 #: Allowed range of every numeric setting (inclusive; ``lr`` and the lower bounds marked by
@@ -125,13 +133,15 @@ _ORDER = ("method", "rank", "lam", "lr", "rho", "steps", "crops_per_step", "slab
 #: - ``steps``, ``crops_per_step``, ``slab``, ``max_points``: what one run can do in hours on a
 #:   GPU (steps), and what fits its memory (crops per step, slab thickness, sampled voxels);
 #: - ``lam``, ``rho``, ``interpolate_mm``: finite and not negative, within a bound far beyond any
-#:   useful value; ``lr``: above 0 and at most 1 (AdamW diverges beyond).
+#:   useful value; ``lr``: above 0 and at most 1 (AdamW diverges beyond);
+#: - ``self_training``: each round runs the whole scan once more; 16 is far beyond any gain.
 LIMITS = {"rank": (1, 1024), "lam": (0.0, 1e6), "lr": (0.0, 1.0), "rho": (0.0, 1e6),
           "steps": (1, 100_000), "crops_per_step": (1, 64), "slab": (16, 1024),
-          "max_points": (1, 10_000_000), "seed": (0, 2**32 - 1), "interpolate_mm": (0.0, 1000.0)}
+          "max_points": (1, 10_000_000), "seed": (0, 2**32 - 1), "interpolate_mm": (0.0, 1000.0),
+          "self_training": (0, 16)}
 _ABOVE = {"lr"}  # lower bound excluded
 #: Settings that are whole numbers (the others in :data:`LIMITS` are numbers).
-_WHOLE = {"rank", "steps", "crops_per_step", "slab", "max_points", "seed"}
+_WHOLE = {"rank", "steps", "crops_per_step", "slab", "max_points", "seed", "self_training"}
 #: The command-line option of each setting (the worker names ``settings.<field>``).
 OPTIONS = {"lam": "--lambda", "crops_per_step": "--crops-per-step", "max_points": "--max-points",
            "interpolate_mm": "--interpolate-mm", "train_decoder": "--train-decoder"}
@@ -158,7 +168,7 @@ def settings_problems(settings) -> list[tuple[str, object, str]]:
         problems.append(("method", settings.method, f"one of {', '.join(METHODS)}"))
     for name, (low, high) in LIMITS.items():
         value = getattr(settings, name)
-        if value is None and name == "lr":
+        if value is None and name in ("lr", "self_training"):
             continue
         whole = name in _WHOLE
         rule = f"{'>' if name in _ABOVE else '>='} {_bound(low)} and <= {_bound(high)}"

@@ -5,7 +5,7 @@ Slicer module all call these."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -25,9 +25,14 @@ from .inference import StatusFn, input_probability, pick_device, predict
 from .io.outputs import Outputs, check_name_length, check_writable
 from .methods import METHOD_CLASSES, Method, prepare
 from .reading import painted_reading, read_as_structure
+from .self_training import pseudo_labels, round_steps
 from .preprocessing import Scan  # noqa: F401 (the geometry object; public here too)
 from .config import AdaptSettings
-from .training import ProgressFn, train
+from .training import train
+
+#: ``progress(step, steps, loss, ranks)`` after each optimizer step: the step (1-based) of
+#: ``steps`` in all (self-training rounds included), its loss, and the per-layer effective ranks.
+ProgressFn = Callable[[int, int, float, dict], None]
 
 PHASES = ("reading", "downloading", "preprocessing", "training", "inference", "writing")
 
@@ -155,6 +160,9 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     The painted voxels are mapped into the canonical grid (:meth:`Scan.points_to_canonical`),
     ordered by canonical position, and the method's parameters are trained on crops that are
     ``settings.slab`` voxels thin across the painted slices (:func:`arenaseg.training.train`).
+    Then come the rounds of self-training (``settings.self_training``, or the backbone's), each
+    of half as many steps, on the paint and on what the network then finds on the unpainted
+    slices (:mod:`arenaseg.self_training`).
 
     Args:
         scan: a :class:`Scan` (or an image in HU, brought to the canonical grid here).
@@ -172,7 +180,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         profile: also record how the frozen backbone reads the painted structure
             (:func:`~arenaseg.reading.painted_reading`; one more pass of the frozen network), which
             ``segment`` uses to tell the structure from look-alikes.
-        progress: called after each step with (step, loss, per-layer ranks).
+        progress: called after each step with (step, steps in all, loss, per-layer ranks).
         should_stop: polled every step; True raises :class:`~arenaseg.training.Cancelled`.
         status: ``status(phase, message)`` as each phase starts.
 
@@ -233,9 +241,26 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         weak, weak_targets, weights = interpolate(annotation, scan.image.GetSpacing(),
                                                   settings.interpolate_mm, seed=settings.seed)
         pseudo = (scan.points_to_canonical(weak), weak_targets, weights)
-    status("training", f"training {settings.steps} steps ({tuning.method})")
+    rounds = round_steps(settings.steps, spec.self_training if settings.self_training is None
+                         else settings.self_training) if tuning.parameters() else [settings.steps]
+    total = sum(rounds)
+    status("training", f"training {total} steps ({tuning.method}"
+           + (f"; {settings.steps} on the paint, {len(rounds) - 1} rounds of self-training)"
+              if len(rounds) > 1 else ")"))
     log = train(tuning, scan.x, coords, targets, crop, settings, dev,
-                progress=progress, should_stop=should_stop, pseudo=pseudo)
+                progress=progress and (lambda step, loss, ranks: progress(step, total, loss, ranks)),
+                should_stop=should_stop, pseudo=pseudo)
+    for n, steps in enumerate(rounds[1:], 1):
+        status("training", f"self-training round {n}: the structure found so far trains too")
+        weak, weak_targets = pseudo_labels(input_probability(tuning, spec, scan, dev), annotation,
+                                           len(targets), settings.seed, scan.outside)
+        every = np.concatenate([coords, scan.points_to_canonical(weak)])
+        order = np.lexsort(np.round(every, 3).T[::-1])
+        done = len(log.loss)
+        log.extend(train(tuning, scan.x, every[order], np.concatenate([targets, weak_targets])[order],
+                         crop, replace(settings, steps=steps, seed=settings.seed + 100 * n), dev,
+                         progress=progress and (lambda step, loss, ranks: progress(step + done, total, loss, ranks)),
+                         should_stop=should_stop, pseudo=pseudo))
     return Fit(tuning, spec, scan, log, checksum, zero_shot_dice, painted_profile, reading)
 
 
@@ -266,7 +291,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
             structure (on any slice); they enter the loss as background.
         weights: local checkpoint file of ``backbone`` (e.g. downloaded by hand behind a
             firewall).
-        progress: called after each training step with (step, loss, per-layer ranks).
+        progress: called after each training step with (step, steps in all, loss, per-layer
+            ranks) (:data:`ProgressFn`).
         should_stop: polled every training step; True raises
             :class:`~arenaseg.training.Cancelled`.
         status: ``status(phase, message)`` as each phase (:data:`PHASES`) starts; input

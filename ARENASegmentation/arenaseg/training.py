@@ -44,6 +44,15 @@ class TrainingLog:
     #: wall seconds of all steps by part: forward, backward, optimizer, method hook, progress
     parts: dict[str, float] = field(default_factory=dict)
 
+    def extend(self, more: "TrainingLog") -> None:
+        """Append the log of a further training (a round of self-training) to this one."""
+        self.loss += more.loss
+        self.total_rank += more.total_rank
+        self.ranks = more.ranks
+        self.seconds += more.seconds
+        for part, seconds in more.parts.items():
+            self.parts[part] = self.parts.get(part, 0.0) + seconds
+
 
 def default_loss() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Dice + binary cross-entropy on logits (MONAI ``DiceCELoss(sigmoid=True)``); inputs

@@ -120,8 +120,8 @@ def _run(fields: dict, paths: ReadablePaths) -> dict:
         phase(name, paths.explain(message), done, total)
 
     if isinstance(job, AdaptJob):
-        def progress(step, loss, ranks):
-            emit("progress", step=step, steps=job.settings.steps, loss=round(loss, 5),
+        def progress(step, steps, loss, ranks):
+            emit("progress", step=step, steps=steps, loss=round(loss, 5),
                  total_rank=sum(ranks.values()), ranks=ranks)
 
         return adapt(**arguments, progress=progress, status=status).to_dict()
