@@ -10,9 +10,7 @@ labels), Dice on the unpainted slices of:
   voxels, its logit upsampled onto the canonical grid (a linear map commutes with the trilinear
   upsampling, so each stage is mapped at its own resolution);
 - ``merlin-resnet152`` with the engine's defaults: ARENA (adapters on the last blocks, decoder
-  trained, two rounds of self-training) and, at k = 3, the same with no adapter (decoder and
-  head only, ``linear-probe``) and ARENA on the paint alone (no self-training, half the steps:
-  the defaults before self-training);
+  trained) and, at k = 3, the same with no adapter (decoder and head only, ``linear-probe``);
 - the small U-Net held out from that patient, from ``LOPO.json`` (read, not re-run).
 
 At k = 3 on ``abdomen_ct``, which stages the decoder should read (the probe with ``layer3``
@@ -172,10 +170,6 @@ def cli_runs(data: Path, tmp: Path) -> list[dict]:
     return rows
 
 
-#: ARENA as it was before self-training: 120 steps on the paint alone.
-PAINT_ONLY = AdaptSettings(steps=120, self_training=0)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="../shared/data")
@@ -212,7 +206,6 @@ def main() -> None:
                 row["arena"] = adapt_dice(ct, ann, ref, AdaptSettings())
                 if k == 3:
                     row["decoder_only"] = adapt_dice(ct, ann, ref, AdaptSettings(method="linear-probe"))
-                    row["paint_only"] = adapt_dice(ct, ann, ref, PAINT_ONLY)
                 if k == 3 and scan_name == "abdomen_ct":
                     row["probe_with_layer3"] = segment_dice(
                         frozen_probe(scan, ann, deep, PROBE_STAGES + ("layer3",)), ann, scan, ref)
@@ -222,9 +215,8 @@ def main() -> None:
     ct = read_image(data / "abdomen_ct/ct.nii.gz")
     lab = array_ijk(read_labels_on(ct, data / "abdomen_ct/labels.nii.gz", "labels"))
     ann = find_annotation(paint_slices(lab, 21, 3, axis=2), 21, axis=2)
-    twice = 2 * AdaptSettings().steps
     for variant, settings in (("r0=8", AdaptSettings(rank=8)), ("r0=32", AdaptSettings(rank=32)),
-                              (f"r0=32, {twice} steps", AdaptSettings(rank=32, steps=twice))):
+                              ("r0=32, 240 steps", AdaptSettings(rank=32, steps=240))):
         if ("rank", "abdomen_ct", 21, 3, variant) not in done:
             record({"kind": "rank", "scan": "abdomen_ct", "label": 21, "k": 3, "variant": variant,
                     **adapt_dice(ct, ann, lab == 21, settings)})
@@ -252,26 +244,23 @@ def report(rows: list[dict], lopo: dict, command: str) -> str:
         "small U-Net column is that network pretrained on the *other* shared patient only "
         "(`LOPO.json`).",
         "",
-        "| scan | structure | k | Fill between slices | frozen-feature linear probe | decoder only (no adapter) | ARENA on the paint only | ARENA (Merlin) | ARENA − Fill | rank | seconds (in process) | small U-Net held out |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scan | structure | k | Fill between slices | frozen-feature linear probe | decoder only (no adapter) | ARENA (Merlin) | ARENA − Fill | rank | seconds (in process) | small U-Net held out |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dice_rows = [r for r in rows if r["kind"] == "dice"]
     for r in dice_rows:
         dec = f"{r['decoder_only']['dice']:.3f}" if "decoder_only" in r else ""
-        paint = f"{r['paint_only']['dice']:.3f}" if "paint_only" in r else ""
         small = lopo.get((r["scan"], r["structure"], r["k"]))
         lines.append(f"| {r['scan']} | {r['structure']} | {r['k']} | {r['fill']:.3f} | {r['probe']:.3f} | "
-                     f"{dec} | {paint} | **{r['arena']['dice']:.3f}** | {r['arena']['dice'] - r['fill']:+.3f} | "
+                     f"{dec} | **{r['arena']['dice']:.3f}** | {r['arena']['dice'] - r['fill']:+.3f} | "
                      f"{r['arena']['rank']} | {r['arena']['seconds']:.0f} | "
                      f"{'' if small is None else f'{small:.3f}'} |")
     k3 = [r for r in dice_rows if r["scan"] == "abdomen_ct" and r["k"] == 3]
     if k3:
         ma, mp = np.mean([r["arena"]["dice"] for r in k3]), np.mean([r["probe"] for r in k3])
         md = np.mean([r["decoder_only"]["dice"] for r in k3])
-        mo = np.mean([r["paint_only"]["dice"] for r in k3])
         lines += ["", f"`abdomen_ct`, k = 3, mean over the {len(k3)} structures: ARENA {ma:.3f}, "
-                      f"decoder only {md:.3f}, ARENA on the paint only {mo:.3f}, frozen-feature "
-                      f"linear probe {mp:.3f} (ARENA − probe "
+                      f"decoder only {md:.3f}, frozen-feature linear probe {mp:.3f} (ARENA − probe "
                       f"{ma - mp:+.3f}); ARENA − Fill per structure: "
                   + ", ".join(f"{r['structure']} {r['arena']['dice'] - r['fill']:+.3f}" for r in k3) + "."]
     if k3 and all("probe_with_layer3" in r for r in k3):

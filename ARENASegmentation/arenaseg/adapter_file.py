@@ -142,7 +142,7 @@ _SETTINGS = {
     "train_decoder": (lambda v: isinstance(v, bool), "true or false"),
     "checkpointing": (lambda v: isinstance(v, bool), "true or false"),
     "interpolate_mm": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    "self_training": (lambda v: v is None or (_whole(v) and v >= 0), "a whole number >= 0, or null"),
+    "self_training": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
 }
 
 

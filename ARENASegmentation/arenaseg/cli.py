@@ -278,11 +278,12 @@ def _add_adapt_options(p) -> None:
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help=f"l1 weight λ on the gates, higher: smaller rank (default {d.lam:g})")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps in all, rounds included (default {d.steps})")
+                   help=f"optimizer steps on the paint (default {d.steps})")
     p.add_argument("--self-training", type=int, default=None, metavar="ROUNDS",
-                   help="rounds of self-training in the second half of the steps: the structure "
-                        "found so far on the unpainted slices trains too; 0: the paint only "
-                        f"(default {d.self_training})")
+                   help="rounds of self-training after the steps, of half as many steps each: "
+                        "the structure found so far on the unpainted slices trains too; helps "
+                        "long structures at 3 slices, hurts others (bench/SELF_TRAINING.md; "
+                        f"default {d.self_training}: the paint only)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"η: AdamW learning rate of A, B, head (default {DEFAULT_LR:g}; "
                         f"{FULL_FINE_TUNING_LR:g} with --method full)")

@@ -101,9 +101,9 @@ class LoopSettings:
             for GPU memory.
         self_training: rounds of self-training after the steps on the paint: each takes the
             structure the network then finds, and the background around it, on the unpainted
-            slices as more labels (:mod:`arenaseg.self_training`); 0: the paint only; None:
-            the backbone's (``BackboneSpec.self_training``: 2 on the Merlin encoder, 0 on the
-            small U-Net).
+            slices as more labels (:mod:`arenaseg.self_training`); 0 (default): the paint
+            only. Not a default: it helps long structures at 3 painted slices and hurts others
+            (``bench/SELF_TRAINING.md``).
     """
 
     steps: int = 120  # one crop at a time, twice as often: same compute, higher Dice (COMPARISON.md)
@@ -113,7 +113,7 @@ class LoopSettings:
     seed: int = 0
     interpolate_mm: float = 0.0
     checkpointing: bool = False
-    self_training: int | None = None
+    self_training: int = 0
 
 
 #: Field order of the flat settings (as adapters and jobs have always stored them).
@@ -168,7 +168,7 @@ def settings_problems(settings) -> list[tuple[str, object, str]]:
         problems.append(("method", settings.method, f"one of {', '.join(METHODS)}"))
     for name, (low, high) in LIMITS.items():
         value = getattr(settings, name)
-        if value is None and name in ("lr", "self_training"):
+        if value is None and name == "lr":
             continue
         whole = name in _WHOLE
         rule = f"{'>' if name in _ABOVE else '>='} {_bound(low)} and <= {_bound(high)}"

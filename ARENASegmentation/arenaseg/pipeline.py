@@ -160,9 +160,9 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     The painted voxels are mapped into the canonical grid (:meth:`Scan.points_to_canonical`),
     ordered by canonical position, and the method's parameters are trained on crops that are
     ``settings.slab`` voxels thin across the painted slices (:func:`arenaseg.training.train`).
-    Then come the rounds of self-training (``settings.self_training``, or the backbone's), each
-    of half as many steps, on the paint and on what the network then finds on the unpainted
-    slices (:mod:`arenaseg.self_training`).
+    Then come ``settings.self_training`` rounds of self-training (none by default), each of half
+    as many steps, on the paint and on what the network then finds on the unpainted slices
+    (:mod:`arenaseg.self_training`).
 
     Args:
         scan: a :class:`Scan` (or an image in HU, brought to the canonical grid here).
@@ -241,8 +241,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         weak, weak_targets, weights = interpolate(annotation, scan.image.GetSpacing(),
                                                   settings.interpolate_mm, seed=settings.seed)
         pseudo = (scan.points_to_canonical(weak), weak_targets, weights)
-    rounds = round_steps(settings.steps, spec.self_training if settings.self_training is None
-                         else settings.self_training) if tuning.parameters() else [settings.steps]
+    rounds = round_steps(settings.steps, settings.self_training) if tuning.parameters() else [settings.steps]
     total = sum(rounds)
     status("training", f"training {total} steps ({tuning.method}"
            + (f"; {settings.steps} on the paint, {len(rounds) - 1} rounds of self-training)"
@@ -335,7 +334,8 @@ def adapt(image: str, annotations: str, label: int, out: str, adapter_out: str |
     ct = read_image(image, "image", series=series, match=partial(painted_points, annotations), warn=warn)
     status("reading", describe(ct, image))
     check_intensities(ct, image, warn)
-    annotation = find_annotation(array_ijk(read_labels_on(ct, annotations, "annotations", label=segment)),
+    annotation = find_annotation(array_ijk(read_labels_on(ct, annotations, "annotations", label=segment,
+                                                          warn=warn)),
                                  label, slice_axis, str(annotations), background_label)
     check_paint(ct, annotation, annotations)
     warm = read_adapter(warm_start) if warm_start else None

@@ -163,10 +163,6 @@ class BackboneSpec:
             the head in every method, as if ``--train-decoder`` were given.
         memory_gb: peak resident memory of one default ``arenaseg adapt`` on the CPU, in GB, as
             measured by the benchmarks (None: not measured); the Slicer module warns below it.
-        self_training: rounds of self-training unless the settings name them
-            (:mod:`arenaseg.self_training`), as measured on this backbone: they help where its
-            errors are missed structure (the Merlin encoder, ``bench/MERLIN.md``), and would
-            teach a backbone its own false positives (the small U-Net: 0).
     """
 
     id: str
@@ -187,7 +183,6 @@ class BackboneSpec:
     offered: bool = True
     trains_decoder: bool = False
     memory_gb: float | None = None
-    self_training: int = 0
 
     @property
     def build(self) -> Callable:
@@ -348,7 +343,6 @@ MERLIN = BackboneSpec(
                  "3 mm stem grid) + 1×1×1 classifier",
     decoder=(r"^decoder\b",),
     trains_decoder=True,
-    self_training=2,
     source=WeightsSource(
         filename="astra_encoder.pt", urls=(), size=235_318_802,
         sha256="d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a",

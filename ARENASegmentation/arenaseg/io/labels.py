@@ -122,18 +122,20 @@ def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annota
 
 
 def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "annotations",
-                   label: int | str | None = None) -> sitk.Image:
+                   label: int | str | None = None, warn=None) -> sitk.Image:
     """Read a labelmap and bring it onto ``image``'s grid (nearest neighbour in world space).
 
     The labelmap may have any grid or orientation; only world positions count. A 3D Slicer
     ``.seg.nrrd`` with several layers gives the layer holding ``label`` (a value or a segment
-    name, :func:`resolve_label`; the first layer when None).
+    name, :func:`resolve_label`; the first layer when None). With ``label`` and ``warn``
+    (``warn(message)``, one line), voxels painted with ``label`` outside the image's field of
+    view, which the image's grid cannot hold, are counted and named in a warning.
 
     Raises:
         ArenaError: unreadable file; values that are not labels (negative or fractional, e.g. a
             CT in HU given as annotations); no overlap with the image in world space.
     """
-    layer = resolve_label(path, label, what)[1] if label is not None else 0
+    value, layer = resolve_label(path, label, what) if label is not None else (None, 0)
     labels = read_label_layers(path, what)[layer][0]
     values = sitk.GetArrayViewFromImage(labels)
     low = values.min()
@@ -149,9 +151,34 @@ def read_labels_on(image: sitk.Image, path: str | os.PathLike, what: str = "anno
                          f"{tuple(round(o, 1) for o in image.GetOrigin())} mm): use the labels "
                          "drawn on this scan")
     _refuse_slices_across_the_grid(image, labels, path, what)
+    if warn is not None and value is not None:
+        _warn_paint_outside(image, labels, value, path, what, warn)
     labels = sitk.Cast(labels, sitk.sitkInt32) if labels.GetPixelID() in (
         sitk.sitkFloat32, sitk.sitkFloat64) else labels
     return resample_to(labels, image, linear=False, default=0)
+
+
+def _index_to_world(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, origin)``: world (LPS, mm) = ``M @ (i, j, k) + origin`` (direction · spacing)."""
+    matrix = np.asarray(image.GetDirection(), float).reshape(3, 3) * np.asarray(image.GetSpacing())
+    return matrix, np.asarray(image.GetOrigin(), float)
+
+
+def _warn_paint_outside(image: sitk.Image, labels: sitk.Image, value: int, path, what: str,
+                        warn) -> None:
+    """Warn when voxels painted with ``value`` lie outside ``image``'s voxels (beyond half a
+    voxel past its first and last centres): resampled onto the image they are lost."""
+    painted = np.argwhere(sitk.GetArrayViewFromImage(labels) == value)[:, ::-1]  # (i, j, k)
+    if not len(painted):
+        return
+    to_world, origin = _index_to_world(labels)
+    from_world, image_origin = _index_to_world(image)
+    index = np.linalg.solve(from_world, (painted @ to_world.T + origin - image_origin).T).T
+    outside = np.any((index < -0.5) | (index > np.asarray(image.GetSize()) - 0.5), axis=1)
+    if outside.any():
+        warn(f"{int(outside.sum())} of {len(painted)} voxels painted with {value} in {what} "
+             f"'{path}' lie outside the image's field of view and are left out: paint within the "
+             "scan, or check that the paint belongs to this scan")
 
 
 def _refuse_slices_across_the_grid(image: sitk.Image, labels: sitk.Image, path, what: str) -> None:
