@@ -9,9 +9,9 @@ paint: :mod:`arenaseg.postprocessing`) as more structure voxels, and the confide
 around it (probability < :data:`BACKGROUND_BELOW` within :data:`NEAR_MM`) as as many background
 voxels; the next round trains on them with the paint. Off by default
 (``AdaptSettings.self_training = 0``): on the Merlin encoder it gains on the IVC and the
-iliopsoas at 3 painted slices and loses on the portal vein and at 5 slices
-(``bench/SELF_TRAINING.md``); on the small U-Net it taught the network its own false positives
-(liver 0.938 → 0.849 on ``abdomen_ct``).
+iliopsoas of ``abdomen_ct`` at 3 painted slices and loses on its portal vein, at 5 slices, and
+on the other patient; on the small U-Net it teaches the network its own false positives (liver
+0.935 → 0.847; ``bench/SELF_TRAINING.md``).
 """
 
 from __future__ import annotations
