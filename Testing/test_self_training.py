@@ -79,9 +79,14 @@ def test_an_adaptation_with_rounds_reports_every_step_once_in_order():
     assert set(result.log.ranks) == set(result.tuning.ranks())
 
 
-def test_the_backbone_chooses_the_rounds_unless_the_settings_do():
-    from arenaseg.backbones import get_spec
 
-    assert AdaptSettings().self_training is None
-    assert get_spec("merlin-resnet152").self_training == 2  # bench/MERLIN.md
-    assert get_spec("arena-small-ct-unet").self_training == 0
+def test_off_by_default_and_the_option_is_checked_before_any_work(tmp_path, capsys, small_liver):
+    from conftest import ABDOMEN_SMALL, LIVER, refused
+
+    assert AdaptSettings().self_training == 0  # bench/SELF_TRAINING.md: not a default
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    refused(capsys, ["adapt", "--image", str(ABDOMEN_SMALL / "ct.nii.gz"), "--annotations",
+                     str(small_liver[0]), "--label", str(LIVER), "--out", str(out_dir / "seg.nii.gz"),
+                     "--self-training", "17"],
+            out_dir, "--self-training 17 must be >= 0 and <= 16")
