@@ -41,3 +41,29 @@ def test_paint_inside_the_field_of_view_gives_no_such_warning(tmp_path, capsys, 
     assert main(["adapt", "--image", str(CT), "--annotations", str(small_liver[0]),
                  "--label", str(LIVER), "--out", str(out), "--steps", "2"]) == 0
     assert "field of view" not in capsys.readouterr().err
+
+
+def test_a_coarser_voxel_reaching_into_the_scan_is_not_called_outside(tmp_path):
+    """A labelmap voxel twice as thick as the scan's, its centre 0.75 scan voxels before the
+    first slice, still covers that slice: its paint is carried over, so no warning."""
+    from arenaseg.io.labels import read_labels_on
+
+    ct = sitk.ReadImage(str(CT))
+    direction = np.asarray(ct.GetDirection()).reshape(3, 3)
+    spacing = np.asarray(ct.GetSpacing())
+    labels = sitk.Image([ct.GetSize()[0], ct.GetSize()[1], 4], sitk.sitkUInt8)
+    labels.SetSpacing((spacing[0], spacing[1], 2 * spacing[2]))
+    labels.SetDirection(ct.GetDirection())
+    labels.SetOrigin(tuple(np.asarray(ct.GetOrigin()) - 0.75 * spacing[2] * direction[:, 2]))
+    paint = np.zeros(labels.GetSize(), np.uint8)
+    paint[40:50, 40:50, 0] = LIVER  # reaches the first slice of the scan
+    path = tmp_path / "coarse.nii.gz"
+    sitk.WriteImage(image_like(paint, labels), str(path))
+    said = []
+    on_ct = read_labels_on(ct, path, label=LIVER, warn=said.append)
+    assert said == []
+    assert (sitk.GetArrayViewFromImage(on_ct)[0] == LIVER).sum() == 100  # carried over
+    labels.SetOrigin(tuple(np.asarray(ct.GetOrigin()) - 1.25 * spacing[2] * direction[:, 2]))
+    sitk.WriteImage(image_like(paint, labels), str(path))
+    read_labels_on(ct, path, label=LIVER, warn=said.append)
+    assert len(said) == 1 and said[0].startswith(f"100 of 100 voxels painted with {LIVER}")

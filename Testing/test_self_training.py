@@ -90,3 +90,22 @@ def test_off_by_default_and_the_option_is_checked_before_any_work(tmp_path, caps
                      str(small_liver[0]), "--label", str(LIVER), "--out", str(out_dir / "seg.nii.gz"),
                      "--self-training", "17"],
             out_dir, "--self-training 17 must be >= 0 and <= 16")
+
+
+def test_the_largest_seed_runs_its_rounds_and_adalora_refuses_them():
+    """Each round draws its crops with seed + 100·n: past numpy's limit it stopped the run
+    after the first round had trained; AdaLoRA's rank budget schedule spans --steps only."""
+    import pytest
+
+    from arenaseg.errors import ArenaError
+
+    ct = sitk.ReadImage(str(ABDOMEN / "ct.nii.gz"))
+    ref = array_ijk(read_labels_on(ct, ABDOMEN / "labels.nii.gz", "labels"))
+    paint = np.zeros(ref.shape, np.uint8)
+    slices = np.flatnonzero((ref == BLADDER).any(axis=(0, 1)))[[3, 8]]
+    paint[:, :, slices] = (ref[:, :, slices] == BLADDER) * BLADDER
+    result = pipeline.fit(ct, find_annotation(paint, BLADDER, axis=2),
+                          AdaptSettings(steps=2, self_training=1, seed=2**32 - 1))
+    assert len(result.log.loss) == 3
+    with pytest.raises(ArenaError, match="--self-training does not apply to method adalora"):
+        AdaptSettings(method="adalora", self_training=1)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arenaseg.backbones import load_backbone
+from arenaseg.backbones import EMBEDDED_BACKBONE, load_backbone
 from arenaseg.config import AdaptSettings
 from arenaseg.io.annotations import dice, find_annotation, paint_slices
 from arenaseg.io.geometry import array_ijk
@@ -40,7 +40,7 @@ from merlin_benchmark import BACKBONE, SCANS, STRUCTURES, adapt_dice, frozen_pro
 MEASURED = ("rounds 0", "rounds 2")
 #: The small U-Net (pretrained on abdomen_ct itself, with liver among its classes: a sanity
 #: check of what the rounds do to a backbone that is confident far from the paint).
-SMALL_UNET, SMALL_STRUCTURES = "arena-small-ct-unet", {5: "liver", 21: "urinary_bladder"}
+SMALL_UNET, SMALL_STRUCTURES = EMBEDDED_BACKBONE, {5: "liver", 21: "urinary_bladder"}
 
 
 def main() -> None:

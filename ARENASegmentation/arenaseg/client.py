@@ -296,8 +296,8 @@ def _follow(client: Client, job_id: str, names: dict, args) -> dict:
         elif kind == "warning":
             lines(event["phase"], "warning: " + local(event["message"]))
         elif kind == "progress":
-            bar = bar or _progress_bar(event["steps"])
-            bar(event["step"], event["loss"], event["ranks"])
+            bar = bar or _progress_bar()
+            bar(event["step"], event["steps"], event["loss"], event["ranks"])
         elif kind == "done":
             return event
         elif kind == "error":

@@ -190,6 +190,9 @@ def settings_problems(settings) -> list[tuple[str, object, str]]:
         except (re.error, TypeError) as err:
             problems.append(("targets", None, f"'{pattern}' is not a regular expression ({err}): "
                              "give module names or patterns such as 'encoder\\.layer2\\.7\\.conv2'"))
+    if settings.self_training and settings.method == "adalora":
+        problems.append(("self_training", None, "does not apply to method adalora, whose rank "
+                         "budget schedule spans --steps: give 0, or another method"))
     if settings.targets and settings.method not in ADAPTER_METHODS:
         problems.append(("targets", None,
                          f"applies to the adapter methods ({', '.join(ADAPTER_METHODS)}), not to "

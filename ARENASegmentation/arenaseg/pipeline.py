@@ -162,7 +162,8 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     ``settings.slab`` voxels thin across the painted slices (:func:`arenaseg.training.train`).
     Then come ``settings.self_training`` rounds of self-training (none by default), each of half
     as many steps, on the paint and on what the network then finds on the unpainted slices
-    (:mod:`arenaseg.self_training`).
+    (:mod:`arenaseg.self_training`); each round gives ARENA's layers then at rank 0 a new SVD
+    start from its own first batch.
 
     Args:
         scan: a :class:`Scan` (or an image in HU, brought to the canonical grid here).
@@ -257,7 +258,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
         order = np.lexsort(np.round(every, 3).T[::-1])
         done = len(log.loss)
         log.extend(train(tuning, scan.x, every[order], np.concatenate([targets, weak_targets])[order],
-                         crop, replace(settings, steps=steps, seed=settings.seed + 100 * n), dev,
+                         crop, replace(settings, steps=steps, seed=(settings.seed + 100 * n) % 2**32), dev,
                          progress=progress and (lambda step, loss, ranks: progress(step + done, total, loss, ranks)),
                          should_stop=should_stop, pseudo=pseudo))
     return Fit(tuning, spec, scan, log, checksum, zero_shot_dice, painted_profile, reading)

@@ -166,15 +166,18 @@ def _index_to_world(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 def _warn_paint_outside(image: sitk.Image, labels: sitk.Image, value: int, path, what: str,
                         warn) -> None:
-    """Warn when voxels painted with ``value`` lie outside ``image``'s voxels (beyond half a
-    voxel past its first and last centres): resampled onto the image they are lost."""
+    """Warn when voxels painted with ``value`` lie outside ``image``'s field of view (no image
+    voxel centre inside them): resampled onto the image they are lost."""
     painted = np.argwhere(sitk.GetArrayViewFromImage(labels) == value)[:, ::-1]  # (i, j, k)
     if not len(painted):
         return
     to_world, origin = _index_to_world(labels)
     from_world, image_origin = _index_to_world(image)
     index = np.linalg.solve(from_world, (painted @ to_world.T + origin - image_origin).T).T
-    outside = np.any((index < -0.5) | (index > np.asarray(image.GetSize()) - 0.5), axis=1)
+    # half a painted voxel, in image voxels per axis: a coarser voxel whose centre lies past
+    # the image's edge still reaches the image voxels next to it
+    half = 0.5 * np.abs(np.linalg.solve(from_world, to_world)).sum(axis=1)
+    outside = np.any((index + half < -1e-6) | (index - half > np.asarray(image.GetSize()) - 1 + 1e-6), axis=1)
     if outside.any():
         warn(f"{int(outside.sum())} of {len(painted)} voxels painted with {value} in {what} "
              f"'{path}' lie outside the image's field of view and are left out: paint within the "
