@@ -400,10 +400,12 @@ class MerlinSegmenter(nn.Module):
         return h.float().permute(0, 1, 3, 4, 2).cpu(), (sx, sy, z)
 
 
-def fit_logistic(a: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(a: torch.Tensor, y: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen-feature linear probe: a logistic regression of targets ``y`` ``(N,)`` (0 or 1)
     on features ``a`` ``(N, C)``, standardised per column, with scikit-learn's default penalty
-    (½‖w‖² + Σ log-loss), fitted by L-BFGS (strong Wolfe line search, 200 iterations).
+    (½‖w‖² + Σ log-loss, each voxel's term times its ``weights`` ``(N,)`` when given), fitted by
+    L-BFGS (strong Wolfe line search, 200 iterations).
 
     Returns:
         ``(w (C,), b)`` on the raw features: the logit is ``a @ w + b``.
@@ -416,7 +418,7 @@ def fit_logistic(a: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(a @ w + b, y, reduction="sum") + 0.5 * w.square().sum()
+        loss = F.binary_cross_entropy_with_logits(a @ w + b, y, weights, reduction="sum") + 0.5 * w.square().sum()
         loss.backward()
         return loss
 
