@@ -385,3 +385,21 @@ def test_input_problems_are_refused_before_any_process_and_worker_errors_change_
     assert outcome["status"] == "error" and "no-such-backbone" in outcome["message"]
     after = snapshot(module, node, volume)
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_segment_name_beyond_ascii_survives_export_and_selects_the_segment(module, abdomen, tmp_path):
+    """Slicer writes segment names in UTF-8; the engine reads them as written (pynrrd alone
+    dropped every non-ASCII character, so --label could not name such a segment)."""
+    import slicer
+    from arenaseg.errors import ArenaError
+    from arenaseg.io.labels import resolve_label
+
+    volume, reference = abdomen
+    name = "Leber (ü, 肝)"
+    node, segment_id, _ = paint(module, volume, reference, axis_ijk=2, node_name="utf-8", name=name)
+    path = module.ARENASegmentationLogic().exportSegment(node, segment_id, volume, tmp_path / "leber.seg.nrrd")
+    assert name.encode("utf-8") in path.read_bytes()[:4096]  # what Slicer's writer put in the header
+    assert resolve_label(path, name) == (1, 0)
+    with pytest.raises(ArenaError, match=r"segments: 'Leber \(ü, 肝\)' \(1\)"):
+        resolve_label(path, "Milz")
+    slicer.mrmlScene.RemoveNode(node)

@@ -5,6 +5,7 @@ layers), resolving a label value or segment name, and bringing them onto the ima
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +22,40 @@ def _is_segmentation(path: Path) -> bool:
     if not path.is_file() or not path.name.lower().endswith((".nrrd", ".nhdr")):
         return False
     try:
-        import slicerio
-
-        return bool(slicerio.read_segmentation(str(path), skip_voxels=True).get("segments"))
+        return bool(_read_segmentation(path, skip_voxels=True).get("segments"))
     except Exception:  # not a segmentation header: read as a plain labelmap
         return False
 
 
-def _segments(path: Path) -> list[dict]:
+def _read_segmentation(path: Path, skip_voxels: bool = False) -> dict:
+    """``slicerio.read_segmentation`` with the segment names as Slicer wrote them: pynrrd decodes
+    the header as ASCII and drops every other character ('Leber ü' became 'Leber '), while
+    Slicer writes names in UTF-8."""
     import slicerio
 
-    return slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]
+    segmentation = slicerio.read_segmentation(str(path), skip_voxels=skip_voxels)
+    fields: dict[int, str | None] = {}
+    with open(path, "rb") as f:
+        for line in f:  # the header: text lines up to the first empty one
+            line = line.rstrip(b"\r\n")
+            if not line:
+                break
+            found = re.match(rb"Segment(\d+)_(\w+):=(.*)", line)
+            if found:
+                index, key, value = int(found[1]), found[2], found[3]
+                fields.setdefault(index, None)
+                if key == b"Name":
+                    fields[index] = value.decode("utf-8", "replace").strip()
+    segments = segmentation.get("segments", [])
+    if len(fields) == len(segments):  # slicerio lists the segments in index order
+        for segment, index in zip(segments, sorted(fields)):
+            if fields[index] is not None:
+                segment["name"] = fields[index]
+    return segmentation
+
+
+def _segments(path: Path) -> list[dict]:
+    return _read_segmentation(path, skip_voxels=True)["segments"]
 
 
 def read_label_layers(path: str | os.PathLike, what: str = "annotations") -> list[tuple[sitk.Image, list[dict]]]:
@@ -42,9 +66,7 @@ def read_label_layers(path: str | os.PathLike, what: str = "annotations") -> lis
     path = Path(path)
     if not _is_segmentation(path):
         return [(read_image(path, what, min_slices=1), [])]  # one painted slice lies in 3D too
-    import slicerio
-
-    segmentation = slicerio.read_segmentation(str(path))
+    segmentation = _read_segmentation(path)
     voxels = segmentation["voxels"]
     layers = voxels if voxels.ndim == 4 else voxels[None]
     matrix = np.asarray(segmentation["ijkToLPS"], float)
@@ -111,7 +133,7 @@ def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annota
     if len(same) > 1:  # the same value in several layers: an empty segment cannot be the paint
         import slicerio
 
-        segmentation = slicerio.read_segmentation(str(path))
+        segmentation = _read_segmentation(path)
         filled = [s for s in same if slicerio.segment_mask(segmentation, s).any()]
         if len(filled) > 1:
             raise ArenaError(f"--label {number} stands for several segments of {what} '{path}' "
