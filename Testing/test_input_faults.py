@@ -311,6 +311,21 @@ def test_segment_names_and_values_resolve_to_their_layer(two_layer_seg):
     assert np.array_equal(array_ijk(on_grid) == 1, paint)
 
 
+def test_a_latin_1_name_and_a_segment_without_a_name_resolve(two_layer_seg):
+    """Names not written by Slicer: a Latin-1 name is read as Latin-1 (not UTF-8 replacement
+    characters), and a segment without a Name field is named by its ID (a KeyError before)."""
+    path, _ = two_layer_seg
+    header_end = path.read_bytes().index(b"\n\n")
+    header, data = path.read_bytes()[:header_end], path.read_bytes()[header_end:]
+    assert b"Segment0_Name:=liver" in header and b"Segment1_Name:=tumour\n" in header
+    header = header.replace(b"Segment0_Name:=liver", "Segment0_Name:=Leber ü".encode("latin-1"))
+    path.write_bytes(header.replace(b"Segment1_Name:=tumour\n", b"") + data)
+    assert resolve_label(path, "Leber ü") == (1, 0)
+    assert resolve_label(path, 1) == (1, 0)
+    with pytest.raises(ArenaError, match="segments: 'Leber ü' \\(1\\), 'tumour' \\(1\\)"):
+        resolve_label(path, "Milz")
+
+
 def test_two_layer_seg_nrrd_with_a_segment_name_as_label(capsys, two_layer_seg, tmp_path):
     path, paint = two_layer_seg
     out = tmp_path / "seg.nii.gz"

@@ -30,27 +30,33 @@ def _is_segmentation(path: Path) -> bool:
 def _read_segmentation(path: Path, skip_voxels: bool = False) -> dict:
     """``slicerio.read_segmentation`` with the segment names as Slicer wrote them: pynrrd decodes
     the header as ASCII and drops every other character ('Leber ü' became 'Leber '), while
-    Slicer writes names in UTF-8."""
+    Slicer writes names in UTF-8 (a name that is not valid UTF-8 is read as Latin-1). A segment
+    without a name is named by its ID."""
     import slicerio
 
     segmentation = slicerio.read_segmentation(str(path), skip_voxels=skip_voxels)
     fields: dict[int, str | None] = {}
     with open(path, "rb") as f:
-        for line in f:  # the header: text lines up to the first empty one
-            line = line.rstrip(b"\r\n")
+        for line in f:  # the header, read as pynrrd reads it: up to the first blank line
+            line = line.rstrip()
             if not line:
                 break
-            found = re.match(rb"Segment(\d+)_(\w+):=(.*)", line)
+            found = re.match(rb"Segment(\d+)_([^:\s]+)\s*:=?(.*)", line)
             if found:
-                index, key, value = int(found[1]), found[2], found[3]
+                index, key, value = int(found[1]), found[2], found[3].strip()
                 fields.setdefault(index, None)
                 if key == b"Name":
-                    fields[index] = value.decode("utf-8", "replace").strip()
+                    try:
+                        fields[index] = value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        fields[index] = value.decode("latin-1")
     segments = segmentation.get("segments", [])
     if len(fields) == len(segments):  # slicerio lists the segments in index order
         for segment, index in zip(segments, sorted(fields)):
             if fields[index] is not None:
                 segment["name"] = fields[index]
+    for segment in segments:
+        segment.setdefault("name", segment.get("id", ""))
     return segmentation
 
 
