@@ -85,6 +85,7 @@ def main() -> None:
     done = {(r["variant"], r["label"], r["seed"]) for r in rows}
 
     def record(row: dict) -> None:
+        row["revision"] = git_revision()
         rows.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -115,17 +116,23 @@ def main() -> None:
 def report(rows: list[dict], command: str) -> str:
     d = AdaptSettings()
     dice = {(r["variant"], r["label"], r["seed"]): r["dice"] for r in rows}
+    revisions: dict[str, list[str]] = {}
+    for r in rows:
+        names = revisions.setdefault(r.get("revision", "unknown"), [])
+        if r["variant"] not in names:
+            names.append(r["variant"])
     lines = [
         "# ARENA on `merlin-resnet152` over seeds, and training changes (tried, not adopted)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; git revision {git_revision()}",
+        f"- Date: {time.strftime('%Y-%m-%d')}; git revision {git_revision()}; the rows were "
+        "measured at " + "; ".join(f"{rev} ({', '.join(names)})" for rev, names in revisions.items()),
         f"- Machine: {machine()}",
         f"- Command: `{command}`",
         f"- `abdomen_ct`, k = 3 painted axial slices; engine defaults (ARENA r0 = {d.rank}, "
         f"λ = {d.lam:g}, ρ = {d.rho:g}, {d.steps} steps) but the seed and the change named; Dice "
         "on the unpainted slices after the engine's post-processing. The encoder never saw this "
-        "patient. The variants are described in `bench/merlin_seeds.py`; the rows of each are "
-        "kept in `bench/MERLIN_SEEDS.jsonl` from the revision that measured them.",
+        "patient. The variants are described in `bench/merlin_seeds.py`; their rows are kept in "
+        "`bench/MERLIN_SEEDS.jsonl` and reused by later runs.",
         "",
         "| structure | " + " | ".join(PROBES.values()) + " | " + " | ".join(
             f"{name}, seed {s}" for name in VARIANTS for s in SEEDS) + " |",
