@@ -236,3 +236,22 @@ def test_lora_on_the_encoder_merges_to_the_same_output(merlin):
     assert torch.allclose(merged, beside, atol=1e-4 * float(beside.abs().max()))
     assert torch.allclose(again, beside, atol=1e-5 * float(beside.abs().max()))
     assert all(torch.allclose(model.state_dict()[n], w, atol=1e-6) for n, w in weights.items())
+
+
+def test_the_probe_fit_weighs_voxels_as_asked():
+    """``fit_logistic(weights=…)``: no weights is weight 1 everywhere; weighing the structure
+    voxels k times is the same fit as repeating them k times (the weighted log-loss)."""
+    from arenaseg.backbones.merlin import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g)
+    y = (a[:, 0] + 0.5 * torch.randn(400, generator=g) > 1.2).float()
+    plain = fit_logistic(a, y)
+    ones = fit_logistic(a, y, torch.ones(400))
+    assert torch.allclose(plain[0], ones[0], atol=1e-5) and torch.allclose(plain[1], ones[1], atol=1e-5)
+    repeated = torch.cat([a] + [a[y > 0]] * 2), torch.cat([y] + [y[y > 0]] * 2)
+    weighted = fit_logistic(a, y, torch.where(y > 0, 3.0, 1.0))
+    # the standardisation (and so the penalty) sees the repeated rows too: compare probabilities
+    p = [torch.sigmoid(a @ w + b) for w, b in (weighted, fit_logistic(*repeated), plain)]
+    assert (p[0] - p[1]).abs().max() < 0.02  # 0.007
+    assert (p[0] - p[2]).abs().max() > 0.1 and (p[0] >= p[2])[y > 0].all()
