@@ -278,14 +278,27 @@ def _attach(client: Client, job_id: str, command: str, suffix: str) -> None:
           flush=True)
 
 
+def renamed(value, names: dict[str, str]):
+    """``value`` (an event, or any text, list or dict in it) with each of ``names``' keys
+    replaced by its value, longest first: the server's names for a client's files
+    (``upload:SHA``, ``output:segmentation``) and back."""
+    if isinstance(value, str):
+        for token in sorted(names, key=len, reverse=True):
+            value = value.replace(token, names[token])
+        return value
+    if isinstance(value, dict):
+        return {k: renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [renamed(v, names) for v in value]
+    return value
+
+
 def _follow(client: Client, job_id: str, names: dict, args) -> dict:
     """Print the job's phases and progress as a local run does; return its ``done`` event."""
     from .cli import PhaseLines, _progress_bar
 
     def local(text: str) -> str:
-        for token in sorted(names, key=len, reverse=True):
-            text = text.replace(token, names[token])
-        return text
+        return renamed(text, names)
 
     lines = PhaseLines(args.explain)
     bar = None

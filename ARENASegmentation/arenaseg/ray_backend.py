@@ -27,8 +27,9 @@ from pathlib import Path
 
 import ray
 
+from .client import renamed
 from .jobstore import JobStore
-from .runner import Runner, read_events, replace, spawn_worker
+from .runner import Runner, read_events, spawn_worker
 
 #: Worker-job fields naming input files, sent through the object store.
 INPUTS = ("image", "annotations", "warm_start", "adapter")
@@ -65,7 +66,7 @@ def run_on_node(worker: dict, inputs: dict, file_limit_mb, memory_limit_gb, thre
             proc = spawn_worker(path, folder, log, file_limit_mb, memory_limit_gb, env)
         try:
             for event in read_events(proc):
-                yield replace(event, back)
+                yield renamed(event, back)
             code = proc.wait()
         except BaseException:  # ray.cancel (KeyboardInterrupt) or a dropped generator
             _stop(proc)

@@ -22,7 +22,7 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-from .client import OUT_SUFFIXES, Client
+from .client import OUT_SUFFIXES, Client, renamed
 from .errors import ArenaError, Cancelled
 from .io.outputs import Outputs, check_writable, shown, signals_held
 
@@ -30,20 +30,6 @@ from .io.outputs import Outputs, check_writable, shown, signals_held
 UPLOADED = ("image", "annotations", "warm_start", "adapter")
 #: Job fields that stay here: the server sets its own output paths and stop rule.
 LOCAL_ONLY = ("out", "adapter_out", "stop_on_stdin_eof", "server")
-
-
-def _local(value, names: dict):
-    """``value`` (an event) with the server's names for our files (``upload:SHA``,
-    ``output:segmentation``) replaced by this computer's paths, longest first."""
-    if isinstance(value, str):
-        for token in sorted(names, key=len, reverse=True):
-            value = value.replace(token, names[token])
-        return value
-    if isinstance(value, dict):
-        return {k: _local(v, names) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_local(v, names) for v in value]
-    return value
 
 
 class RemoteJob:
@@ -122,7 +108,7 @@ class RemoteJob:
     def _follow(self, client: Client, names: dict) -> dict:
         """Relay the job's events until its last one; returns the ``done`` event's fields."""
         for event in client.events(self.jobId):
-            event = _local(event, names)
+            event = renamed(event, names)
             kind = event.pop("event", None)
             if kind == "started":  # our process id: the one a GUI client can stop
                 self.emit("started", pid=os.getpid(), command=self.job["command"],

@@ -28,6 +28,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .client import renamed
 from .download import file_digest
 from .jobstore import FINAL_EVENTS, JobStore
 
@@ -39,19 +40,6 @@ _OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|CUDA out of memory|can't allocate
 #: An output the worker could not write (:mod:`arenaseg.io.outputs`), as the events show it.
 _WRITE_FAILED = re.compile(r"'output:(\w+)' (?:could not|cannot) be written \(([^)]*?)"
                            r"(?: in '[^']*')?\)")
-
-
-def replace(value, shown: dict[str, str]):
-    """``value`` (an event) with every server path in its texts replaced (longest first)."""
-    if isinstance(value, str):
-        for path in sorted(shown, key=len, reverse=True):
-            value = value.replace(path, shown[path])
-        return value
-    if isinstance(value, dict):
-        return {k: replace(v, shown) for k, v in value.items()}
-    if isinstance(value, list):
-        return [replace(v, shown) for v in value]
-    return value
 
 
 def out_of_memory(event: dict | None) -> bool:
@@ -204,7 +192,7 @@ class Runner:
     def event(self, job_id: str, event: dict, shown: dict) -> dict | None:
         """Store one of the worker's events (server paths replaced); a last one is returned
         instead, to be stored with the job's end."""
-        event = replace(event, shown)
+        event = renamed(event, shown)
         if event.get("event") == "started":
             self.devices[job_id] = event.get("device")
         if event.get("event") in FINAL_EVENTS:
