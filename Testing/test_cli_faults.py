@@ -262,3 +262,31 @@ def test_sigterm_while_writing_leaves_nothing_and_says_so(small_liver, tmp_path,
     else:  # the signal came as the outputs were renamed into place: all of them are there
         assert sorted(p.name for p in outdir.iterdir()) == ["a.safetensors", "seg.nii.gz"]
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_ctrl_c_raised_inside_a_finalizer_still_ends_the_run(monkeypatch, capsys, tmp_path):
+    """Ctrl-C whose KeyboardInterrupt the handler raised inside a finalizer (a tester's case:
+    tqdm's ``__del__`` ran as the outputs were written), where Python reports it as 'Exception
+    ignored' and drops it: the run still ends with exit 130 and its one line (it went on and
+    exited 0), and Python's report is not printed."""
+    from arenaseg import cli
+
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(1000):  # the handler runs here, inside the finalizer
+                pass
+
+    def command(args):
+        Finalised()
+        print("finished")
+
+    monkeypatch.setattr(cli, "cmd_segment", command)
+    status = cli.main(["segment", "--image", str(CT), "--adapter", str(tmp_path / "a.safetensors"),
+                       "--out", str(tmp_path / "seg.nii.gz")])
+    out, err = capsys.readouterr()
+    assert "finished" in out  # the command ran to its end: the interrupt came inside it
+    assert status == 130
+    assert err.strip().splitlines()[-1] == "arenaseg: interrupted; no output was written"
+    assert "Exception ignored" not in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

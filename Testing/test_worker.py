@@ -80,3 +80,33 @@ def test_fields_of_the_wrong_type_are_named_before_any_work(small_liver, tmp_pat
         assert [e["event"] for e in events] == ["error"]  # refused before "started"
         assert named in events[0]["message"] and "arenaseg/worker.py" in events[0]["message"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json"]
+
+
+def test_sigterm_raised_inside_a_finalizer_still_cancels(monkeypatch, capsys, tmp_path):
+    """SIGTERM whose Cancelled the handler raised inside a finalizer (tqdm's ``__del__`` as the
+    outputs were written), where Python drops it: the job still ends 'cancelled', exit 143 (it
+    reported 'done' and exit 0)."""
+    from arenaseg import worker
+
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, inside the finalizer
+                pass
+
+    def run_job(job):
+        Finalised()
+        return {"segmentation": job["out"]}
+
+    monkeypatch.setattr(worker, "run_job", run_job)
+    monkeypatch.setattr(worker, "_cancelled", [], raising=False)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(adapt_job(tmp_path / "paint.nii.gz", tmp_path, steps=3)))
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        status = worker.main([str(path)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert status == 143
+    assert [e["event"] for e in events] == ["started", "cancelled"]

@@ -54,8 +54,12 @@ def phase(name: str, message: str, done: int | None = None, total: int | None = 
              **({"done": done, "total": total} if total else {}))
 
 
+_cancelled: list[int] = []  # SIGTERM came (its exception may be lost: see main)
+
+
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second cannot cut the clean-up
+    _cancelled.append(signum)
     interrupt(Cancelled())  # never inside a step that must finish (io.outputs.signals_held)
 
 
@@ -150,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
         emit("started", pid=os.getpid(), command=job.get("command"),
              device=str(pick_device(job.get("device", "auto"))))
-        emit("done", **run_job(job))
+        result = run_job(job)
+        if _cancelled:  # Cancelled was raised in a finalizer, where Python drops it
+            raise Cancelled()
+        emit("done", **result)
         return 0
     except Cancelled:
         emit("cancelled")
