@@ -229,6 +229,18 @@ def test_embedded_default_keeps_its_api(tmp_path):
     save_file(state, str(tmp_path / "mine.safetensors"))
     mine, _ = load_backbone(EMBEDDED_BACKBONE, weights=tmp_path / "mine.safetensors")
     assert all(torch.equal(v, state[k]) for k, v in mine.state_dict().items())
+    # an adapter made on the installed weights, read with --weights: the message names that
+    # file, not "installed", and says to drop the option (a tester's case)
+    from arenaseg.adapter_file import check_backbone
+    from arenaseg.backbones import state_checksum
+
+    meta = {"backbone": spec.id, "backbone_checksum": state_checksum(model)}
+    check_backbone(model, spec, meta, "a.safetensors")
+    with pytest.raises(ArenaError) as err:
+        check_backbone(mine, spec, meta, "a.safetensors")
+    said = str(err.value)
+    assert f"--weights '{tmp_path / 'mine.safetensors'}' {state_checksum(mine)[:12]}" in said
+    assert "installed" in said and "drop --weights" in said
 
 
 @pytest.fixture(scope="module")

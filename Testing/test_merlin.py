@@ -91,6 +91,25 @@ def test_weights_with_another_hash_are_refused(tmp_path, monkeypatch):
         load_backbone(SPEC.id)
 
 
+def test_a_changed_copy_of_the_published_file_loads_with_a_warning(tmp_path):
+    """--weights of another SHA-256 than the published file's, in its layout (a tester flipped
+    one byte of a copy): it loads, and the warning names the file, both hashes and the fix;
+    the published file itself gives no warning."""
+    model, _ = load_backbone(SPEC.id)
+    published = model.load_report.path
+    state = {k[len("encoder."):]: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    state["layer3.0.conv1.weight"][0, 0] += 1e-3
+    path = tmp_path / "astra copy.pt"
+    torch.save(state, path)
+    said = []
+    changed, _ = load_backbone(SPEC.id, weights=path, warn=said.append)
+    assert not torch.equal(changed.encoder.layer3[0].conv1.weight, model.encoder.layer3[0].conv1.weight)
+    assert len(said) == 1 and f"--weights '{path}' is not the published weights file" in said[0]
+    assert f"published {SPEC.source.sha256[:12]}" in said[0] and "drop --weights" in said[0]
+    load_backbone(SPEC.id, weights=published, warn=said.append)
+    assert len(said) == 1
+
+
 def test_a_file_of_another_layout_names_the_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"state_dict": {"features.conv.weight": torch.zeros(2, 2)}}, path)

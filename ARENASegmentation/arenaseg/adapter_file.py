@@ -350,9 +350,13 @@ def check_backbone(model: nn.Module, spec: BackboneSpec, meta: dict, source: str
                          f"not '{spec.id}': use the backbone it was trained on")
     checksum = state_checksum(model)
     if meta.get("backbone_checksum") != checksum:
+        given = getattr(model, "given_weights", None)
+        loaded, fix = (f"--weights '{given}'", "drop --weights to use the installed weights, or give "
+                       "the file the adapter was made with") if given else \
+            ("installed", "adapt again on the installed backbone")
         raise ArenaError(f"adapter '{source}' was made for other weights of backbone '{spec.id}' "
-                         f"(checksum {str(meta.get('backbone_checksum'))[:12]}…, installed "
-                         f"{checksum[:12]}…): adapt again on the installed backbone")
+                         f"(checksum {str(meta.get('backbone_checksum'))[:12]}…, {loaded} "
+                         f"{checksum[:12]}…): {fix}")
 
 
 def apply_adapter(model: nn.Module, spec: BackboneSpec, tensors: dict[str, torch.Tensor],

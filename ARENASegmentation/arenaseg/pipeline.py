@@ -210,7 +210,7 @@ def fit(scan: Scan | sitk.Image, annotation: Annotation, settings: AdaptSettings
     dev = pick_device(device)
     model, spec = load_backbone(warm[1]["backbone"] if warm else backbone, weights,
                                 use_checkpoint=settings.checkpointing,
-                                progress=_downloading(status))
+                                progress=_downloading(status), warn=_warner(status))
     if not isinstance(scan, Scan):
         status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
         scan = Scan.from_image(scan, spec)
@@ -429,7 +429,7 @@ def segment(image: str, adapter: str, out: str, device: str = "auto",
     ct = read_image(image, "image", series=series, warn=warn)
     status("reading", describe(ct, image))
     check_intensities(ct, image, warn)
-    model, spec = load_backbone(meta["backbone"], weights, progress=_downloading(status))
+    model, spec = load_backbone(meta["backbone"], weights, progress=_downloading(status), warn=warn)
     check_extent(ct, image, spec.preprocessing, spec.id, warn)
     status("preprocessing", f"resampling onto the backbone's grid ({spec.id})")
     scan = Scan.from_image(ct, spec)

@@ -114,6 +114,7 @@ def _package_weights(spec: BackboneSpec) -> Path:
 def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
                   weights: str | os.PathLike | None = None, *, use_checkpoint: bool = False,
                   download: bool = True, progress: bool | Callable[[int, int | None], None] = True,
+                  warn: Callable[[str], None] | None = None,
                   **build_overrides) -> tuple[nn.Module, BackboneSpec]:
     """Build a backbone and load its pretrained weights, frozen and in eval mode.
 
@@ -124,7 +125,7 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
     its keys renamed by ``spec.source.key_rules`` and loaded strictly
     (:func:`arenaseg.checkpoints.load_strict`): parts listed in ``spec.source.reinit`` keep their
     fixed-seed initialisation. The load report is kept in ``model.load_report`` (None when
-    untrained).
+    untrained), the ``weights`` given in ``model.given_weights``.
 
     Backbones without weights (none embedded or published, or ``build_overrides`` that change
     the shapes, without ``weights``) are initialised with a fixed seed so that their checksum is
@@ -139,6 +140,8 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
         download: allow downloading a missing public checkpoint (False: only the cache).
         progress: show the download progress bar; a callable also gets (bytes done, total)
             after each chunk (:func:`arenaseg.download.fetch`).
+        warn: told when ``weights`` is not the published file of a backbone whose SHA-256 is
+            pinned (a copy that changed): it loads, but its adapters fit only that file.
         build_overrides: constructor overrides (e.g. ``feature_size=12``).
 
     Raises:
@@ -168,6 +171,7 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
     report = None
     if weights is not None:
         report = _load_file(model, spec, Path(weights))
+        _check_published(spec, Path(weights), warn)
     elif spec.weights and not build_overrides:
         path = weights_path(spec)
         if not path.is_file():
@@ -178,10 +182,25 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
     elif spec.source is not None and not build_overrides:
         report = _load_file(model, spec, _locate_weights(spec, download, progress))
     model.load_report = report
+    model.given_weights = None if weights is None else str(weights)  # named by check_backbone
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, spec
+
+
+def _check_published(spec: BackboneSpec, path: Path, warn: Callable[[str], None] | None) -> None:
+    """Warn when ``path`` (``--weights``) is not the published file of ``spec`` (pinned SHA-256)."""
+    src = spec.source
+    if warn is None or src is None or not src.sha256:
+        return
+    from ..download import file_digest
+
+    digest = file_digest(path)
+    if digest != src.sha256:
+        warn(f"--weights '{path}' is not the published weights file of backbone '{spec.id}' "
+             f"(SHA-256 {digest[:12]}…, published {src.sha256[:12]}…): it loads, but adapters "
+             "made with it fit only this file; drop --weights to use the installed weights")
 
 
 def _load_file(model: nn.Module, spec: BackboneSpec, path: Path, hint: str | None = None):
