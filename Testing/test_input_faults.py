@@ -6,6 +6,7 @@ Every input is built here, in tmp folders, from the real data in ../shared/data.
 import json
 from functools import partial
 import shutil
+import unicodedata
 from pathlib import Path
 
 import nibabel as nib
@@ -321,6 +322,7 @@ def test_a_latin_1_name_and_a_segment_without_a_name_resolve(two_layer_seg):
     header = header.replace(b"Segment0_Name:=liver", "Segment0_Name:=Leber ü".encode("latin-1"))
     path.write_bytes(header.replace(b"Segment1_Name:=tumour\n", b"") + data)
     assert resolve_label(path, "Leber ü") == (1, 0)
+    assert resolve_label(path, unicodedata.normalize("NFD", "LEBER Ü")) == (1, 0)  # typed on macOS
     assert resolve_label(path, 1) == (1, 0)
     with pytest.raises(ArenaError, match="segments: 'Leber ü' \\(1\\), 'tumour' \\(1\\)"):
         resolve_label(path, "Milz")

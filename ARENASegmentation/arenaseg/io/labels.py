@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +120,11 @@ def resolve_label(path: str | os.PathLike, label: int | str, what: str = "annota
                              "number), or a 3D Slicer .seg.nrrd that names its segments")
         return number, 0
     segments = _segments(path)
-    if number is None:
-        named = [s for s in segments if s["name"] == text]
-        named = named or [s for s in segments if s["name"].lower() == text.lower()]
+    if number is None:  # "ü" typed as u + combining diaeresis (NFD: macOS) is Slicer's "ü" (NFC)
+        key = unicodedata.normalize("NFC", text)
+        names = [unicodedata.normalize("NFC", s["name"]) for s in segments]
+        named = [s for s, name in zip(segments, names) if name == key]
+        named = named or [s for s, name in zip(segments, names) if name.casefold() == key.casefold()]
         if len(named) != 1:
             why = "is not a segment of" if not named else "names several segments in"
             raise ArenaError(f"--label '{label}' {why} {what} '{path}' (segments: "
