@@ -108,6 +108,10 @@ def test_a_changed_copy_of_the_published_file_loads_with_a_warning(tmp_path):
     assert f"published {SPEC.source.sha256[:12]}" in said[0] and "drop --weights" in said[0]
     load_backbone(SPEC.id, weights=published, warn=said.append)
     assert len(said) == 1
+    named = tmp_path / SPEC.source.filename  # the file given as --backbone: that option is named
+    path.rename(named)
+    load_backbone(str(named), warn=said.append)
+    assert said[1].startswith(f"--backbone '{named}' is not") and f"give --backbone {SPEC.id}" in said[1]
 
 
 def test_a_file_of_another_layout_names_the_keys(tmp_path):

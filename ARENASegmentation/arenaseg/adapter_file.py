@@ -351,9 +351,10 @@ def check_backbone(model: nn.Module, spec: BackboneSpec, meta: dict, source: str
     checksum = state_checksum(model)
     if meta.get("backbone_checksum") != checksum:
         given = getattr(model, "given_weights", None)
-        loaded, fix = (f"--weights '{given}'", "drop --weights to use the installed weights, or give "
-                       "the file the adapter was made with") if given else \
-            ("installed", "adapt again on the installed backbone")
+        loaded, fix = (f"{given[0]} '{given[1]}'",
+                       ("drop --weights" if given[0] == "--weights" else f"give --backbone {spec.id}")
+                       + " to use the installed weights, or give the file the adapter was made "
+                       "with") if given else ("installed", "adapt again on the installed backbone")
         raise ArenaError(f"adapter '{source}' was made for other weights of backbone '{spec.id}' "
                          f"(checksum {str(meta.get('backbone_checksum'))[:12]}…, {loaded} "
                          f"{checksum[:12]}…): {fix}")

@@ -10,7 +10,8 @@ What it adds to a worker's own events:
 - a job whose outputs could not be written under the server's data folder (a full disk, the
   file-size limit ``--max-job-file-mb``) fails with a line addressed to the server's
   administrator (:func:`server_write_error`); the worker publishes nothing partial;
-- server paths in events are replaced by ``upload:SHA`` and ``output:NAME`` (:func:`replace`).
+- server paths in events are replaced by ``upload:SHA`` and ``output:NAME``
+  (:func:`arenaseg.client.renamed`).
 
 :class:`Runner` runs jobs on this machine; :class:`arenaseg.ray_backend.RayRunner` runs the same
 worker as Ray tasks, overriding :meth:`Runner.execute` and :meth:`Runner.kill`.

@@ -17,7 +17,7 @@ The worker prints one JSON object per line on stdout, flushed at once:
 "ranks"}``, then ``{"event": "done", ...}`` with output paths and the rank summary,
 ``{"event": "error", "message"}`` (exit 2) or ``{"event": "cancelled"}`` (exit 143 after
 SIGTERM, within about a training step; outputs are written atomically at the very end, so a
-cancelled job leaves none). CUDA (bf16 autocast) is used when present, else the CPU.
+cancelled job leaves none, or all of them when the signal came as they were put in place). CUDA (bf16 autocast) is used when present, else the CPU.
 
 With ``"server": URL`` the job runs on that ``arenaseg serve`` server instead, with the token in
 the environment variable ``ARENASEG_TOKEN``: the same events and output files
@@ -177,7 +177,10 @@ def _run_remote(job: dict) -> int:
     remote = RemoteJob(job, emit)
     if job.get("stop_on_stdin_eof"):
         threading.Thread(target=_stop_at_stdin_eof, args=(remote.cancel,), daemon=True).start()
-    emit("done", **remote.run())
+    result = remote.run()
+    if _cancelled:  # as in main: Cancelled was raised in a finalizer, where Python drops it
+        raise Cancelled()
+    emit("done", **result)
     return 0
 
 

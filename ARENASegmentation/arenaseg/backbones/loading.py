@@ -125,7 +125,8 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
     its keys renamed by ``spec.source.key_rules`` and loaded strictly
     (:func:`arenaseg.checkpoints.load_strict`): parts listed in ``spec.source.reinit`` keep their
     fixed-seed initialisation. The load report is kept in ``model.load_report`` (None when
-    untrained), the ``weights`` given in ``model.given_weights``.
+    untrained), a weights file given (``weights`` or a path as ``backbone_id``) in
+    ``model.given_weights`` as ``(option, path)``.
 
     Backbones without weights (none embedded or published, or ``build_overrides`` that change
     the shapes, without ``weights``) are initialised with a fixed seed so that their checksum is
@@ -149,6 +150,7 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
             unexpected keys named), download failure (URL and cache path named), checksum
             mismatch, gradient checkpointing asked of a backbone without it.
     """
+    option = "--weights" if weights is not None else "--backbone"  # what gave a weights file
     if backbone_id not in REGISTRY and (os.sep in str(backbone_id) or Path(backbone_id).is_file()):
         weights = weights or backbone_id
         spec = spec_for_file(backbone_id)
@@ -171,7 +173,7 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
     report = None
     if weights is not None:
         report = _load_file(model, spec, Path(weights))
-        _check_published(spec, Path(weights), warn)
+        _check_published(spec, Path(weights), warn, option)
     elif spec.weights and not build_overrides:
         path = weights_path(spec)
         if not path.is_file():
@@ -182,15 +184,17 @@ def load_backbone(backbone_id: str | os.PathLike = DEFAULT_BACKBONE,
     elif spec.source is not None and not build_overrides:
         report = _load_file(model, spec, _locate_weights(spec, download, progress))
     model.load_report = report
-    model.given_weights = None if weights is None else str(weights)  # named by check_backbone
+    model.given_weights = None if weights is None else (option, str(weights))  # for check_backbone
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, spec
 
 
-def _check_published(spec: BackboneSpec, path: Path, warn: Callable[[str], None] | None) -> None:
-    """Warn when ``path`` (``--weights``) is not the published file of ``spec`` (pinned SHA-256)."""
+def _check_published(spec: BackboneSpec, path: Path, warn: Callable[[str], None] | None,
+                     option: str) -> None:
+    """Warn when ``path`` (given with ``option``) is not the published file of ``spec`` (pinned
+    SHA-256)."""
     src = spec.source
     if warn is None or src is None or not src.sha256:
         return
@@ -198,9 +202,10 @@ def _check_published(spec: BackboneSpec, path: Path, warn: Callable[[str], None]
 
     digest = file_digest(path)
     if digest != src.sha256:
-        warn(f"--weights '{path}' is not the published weights file of backbone '{spec.id}' "
+        fix = "drop --weights" if option == "--weights" else f"give --backbone {spec.id}"
+        warn(f"{option} '{path}' is not the published weights file of backbone '{spec.id}' "
              f"(SHA-256 {digest[:12]}…, published {src.sha256[:12]}…): it loads, but adapters "
-             "made with it fit only this file; drop --weights to use the installed weights")
+             f"made with it fit only this file; {fix} to use the installed weights")
 
 
 def _load_file(model: nn.Module, spec: BackboneSpec, path: Path, hint: str | None = None):
