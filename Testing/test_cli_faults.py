@@ -282,11 +282,16 @@ def test_ctrl_c_raised_inside_a_finalizer_still_ends_the_run(monkeypatch, capsys
         print("finished")
 
     monkeypatch.setattr(cli, "cmd_segment", command)
-    status = cli.main(["segment", "--image", str(CT), "--adapter", str(tmp_path / "a.safetensors"),
-                       "--out", str(tmp_path / "seg.nii.gz")])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, *cli.ENDING)}
+    try:
+        status = cli.main(["segment", "--image", str(CT), "--adapter", str(tmp_path / "a.safetensors"),
+                           "--out", str(tmp_path / "seg.nii.gz")])
+        assert signal.getsignal(signal.SIGINT) == handlers[signal.SIGINT]
+    finally:  # an interrupted main ignores SIGTERM from then on (its process ends): not pytest's
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     out, err = capsys.readouterr()
     assert "finished" in out  # the command ran to its end: the interrupt came inside it
     assert status == 130
     assert err.strip().splitlines()[-1] == "arenaseg: interrupted; no output was written"
     assert "Exception ignored" not in err and "Traceback" not in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -99,7 +99,6 @@ def test_sigterm_raised_inside_a_finalizer_still_cancels(monkeypatch, capsys, tm
         return {"segmentation": job["out"]}
 
     monkeypatch.setattr(worker, "run_job", run_job)
-    monkeypatch.setattr(worker, "_cancelled", [], raising=False)
     path = tmp_path / "job.json"
     path.write_text(json.dumps(adapt_job(tmp_path / "paint.nii.gz", tmp_path, steps=3)))
     handler = signal.getsignal(signal.SIGTERM)

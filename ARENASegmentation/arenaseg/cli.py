@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import ArenaError
-from .io.outputs import PUBLISHED, ReadablePaths, interrupt, shown
+from .io.outputs import PUBLISHED, ReadablePaths, interrupt, interrupts_not_lost, shown
 
 TOTALSEG_BASE_ORGANS = ("spleen=1,kidney_right=2,kidney_left=3,gallbladder=4,liver=5,stomach=6,"
                         "pancreas=7,duodenum=19,aorta=52")
@@ -520,19 +520,8 @@ def _on_sigterm(signum, frame):
     interrupt(Terminated(signum))
 
 
-_interrupted: list[int] = []  # Ctrl-C came (its exception may be lost: see main)
-
-
 def _on_sigint(signum, frame):
-    _interrupted.append(signum)
     interrupt(KeyboardInterrupt())  # as Python's own handler, but never inside signals_held
-
-
-def _unraisable(info) -> None:
-    """Python's report of an exception it could not raise (in a finalizer), but not for the
-    interrupt our handlers raised there: :func:`main` ends the run for it with its one line."""
-    if not isinstance(info.exc_value, KeyboardInterrupt):
-        sys.__unraisablehook__(info)
 
 
 def _readable_inputs(args, paths: ReadablePaths) -> None:
@@ -551,8 +540,6 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     args.command_line = "arenaseg " + shlex.join(argv)
-    _interrupted.clear()
-    _terminating.clear()
     try:
         previous = {ending: signal.signal(ending, _on_sigterm) for ending in ENDING}
         previous_int = signal.signal(signal.SIGINT, _on_sigint)
@@ -561,13 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = ReadablePaths()
     args.explain = paths.explain
     published = len(PUBLISHED)
-    hook, sys.unraisablehook = sys.unraisablehook, _unraisable
     try:
-        _readable_inputs(args, paths)
-        args.func(args)
-        if _interrupted or _terminating:  # its exception was raised in a finalizer (tqdm's
-            # __del__ as the outputs were written), where Python prints and drops it
-            raise Terminated(_terminating[0]) if _terminating else KeyboardInterrupt()
+        with interrupts_not_lost():
+            _readable_inputs(args, paths)
+            args.func(args)
     except ArenaError as err:
         print(f"arenaseg: error: {shown(paths.explain(str(err)))}", file=sys.stderr)
         return 2
@@ -595,7 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + err.signum if isinstance(err, Terminated) else 130
     finally:
         paths.close()
-        sys.unraisablehook = hook
         if previous is not None:
             for ending, handler in previous.items():
                 signal.signal(ending, handler)

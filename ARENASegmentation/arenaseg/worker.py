@@ -17,7 +17,8 @@ The worker prints one JSON object per line on stdout, flushed at once:
 "ranks"}``, then ``{"event": "done", ...}`` with output paths and the rank summary,
 ``{"event": "error", "message"}`` (exit 2) or ``{"event": "cancelled"}`` (exit 143 after
 SIGTERM, within about a training step; outputs are written atomically at the very end, so a
-cancelled job leaves none, or all of them when the signal came as they were put in place). CUDA (bf16 autocast) is used when present, else the CPU.
+cancelled job leaves none, or all of them when the signal came as they were put in place).
+CUDA (bf16 autocast) is used when present, else the CPU.
 
 With ``"server": URL`` the job runs on that ``arenaseg serve`` server instead, with the token in
 the environment variable ``ARENASEG_TOKEN``: the same events and output files
@@ -36,7 +37,7 @@ import traceback
 
 from .config import AdaptJob, job_from_dict
 from .errors import ArenaError, Cancelled  # torch-free: a job relayed to a server needs no torch
-from .io.outputs import ReadablePaths, interrupt
+from .io.outputs import ReadablePaths, interrupt, interrupts_not_lost
 
 
 def emit(event: str, **fields) -> None:
@@ -54,12 +55,8 @@ def phase(name: str, message: str, done: int | None = None, total: int | None = 
              **({"done": done, "total": total} if total else {}))
 
 
-_cancelled: list[int] = []  # SIGTERM came (its exception may be lost: see main)
-
-
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: a second cannot cut the clean-up
-    _cancelled.append(signum)
     interrupt(Cancelled())  # never inside a step that must finish (io.outputs.signals_held)
 
 
@@ -154,9 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
         emit("started", pid=os.getpid(), command=job.get("command"),
              device=str(pick_device(job.get("device", "auto"))))
-        result = run_job(job)
-        if _cancelled:  # Cancelled was raised in a finalizer, where Python drops it
-            raise Cancelled()
+        with interrupts_not_lost():
+            result = run_job(job)
         emit("done", **result)
         return 0
     except Cancelled:
@@ -177,9 +173,8 @@ def _run_remote(job: dict) -> int:
     remote = RemoteJob(job, emit)
     if job.get("stop_on_stdin_eof"):
         threading.Thread(target=_stop_at_stdin_eof, args=(remote.cancel,), daemon=True).start()
-    result = remote.run()
-    if _cancelled:  # as in main: Cancelled was raised in a finalizer, where Python drops it
-        raise Cancelled()
+    with interrupts_not_lost():
+        result = remote.run()
     emit("done", **result)
     return 0
 

@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ArenaError
+from ..errors import ArenaError, Cancelled
 
 
 class WriteMismatch(Exception):
@@ -120,6 +120,29 @@ def signals_held():
             mask(signal.SIG_SETMASK, old)
         if not _holding and _deferred:
             raise _deferred.pop()
+
+
+@contextlib.contextmanager
+def interrupts_not_lost():
+    """Within this block, an interrupt that a signal handler raised inside a finalizer (tqdm's
+    ``__del__`` as the outputs are written), which Python reports as 'Exception ignored' and
+    drops, is kept and raised when the block ends instead: the run ends as interrupted, not as if
+    nothing came (``sys.unraisablehook``; other reports go on to the previous hook)."""
+    lost: list[BaseException] = []
+
+    def keep(info) -> None:
+        if isinstance(info.exc_value, (KeyboardInterrupt, Cancelled)):
+            lost.append(info.exc_value)
+        else:
+            previous(info)
+
+    previous, sys.unraisablehook = sys.unraisablehook, keep
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+    if lost:
+        raise lost[0]
 
 
 def interrupt(exception: BaseException) -> None:
