@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,18 @@ def small_liver(tmp_path_factory):
     """Three painted axial liver slices on the small abdomen CT (122×101×30 voxels)."""
     out = tmp_path_factory.mktemp("small") / "painted.nii.gz"
     return painted(ABDOMEN_SMALL / "labels.nii.gz", LIVER, out=out)
+
+
+def signal_in_a_finalizer(signum: int) -> None:
+    """Send ``signum`` to this process so that its handler runs inside a finalizer (as in
+    tqdm's ``__del__``), where Python reports what the handler raises and drops it."""
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signum)
+            for _ in range(1000):  # the handler runs here, inside the finalizer
+                pass
+
+    Finalised()
 
 
 def read_ijk(path) -> np.ndarray:

@@ -26,7 +26,7 @@ from arenaseg import config
 from arenaseg.config import AdaptSettings, job_from_dict
 from arenaseg.errors import ArenaError
 
-from conftest import ABDOMEN_SMALL, DICOM, LIVER
+from conftest import ABDOMEN_SMALL, DICOM, LIVER, signal_in_a_finalizer
 
 CT = ABDOMEN_SMALL / "ct.nii.gz"
 LATIN1 = b"M\xfcller"  # "Müller" in Latin-1: not UTF-8
@@ -271,14 +271,8 @@ def test_ctrl_c_raised_inside_a_finalizer_still_ends_the_run(monkeypatch, capsys
     exited 0), and Python's report is not printed."""
     from arenaseg import cli
 
-    class Finalised:
-        def __del__(self):
-            signal.raise_signal(signal.SIGINT)
-            for _ in range(1000):  # the handler runs here, inside the finalizer
-                pass
-
     def command(args):
-        Finalised()
+        signal_in_a_finalizer(signal.SIGINT)
         print("finished")
 
     monkeypatch.setattr(cli, "cmd_segment", command)

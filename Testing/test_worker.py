@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import ABDOMEN_SMALL, LIVER
+from conftest import ABDOMEN_SMALL, LIVER, signal_in_a_finalizer
 
 
 def start(job: dict, tmp_path):
@@ -88,14 +88,8 @@ def test_sigterm_raised_inside_a_finalizer_still_cancels(monkeypatch, capsys, tm
     reported 'done' and exit 0)."""
     from arenaseg import worker
 
-    class Finalised:
-        def __del__(self):
-            signal.raise_signal(signal.SIGTERM)
-            for _ in range(1000):  # the handler runs here, inside the finalizer
-                pass
-
     def run_job(job):
-        Finalised()
+        signal_in_a_finalizer(signal.SIGTERM)
         return {"segmentation": job["out"]}
 
     monkeypatch.setattr(worker, "run_job", run_job)

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -110,6 +111,22 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} "
             f"{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def kept_rows(jsonl: Path) -> tuple[list[dict], Callable[[dict], None]]:
+    """The rows a benchmark kept in ``jsonl`` (a JSON object a line, reused by its later runs),
+    and ``record(row)``, which adds the git revision that measured ``row``, appends it to the
+    list and the file, and prints it."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+
+    def record(row: dict) -> None:
+        row["revision"] = git_revision()
+        rows.append(row)
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    return rows, record
 
 
 def git_revision() -> str:

@@ -55,7 +55,7 @@ from arenaseg.preprocessing import Scan
 from arenaseg.training import sample_logits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_benchmark import git_revision, machine, run_adapt  # noqa: E402
+from engine_benchmark import git_revision, kept_rows, machine, run_adapt  # noqa: E402
 from fill_between_slices import fill_between_slices  # noqa: E402
 
 BACKBONE = "merlin-resnet152"
@@ -177,14 +177,8 @@ def main() -> None:
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
     jsonl = out.with_suffix(".jsonl")
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    rows, record = kept_rows(jsonl)
     done = {(r["kind"], r.get("scan"), r.get("label"), r.get("k"), r.get("variant")) for r in rows}
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        with jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
 
     model, _ = load_backbone(BACKBONE)
     deep = deep_encoder()

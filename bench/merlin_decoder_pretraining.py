@@ -51,7 +51,7 @@ from arenaseg.preprocessing import Scan
 from arenaseg.training import _crop_starts, run_steps, sample_logits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_benchmark import git_revision, machine  # noqa: E402
+from engine_benchmark import git_revision, kept_rows, machine  # noqa: E402
 from merlin_benchmark import BACKBONE, SCANS, STRUCTURES, adapt_dice, segment_dice  # noqa: E402
 
 KS = (3, 5)
@@ -227,15 +227,8 @@ def main() -> None:
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
     jsonl = out.with_suffix(".jsonl")
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    rows, record = kept_rows(jsonl)
     done = {(r["kind"], r["scan"], r.get("label"), r.get("k")) for r in rows}
-
-    def record(row: dict) -> None:
-        row["revision"] = git_revision()
-        rows.append(row)
-        with jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
 
     organs = base_organ_values(data)
     names = list(SCANS)

@@ -21,7 +21,6 @@ The probes (``merlin_benchmark.frozen_probe``) are deterministic and run once pe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ from arenaseg.preprocessing import Scan
 
 sys.path.insert(0, str(Path(__file__).parent))
 import merlin_benchmark  # noqa: E402
-from engine_benchmark import git_revision, machine  # noqa: E402
+from engine_benchmark import git_revision, kept_rows, machine  # noqa: E402
 from merlin_benchmark import BACKBONE, STRUCTURES, adapt_dice, frozen_probe, segment_dice  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -81,15 +80,8 @@ def main() -> None:
     args = p.parse_args()
     data, out = Path(args.data), Path(args.out)
     jsonl = out.with_suffix(".jsonl")
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    rows, record = kept_rows(jsonl)
     done = {(r["variant"], r["label"], r["seed"]) for r in rows}
-
-    def record(row: dict) -> None:
-        row["revision"] = git_revision()
-        rows.append(row)
-        with jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
 
     ct = read_image(data / "abdomen_ct/ct.nii.gz")
     lab = array_ijk(read_labels_on(ct, data / "abdomen_ct/labels.nii.gz", "labels"))
